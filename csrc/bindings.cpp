@@ -1,0 +1,112 @@
+// The only file that knows Python. Pointers arrive as integers (already validated by
+// gradcomp/ops.py); native work runs with the GIL released.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "gradcomp.h"
+
+namespace py = pybind11;
+using namespace gradcomp;
+
+namespace {
+
+template <class T>
+T* ptr(intptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+DType to_dtype(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("gradcomp: bad dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gradcomp's compiled core (torch-free): codecs over raw pointers";
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = GRADCOMP_VERSION;
+    d["cuda_compiled"] = cuda_compiled();
+    d["cuda_version"] = cuda_runtime_version();
+    d["cuda_archs"] = cuda_archs();
+#if defined(_OPENMP)
+    d["openmp"] = true;
+    d["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+    d["openmp"] = false;
+    d["openmp_version"] = 0;
+#endif
+    d["compiler"] = compiler_name();
+    return d;
+  });
+  m.def("cuda_device_count", &cuda_device_count);
+
+  m.def(
+      "quant_encode_cpu",
+      [](int bits, int64_t block, int dtype, intptr_t bucket, intptr_t table, int64_t world, int64_t slots,
+         intptr_t send, int threads) {
+        quant_encode_cpu(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world,
+                         slots, ptr<uint8_t>(send), threads);
+      },
+      release());
+  m.def(
+      "quant_reduce_cpu",
+      [](int bits, int64_t block, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots, intptr_t slice,
+         int threads) {
+        quant_reduce_cpu(bits, block, ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows), world, slots,
+                         ptr<uint8_t>(slice), threads);
+      },
+      release());
+  m.def(
+      "quant_decode_cpu",
+      [](int bits, int64_t block, int dtype, intptr_t gathered, intptr_t table, int64_t world, int64_t slots,
+         intptr_t bucket, int threads) {
+        quant_decode_cpu(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table),
+                         world, slots, ptr<void>(bucket), threads);
+      },
+      release());
+
+  m.def(
+      "quant_encode_cuda",
+      [](int bits, int64_t block, int dtype, intptr_t bucket, intptr_t table, int64_t world, int64_t slots,
+         intptr_t send, int device, intptr_t stream) {
+        quant_encode_cuda(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world,
+                          slots, ptr<uint8_t>(send), device, stream);
+      },
+      release());
+  m.def(
+      "quant_reduce_cuda",
+      [](int bits, int64_t block, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots, intptr_t slice,
+         int device, intptr_t stream) {
+        quant_reduce_cuda(bits, block, ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows), world, slots,
+                          ptr<uint8_t>(slice), device, stream);
+      },
+      release());
+  m.def(
+      "quant_decode_cuda",
+      [](int bits, int64_t block, int dtype, intptr_t gathered, intptr_t table, int64_t world, int64_t slots,
+         intptr_t bucket, int device, intptr_t stream) {
+        quant_decode_cuda(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table),
+                          world, slots, ptr<void>(bucket), device, stream);
+      },
+      release());
+
+  m.def("shard_bytes", [](int64_t slots, int64_t block, int bits) { return codec::shard_bytes(slots, block, bits); });
+}

@@ -1,0 +1,235 @@
+// codec.h — the one source of truth for gradcomp's arithmetic.
+//
+// Every function here is compiled both by the host compiler (CPU backend) and by nvcc
+// (CUDA backend), so the two backends produce bit-identical payloads. Floating point is
+// pinned: each operation is a single IEEE round-to-nearest op (explicit __f*_rn intrinsics
+// on the device, -ffp-contract=off on the host), so no FMA contraction or reassociation
+// can change a bit.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GC_HD __host__ __device__ __forceinline__
+#else
+#define GC_HD inline
+#endif
+
+namespace gradcomp {
+
+// Element type of a bucket (the wire never carries these: it carries codes and scales).
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+namespace codec {
+
+// ---------------------------------------------------------------- pinned float ops
+GC_HD uint32_t f32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+GC_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+GC_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+GC_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+GC_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+GC_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+GC_HD float abs_f32(float v) { return bits_f32(f32_bits(v) & 0x7fffffffu); }
+
+GC_HD bool is_finite(float v) { return (f32_bits(v) & 0x7f800000u) != 0x7f800000u; }
+
+GC_HD float quiet_nan() { return bits_f32(0x7fc00000u); }
+
+// NaN-propagating running max of |v|. fmaxf drops NaN; this keeps it: once m is NaN it
+// stays NaN, and a NaN v replaces m. Max is exact, so the order of updates does not
+// matter for finite inputs — any reduction tree gives the same bits.
+GC_HD float absmax_update(float m, float v) {
+  const float a = abs_f32(v);
+  return (a > m || a != a) ? a : m;
+}
+
+// Combine two partial absmax values (the same rule, for tree/warp reductions).
+GC_HD float absmax_combine(float m1, float m2) { return (m2 > m1 || m2 != m2) ? m2 : m1; }
+
+// ---------------------------------------------------------------- 16-bit floats
+GC_HD float bf16_to_f32(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
+
+// Round to nearest even; NaN becomes the canonical quiet NaN.
+GC_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7fc0u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+GC_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_f32(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    // subnormal (or zero): man · 2^-24, exact in f32
+    const float mag = mul_rn(static_cast<float>(man), 5.9604644775390625e-08f);
+    return bits_f32(sign | f32_bits(mag));
+  }
+  return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// Round to nearest even, overflow to ±Inf, NaN to the canonical quiet NaN.
+GC_HD uint16_t f32_to_f16(float f) {
+  const uint32_t x_all = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x_all >> 16) & 0x8000u);
+  const uint32_t x = x_all & 0x7fffffffu;
+  if (x >= 0x7f800000u) return static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to Inf
+  if (x < 0x38800000u) {                                                 // below 2^-14: subnormal
+    if (x < 0x33000000u) return sign;                                    // <= 2^-25 rounds to 0
+    const uint32_t e = x >> 23;
+    const uint32_t m = (x & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - e;  // 14..24
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7fffffu) >> 13);
+  const uint32_t rem = x & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
+  return static_cast<uint16_t>(sign | h);
+}
+
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::F32> {
+  using storage = float;
+  static GC_HD float load(const float* p, int64_t i) { return p[i]; }
+  static GC_HD void store(float* p, int64_t i, float v) { p[i] = v; }
+};
+template <>
+struct Elem<DType::F16> {
+  using storage = uint16_t;
+  static GC_HD float load(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
+  static GC_HD void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
+};
+template <>
+struct Elem<DType::BF16> {
+  using storage = uint16_t;
+  static GC_HD float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static GC_HD void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+};
+
+// ---------------------------------------------------------------- symmetric quantizer
+// Block-wise absmax quantization to signed `Bits`-bit codes in [-qmax, qmax].
+// scale = absmax / qmax; q = round_half_even(a / scale); value = q · scale.
+template <int Bits>
+struct Quant {
+  static_assert(Bits == 8, "only 8-bit codes are implemented");
+  static constexpr int qmax = (1 << (Bits - 1)) - 1;
+  static constexpr float qmax_f = static_cast<float>(qmax);
+};
+
+// Round half to even for |v| < 2^22 without a libm call: adding 1.5·2^23 leaves no
+// fraction bits, so the add itself rounds (to nearest even), and the subtract is exact.
+GC_HD float round_half_even(float v) {
+  const float magic = 12582912.0f;
+  return sub_rn(add_rn(v, magic), magic);
+}
+
+// Scale of a block from its NaN-propagating absmax. A non-finite absmax gives a NaN scale,
+// which is how a block carries "non-finite" through every stage.
+template <int Bits>
+GC_HD float block_scale(float absmax) {
+  return is_finite(absmax) ? div_rn(absmax, Quant<Bits>::qmax_f) : quiet_nan();
+}
+
+// Code of one value. A zero scale (all-zero block, or an absmax so tiny that absmax/qmax
+// underflows) and a non-finite scale give code 0: nothing is sent, and error feedback
+// keeps the value.
+template <int Bits>
+GC_HD int quantize(float a, float scale) {
+  if (!(scale > 0.0f) || !is_finite(scale)) return 0;
+  float v = round_half_even(div_rn(a, scale));
+  const float lim = Quant<Bits>::qmax_f;
+  v = v > lim ? lim : (v < -lim ? -lim : v);
+  return static_cast<int>(v);
+}
+
+template <int Bits>
+GC_HD float dequantize(int q, float scale) {
+  return mul_rn(static_cast<float>(q), scale);
+}
+
+// Residual after sending code q for value a: what error feedback carries to the next step.
+template <int Bits>
+GC_HD float residual_after(float a, int q, float scale) {
+  return sub_rn(a, dequantize<Bits>(q, scale));
+}
+
+// ---------------------------------------------------------------- payload format
+// A payload is W shards, one per owning rank; each shard:
+//   [16-byte header: uint32 non-finite flag, 12 zero bytes]
+//   [S fp32 scales, padded to 16 bytes]
+//   [S · B codes of Bits bits]
+// Sizes depend only on S (block slots per shard), B and Bits: never on the data.
+constexpr int64_t kHeaderBytes = 16;
+
+GC_HD int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+GC_HD int64_t shard_scales_offset() { return kHeaderBytes; }
+GC_HD int64_t shard_codes_offset(int64_t slots) { return kHeaderBytes + round_up(4 * slots, 16); }
+GC_HD int64_t block_code_bytes(int64_t block, int bits) { return block * bits / 8; }
+GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
+  return shard_codes_offset(slots) + slots * block_code_bytes(block, bits);
+}
+
+// One row of a bucket's block table (int64[3]): where a block of the payload comes from.
+//   [0] element offset of the block in the bucket
+//   [1] valid elements (0 for a padding slot; < B for the last block of a parameter)
+//   [2] address of the block's first fp32 residual element, 0 without error feedback
+constexpr int kRowWords = 3;
+
+}  // namespace codec
+}  // namespace gradcomp

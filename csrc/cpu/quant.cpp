@@ -1,0 +1,198 @@
+// CPU backend of the block quantizer: the three fused passes of gradcomp.h, one block
+// (one table row) per loop iteration, blocks spread over threads. The arithmetic is
+// codec.h's, shared with the CUDA backend.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "../gradcomp.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace gradcomp {
+namespace {
+
+using namespace codec;
+
+constexpr int64_t kMaxBlock = 4096;
+
+void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
+  if (bits != 8) throw std::invalid_argument("gradcomp: only 8-bit codes are implemented, got " + std::to_string(bits));
+  if (block < 32 || block > kMaxBlock || (block & (block - 1)) != 0)
+    throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
+                                std::to_string(block));
+  if (world < 1 || slots < 0) throw std::invalid_argument("gradcomp: bad world size or slot count");
+}
+
+inline float* residual_ptr(const int64_t* row) { return reinterpret_cast<float*>(static_cast<intptr_t>(row[2])); }
+
+inline uint32_t* flag_ptr(uint8_t* shard) { return reinterpret_cast<uint32_t*>(shard); }
+inline uint32_t flag_of(const uint8_t* shard) { return *reinterpret_cast<const uint32_t*>(shard); }
+
+// Quantize a[0, len) (zero beyond) into codes[0, B); returns the scale. When `residual` is
+// set, writes the error of each valid element there (or, for a non-finite block, keeps the
+// old residual where a is finite and clears it where a is not). `gain` multiplies the error
+// before it is added (`accumulate`) or stored.
+template <int Bits>
+float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, float* residual, bool accumulate,
+                   float gain, bool* nonfinite) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < len; ++i) m = absmax_update(m, a[i]);
+  const float scale = block_scale<Bits>(m);
+  if (!is_finite(scale)) {
+    *nonfinite = true;
+    std::fill(codes, codes + block, int8_t{0});
+    // The step will be skipped (GradScaler) or is poisoned anyway: keep the old residual
+    // where a is finite, clear it where a is not. A pass-2 block leaves it as pass 1 wrote it.
+    if (residual && !accumulate) {
+      for (int64_t i = 0; i < len; ++i)
+        if (!is_finite(a[i])) residual[i] = 0.0f;
+    }
+    return scale;
+  }
+  for (int64_t i = 0; i < len; ++i) codes[i] = static_cast<int8_t>(quantize<Bits>(a[i], scale));
+  std::fill(codes + len, codes + block, int8_t{0});
+  if (residual) {
+    if (accumulate) {
+      for (int64_t i = 0; i < len; ++i)
+        residual[i] = add_rn(residual[i], mul_rn(gain, residual_after<Bits>(a[i], codes[i], scale)));
+    } else {
+      for (int64_t i = 0; i < len; ++i) residual[i] = residual_after<Bits>(a[i], codes[i], scale);
+    }
+  }
+  return scale;
+}
+
+template <DType D>
+void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int64_t world, int64_t slots,
+                 uint8_t* send, int threads) {
+  using E = Elem<D>;
+  const auto* bucket = static_cast<const typename E::storage*>(bucket_v);
+  const int64_t sb = shard_bytes(slots, block, 8);
+  for (int64_t r = 0; r < world; ++r) std::fill(send + r * sb, send + r * sb + kHeaderBytes, uint8_t{0});
+  const int64_t rows = world * slots;
+#pragma omp parallel num_threads(threads)
+  {
+    float a[kMaxBlock];
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t* t = table + row * kRowWords;
+      const int64_t owner = row / slots, slot = row % slots;
+      uint8_t* shard = send + owner * sb;
+      float* scales = reinterpret_cast<float*>(shard + shard_scales_offset());
+      int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * block;
+      const int64_t off = t[0], len = t[1];
+      float* res = residual_ptr(t);
+      if (res) {
+        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(E::load(bucket, off + i), res[i]);
+      } else {
+        for (int64_t i = 0; i < len; ++i) a[i] = E::load(bucket, off + i);
+      }
+      bool bad = false;
+      scales[slot] = encode_block<8>(a, len, block, codes, res, false, 1.0f, &bad);
+      if (bad) {
+#pragma omp atomic
+        *flag_ptr(shard) |= 1u;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
+                      int64_t slots, uint8_t* send, int threads) {
+  check_args(bits, block, world, slots);
+  threads = std::max(threads, 1);
+  switch (dtype) {
+    case DType::F32: return encode_impl<DType::F32>(block, bucket, table, world, slots, send, threads);
+    case DType::F16: return encode_impl<DType::F16>(block, bucket, table, world, slots, send, threads);
+    case DType::BF16: return encode_impl<DType::BF16>(block, bucket, table, world, slots, send, threads);
+  }
+  throw std::invalid_argument("gradcomp: unsupported dtype");
+}
+
+void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
+                      int64_t slots, uint8_t* slice, int threads) {
+  check_args(bits, block, world, slots);
+  threads = std::max(threads, 1);
+  const int64_t sb = shard_bytes(slots, block, 8);
+  const int64_t codes_off = shard_codes_offset(slots);
+  uint32_t incoming = 0;
+  for (int64_t src = 0; src < world; ++src) incoming |= flag_of(recv + src * sb);
+  std::fill(slice, slice + kHeaderBytes, uint8_t{0});
+  *flag_ptr(slice) = incoming ? 1u : 0u;
+  float* out_scales = reinterpret_cast<float*>(slice + shard_scales_offset());
+  const float inv_world_div = static_cast<float>(world);
+#pragma omp parallel num_threads(threads)
+  {
+    float a[kMaxBlock];
+#pragma omp for schedule(static)
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      const int64_t* t = my_rows + slot * kRowWords;
+      const int64_t len = t[1];
+      for (int64_t i = 0; i < block; ++i) a[i] = 0.0f;
+      for (int64_t src = 0; src < world; ++src) {  // rank order: the sum is the same everywhere
+        const uint8_t* shard = recv + src * sb;
+        const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
+        const int8_t* codes = reinterpret_cast<const int8_t*>(shard + codes_off) + slot * block;
+        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequantize<8>(codes[i], scale));
+        // A NaN scale must poison the block even where its codes are 0 (q·NaN is NaN, so it does).
+      }
+      for (int64_t i = 0; i < len; ++i) a[i] = div_rn(a[i], inv_world_div);
+      int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * block;
+      bool bad = false;
+      out_scales[slot] = encode_block<8>(a, len, block, codes, residual_ptr(t), true, inv_world_div, &bad);
+      if (bad) {
+#pragma omp atomic
+        *flag_ptr(slice) |= 1u;
+      }
+    }
+  }
+}
+
+namespace {
+
+template <DType D>
+void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, int64_t world, int64_t slots,
+                 void* bucket_v, int threads) {
+  using E = Elem<D>;
+  auto* bucket = static_cast<typename E::storage*>(bucket_v);
+  const int64_t sb = shard_bytes(slots, block, 8);
+  const int64_t codes_off = shard_codes_offset(slots);
+  uint32_t flagged = 0;
+  for (int64_t r = 0; r < world; ++r) flagged |= flag_of(gathered + r * sb);
+  const int64_t rows = world * slots;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t* t = table + row * kRowWords;
+    const int64_t owner = row / slots, slot = row % slots;
+    const uint8_t* shard = gathered + owner * sb;
+    const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
+    const int8_t* codes = reinterpret_cast<const int8_t*>(shard + codes_off) + slot * block;
+    const int64_t off = t[0], len = t[1];
+    if (flagged) {
+      for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, quiet_nan());
+    } else {
+      for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, dequantize<8>(codes[i], scale));
+    }
+  }
+}
+
+}  // namespace
+
+void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
+                      int64_t world, int64_t slots, void* bucket, int threads) {
+  check_args(bits, block, world, slots);
+  threads = std::max(threads, 1);
+  switch (dtype) {
+    case DType::F32: return decode_impl<DType::F32>(block, gathered, table, world, slots, bucket, threads);
+    case DType::F16: return decode_impl<DType::F16>(block, gathered, table, world, slots, bucket, threads);
+    case DType::BF16: return decode_impl<DType::BF16>(block, gathered, table, world, slots, bucket, threads);
+  }
+  throw std::invalid_argument("gradcomp: unsupported dtype");
+}
+
+}  // namespace gradcomp

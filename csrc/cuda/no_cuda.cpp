@@ -1,0 +1,29 @@
+// Stand-ins for the CUDA backend when the module is built without a CUDA compiler.
+#include <stdexcept>
+
+#include "../gradcomp.h"
+
+namespace gradcomp {
+
+namespace {
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error("gradcomp was built without CUDA: rebuild with a CUDA compiler (GRADCOMP_CUDA=ON)");
+}
+}  // namespace
+
+bool cuda_compiled() { return false; }
+int cuda_device_count() { return 0; }
+std::string cuda_archs() { return ""; }
+int cuda_runtime_version() { return 0; }
+
+void quant_encode_cuda(int, int64_t, DType, const void*, const int64_t*, int64_t, int64_t, uint8_t*, int, intptr_t) {
+  no_cuda();
+}
+void quant_reduce_cuda(int, int64_t, const uint8_t*, const int64_t*, int64_t, int64_t, uint8_t*, int, intptr_t) {
+  no_cuda();
+}
+void quant_decode_cuda(int, int64_t, DType, const uint8_t*, const int64_t*, int64_t, int64_t, void*, int, intptr_t) {
+  no_cuda();
+}
+
+}  // namespace gradcomp

@@ -1,0 +1,29 @@
+"""gradcomp: gradient compression for PyTorch DistributedDataParallel.
+
+    import gradcomp
+    state = gradcomp.register(ddp_model, "int8")   # block-wise int8 with error feedback
+"""
+
+from __future__ import annotations
+
+from . import _C
+from .codecs import Codec, Int8
+from .hooks import GradcompError, State, comm_hook, register
+
+__version__ = _C.build_info()["version"]
+
+__all__ = ["Codec", "GradcompError", "Int8", "State", "build_info", "comm_hook", "cuda_available", "register"]
+
+
+def build_info() -> dict:
+    """How this gradcomp was built: version, cuda_compiled, cuda_version (e.g. 13000),
+    cuda_archs (the architectures really compiled, e.g. "750,800,900"), openmp, compiler."""
+    return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA backend can be used now: compiled in, a device visible to it, and a
+    CUDA-enabled torch."""
+    import torch
+
+    return bool(_C.build_info()["cuda_compiled"]) and _C.cuda_device_count() > 0 and torch.cuda.is_available()

@@ -1,0 +1,57 @@
+"""Compressed all-reduce algorithms over torch.distributed.
+
+Each function runs one bucket's whole exchange, issuing its collectives in a fixed order
+(DESIGN rule 7): the callers make sure every rank calls them for the same buckets in the
+same order (one FIFO worker per State on Gloo; the hook call itself on NCCL).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from .layout import BlockTable
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_single(output: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """Blocking gather of equal-sized tensors into ``output``; on Gloo read ``output``,
+    not the future's value (a list of chunks)."""
+    _all_gather_single(output, inp, group=group)
+
+
+def ring_allreduce_bytes(nbytes: int, world: int) -> float:
+    """Bytes one rank puts on the wire in a ring all-reduce of ``nbytes``."""
+    return 2.0 * (world - 1) / world * nbytes if world > 1 else 0.0
+
+
+def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: torch.Tensor,
+                         my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8) -> int:
+    """Scatter-reduce / all-gather of ``bucket``'s compressed blocks, averaged over the
+    group, written back into ``bucket`` in place. Returns the bytes this rank sent.
+
+    1. encode with error feedback, each block into its owner's shard;
+    2. ``all_to_all_single`` of the shards;
+    3. decode the W shards of my slots, sum in rank order, average, re-encode;
+    4. ``all_gather`` of the reduced slices; decode into the bucket.
+    """
+    world, slots, block = table.world, table.slots, table.block
+    send = ops.quant_encode(bucket, table_dev, world, slots, block, bits=bits)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    reduced = ops.quant_reduce(recv, my_rows_dev, world, slots, block, bits=bits)
+    gathered = torch.empty_like(send)
+    all_gather_single(gathered, reduced, group)
+    ops.quant_decode(gathered, table_dev, world, slots, block, bucket, bits=bits)
+    shard = table.shard_bytes(bits)
+    return 2 * (world - 1) * shard
+
+
+def start_exact_allreduce(values: torch.Tensor, world: int, group):
+    """Starts an averaged all-reduce of ``values`` (divided first, as torch's default hook
+    does, so fp16 sums do not overflow). Returns the work handle; ``values`` holds the mean
+    once it is waited on."""
+    values.div_(world)
+    return dist.all_reduce(values, group=group, async_op=True)

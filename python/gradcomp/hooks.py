@@ -1,0 +1,397 @@
+"""State + comm_hook + register(): the DistributedDataParallel integration.
+
+    state = gradcomp.register(ddp_model, "int8")
+    # or, torch style (also what Lightning's DDPStrategy takes):
+    ddp_model.register_comm_hook(gradcomp.State(codec="int8"), gradcomp.comm_hook)
+
+Collective order (DESIGN rule 7). On Gloo every collective of a State goes through one
+first-in-first-out worker thread on a private Gloo group, so buckets run whole and in
+order on every rank. On NCCL each bucket's pipeline is issued from the hook call itself
+(DDP calls hooks in bucket order on one thread) on a side stream of the State, and the
+returned future is completed on that stream: the autograd stream is never blocked and the
+host never waits for the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import codecs
+from .collectives import all_gather_single, quantized_allreduce_, ring_allreduce_bytes, start_exact_allreduce
+from .layout import BlockTable, Span, build_table, num_blocks
+
+__all__ = ["State", "comm_hook", "register", "GradcompError"]
+
+logger = logging.getLogger("gradcomp")
+
+DEFAULT_MIN_NUMEL = 1024
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+
+class GradcompError(RuntimeError):
+    """A gradcomp hook failed; the message names the bucket and the cause."""
+
+
+@dataclass
+class _Plan:
+    """How one bucket layout is reduced: its compressed blocks and its exact lane."""
+
+    table: BlockTable | None  # None when nothing in the bucket is compressed
+    table_dev: torch.Tensor | None
+    my_rows_dev: torch.Tensor | None
+    fallback_index: torch.Tensor | None  # element indices reduced exactly, None when none
+    params_compressed: int
+    params_fallback: int
+
+
+def _new_stats() -> dict:
+    return {
+        "steps": 0,
+        "buckets_compressed": 0,
+        "buckets_fallback": 0,
+        "params_compressed": 0,
+        "params_fallback": 0,
+        "bytes_sent": 0.0,
+        "bytes_uncompressed": 0.0,
+        "ratio": 1.0,
+        "encode_seconds": 0.0,
+    }
+
+
+class State:
+    """The hook's state: codec, process group, per-parameter error feedback and statistics.
+
+    Args:
+        codec: a spec such as ``"int8"`` or ``"int8:block=512"``, or a Codec object.
+        process_group: the group to reduce over; None means the default group. Building a
+            State is never collective: it can be made, and pickled, before
+            ``init_process_group``.
+        min_numel: parameters with fewer elements are reduced exactly (plain averaged
+            all-reduce), as are parameters of a dtype the codec does not take.
+        start_step: the first ``start_step`` steps run a plain all-reduce.
+        force_compression: compress even at world size 1 (by default nothing is compressed
+            there: there is nothing to send). For tests, e.g. NCCL on a one-GPU machine.
+        timeout: timeout of the private Gloo group (how long a rank waits for a peer).
+
+    ``stats`` counts steps, buckets and parameters compressed or reduced exactly, the bytes
+    this rank put on the wire (ring accounting: 2(W-1)/W of a plain all-reduce's buffer,
+    2(W-1) shards for the compressed exchange), the bytes a plain all-reduce of the same
+    buckets would have sent, their ratio, and CPU encode time.
+    """
+
+    __slots__ = (
+        "codec", "process_group", "min_numel", "start_step", "force_compression", "timeout",
+        "step", "stats", "_residuals", "_ordinal_of", "_pinned_params", "_first_block", "_next_block",
+        "_plans", "_worker", "_private_group", "_checked", "_side_streams", "_lock", "_logged",
+    )
+
+    def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
+                 start_step: int = 0, force_compression: bool = False,
+                 timeout: timedelta = DEFAULT_TIMEOUT):
+        self.codec = codecs.parse(codec)
+        if not isinstance(min_numel, int) or min_numel < 1:
+            raise ValueError(f"gradcomp: min_numel must be a positive int, got {min_numel!r}")
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"gradcomp: start_step must be a non-negative int, got {start_step!r}")
+        if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+            raise ValueError(f"gradcomp: timeout must be a positive datetime.timedelta, got {timeout!r}")
+        self.process_group = process_group
+        self.min_numel = min_numel
+        self.start_step = start_step
+        self.force_compression = bool(force_compression)
+        self.timeout = timeout
+        self.step = 0
+        self.stats = _new_stats()
+        self._residuals: dict[int, torch.Tensor] = {}  # parameter ordinal -> float32 residual
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._ordinal_of: dict[int, int] = {}  # id(parameter) -> ordinal (model-wide, first seen)
+        self._pinned_params: list = []  # keeps those ids valid
+        self._first_block: dict[int, int] = {}  # ordinal -> model-wide index of its first block
+        self._next_block = 0
+        self._plans: dict = {}
+        self._worker = None
+        self._private_group = None
+        self._checked = False
+        self._side_streams: dict = {}
+        self._lock = threading.Lock()
+        self._logged = False
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        # The process group, threads, streams and cached tables stay behind (as PyTorch's
+        # PowerSGDState drops its group); residuals travel, keyed by parameter ordinal.
+        return {
+            "codec": self.codec, "min_numel": self.min_numel, "start_step": self.start_step,
+            "force_compression": self.force_compression, "timeout": self.timeout, "step": self.step,
+            "stats": dict(self.stats), "residuals": dict(self._residuals),
+        }
+
+    def __setstate__(self, d):
+        self.codec = d["codec"]
+        self.process_group = None
+        self.min_numel = d["min_numel"]
+        self.start_step = d["start_step"]
+        self.force_compression = d["force_compression"]
+        self.timeout = d["timeout"]
+        self.step = d["step"]
+        self.stats = d["stats"]
+        self._residuals = d["residuals"]
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return (f"gradcomp.State(codec={self.codec!r}, min_numel={self.min_numel}, start_step={self.start_step}, "
+                f"force_compression={self.force_compression})")
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """Everything every rank must agree on (checked at the first hook call)."""
+        return {**self.codec.config(), "min_numel": self.min_numel, "start_step": self.start_step,
+                "force_compression": self.force_compression}
+
+    def _config_hash(self) -> int:
+        blob = json.dumps(self.config(), sort_keys=True).encode()
+        return int.from_bytes(hashlib.sha256(blob).digest()[:7], "little")
+
+    def _group(self):
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def _world_rank(self) -> tuple[int, int]:
+        group = self._group()
+        return dist.get_world_size(group), dist.get_rank(group)
+
+    # ------------------------------------------------------------------ per-parameter decisions
+    def _compressible(self, p: torch.Tensor) -> bool:
+        return p.numel() >= self.min_numel and p.dtype in self.codec.dtypes
+
+    def _ordinal(self, p: torch.Tensor) -> int:
+        """A parameter's model-wide ordinal: the order parameters are first seen in, which is
+        DDP's first-iteration bucket order, the same on every rank and in every restart."""
+        key = id(p)
+        o = self._ordinal_of.get(key)
+        if o is None:
+            o = len(self._ordinal_of)
+            self._ordinal_of[key] = o
+            self._pinned_params.append(p)
+            if self._compressible(p):
+                self._first_block[o] = self._next_block
+                self._next_block += num_blocks(p.numel(), self.codec.block_size)
+        return o
+
+    def _residual(self, ordinal: int, p: torch.Tensor) -> torch.Tensor:
+        r = self._residuals.get(ordinal)
+        if r is None or r.numel() != p.numel():
+            r = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            self._residuals[ordinal] = r
+        elif r.device != p.device:
+            r = r.to(p.device)
+            self._residuals[ordinal] = r
+        return r
+
+    def _plan(self, bucket, world: int, rank: int) -> _Plan:
+        params = bucket.parameters()
+        buf = bucket.buffer()
+        ordinals = tuple(self._ordinal(p) for p in params)
+        key = (ordinals, buf.dtype, buf.device, world)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        block = self.codec.block_size
+        spans, fallback, offset = [], [], 0
+        for o, p in zip(ordinals, params):
+            n = p.numel()
+            if o in self._first_block:
+                addr = self._residual(o, p).data_ptr() if self.codec.error_feedback else 0
+                spans.append(Span(offset, n, self._first_block[o], addr))
+            elif n:
+                fallback.append(torch.arange(offset, offset + n, dtype=torch.int64))
+            offset += n
+        if offset != buf.numel():
+            raise GradcompError(f"gradcomp: bucket {bucket.index()} holds {buf.numel()} elements but its "
+                                f"parameters {offset}; is this a DDP GradBucket?")
+        table = table_dev = rows_dev = None
+        if spans:
+            table = build_table(spans, block, world)
+            table_dev = table.table.to(buf.device)
+            rows_dev = table_dev[rank * table.slots : (rank + 1) * table.slots]
+        fb_index = torch.cat(fallback).to(buf.device) if fallback else None
+        plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans))
+        self._plans[key] = plan
+        return plan
+
+    # ------------------------------------------------------------------ the reduction of one bucket
+    def _reduce(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int) -> torch.Tensor:
+        """Averages ``buf`` over the group in place; ``plan`` None means plainly."""
+        es = buf.element_size()
+        s = self.stats
+        s["bytes_uncompressed"] += ring_allreduce_bytes(buf.numel() * es, world)
+        if plan is None or plan.table is None:
+            start_exact_allreduce(buf, world, group).wait()
+            s["bytes_sent"] += ring_allreduce_bytes(buf.numel() * es, world)
+            s["buckets_fallback"] += 1
+            if plan is not None:
+                s["params_fallback"] += plan.params_fallback
+        else:
+            work = fb = None
+            if plan.fallback_index is not None:  # exact lane first: the same order on every rank
+                fb = buf.index_select(0, plan.fallback_index)
+                work = start_exact_allreduce(fb, world, group)
+                s["bytes_sent"] += ring_allreduce_bytes(fb.numel() * es, world)
+            t0 = time.perf_counter()
+            s["bytes_sent"] += quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev, rank,
+                                                    group, self.codec.bits)
+            if buf.device.type == "cpu":
+                s["encode_seconds"] += time.perf_counter() - t0
+            if work is not None:
+                work.wait()
+                buf.index_copy_(0, plan.fallback_index, fb)
+            s["buckets_compressed"] += 1
+            s["params_compressed"] += plan.params_compressed
+            s["params_fallback"] += plan.params_fallback
+        s["ratio"] = s["bytes_uncompressed"] / s["bytes_sent"] if s["bytes_sent"] else 1.0
+        return buf
+
+    def _check_config(self, group, device: torch.device) -> None:
+        """At the first hook call: every rank must run the same configuration."""
+        world = dist.get_world_size(group)
+        mine = torch.tensor([self._config_hash()], dtype=torch.int64, device=device)
+        every = torch.empty(world, dtype=torch.int64, device=device)
+        all_gather_single(every, mine, group)
+        hashes = every.tolist()  # a one-time sync, allowed at the first call
+        if len(set(hashes)) != 1:
+            differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+            raise GradcompError(f"gradcomp: ranks disagree on the hook configuration (ranks {differ} differ from "
+                                f"rank 0); this rank runs {self.config()}")
+
+    def _log_once(self, world: int) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.info("gradcomp hook: %s over %d ranks (min_numel=%d, start_step=%d)", self.codec, world,
+                        self.min_numel, self.start_step)
+
+
+class _GlooWorker:
+    """One first-in-first-out thread per State: runs buckets whole and in order, on a
+    private Gloo group over the same ranks (made lazily, on the first bucket)."""
+
+    def __init__(self, state: State):
+        self.state = state
+        self.jobs: queue.Queue = queue.Queue()
+        self.failure: GradcompError | None = None
+        self.thread = threading.Thread(target=self._run, name="gradcomp-gloo", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, fut: torch.futures.Future, what: str) -> None:
+        self.jobs.put((job, fut, what))
+
+    def _run(self) -> None:
+        while True:
+            job, fut, what = self.jobs.get()
+            if self.failure is not None:  # the group may be out of step: never run more collectives
+                fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
+                                                f"({self.failure})"))
+                continue
+            try:
+                result = job()
+            except Exception as e:  # surfaces in DDP's wait as a GradcompError
+                logger.exception("gradcomp: %s failed", what)
+                msg = e.args[0] if isinstance(e, GradcompError) and e.args else f"{type(e).__name__}: {e}"
+                self.failure = GradcompError(f"gradcomp: {what} failed: {msg}")
+                fut.set_exception(self.failure)
+            else:
+                fut.set_result(result)
+
+
+def comm_hook(state: State, bucket) -> torch.futures.Future:
+    """The DDP communication hook: averages ``bucket`` over ``state``'s group, compressing
+    each parameter that is large enough and of a dtype the codec takes."""
+    buf = bucket.buffer()
+    group = state._group()
+    world, rank = state._world_rank()
+    is_last = bucket.is_last()
+    step = state.step
+    if is_last:
+        state.step += 1
+        state.stats["steps"] = state.step
+    compress = (world > 1 or state.force_compression) and step >= state.start_step
+    plan = state._plan(bucket, world, rank) if compress else None
+    what = f"bucket {bucket.index()} (step {step}, {buf.numel()} elements of {str(buf.dtype).replace('torch.', '')})"
+    state._log_once(world)
+
+    if buf.device.type == "cuda":
+        return _run_on_side_stream(state, buf, plan, group, world, rank, what)
+
+    if world == 1 and plan is None:  # nothing to average and nothing forced: no collective at all
+        state.stats["buckets_fallback"] += 1
+        fut = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+
+    if state._worker is None:
+        state._worker = _GlooWorker(state)
+
+    def job():
+        if state._private_group is None:
+            ranks = dist.get_process_group_ranks(group)
+            state._private_group = dist.new_group(ranks=ranks, backend="gloo", timeout=state.timeout,
+                                                  use_local_synchronization=True)
+        if not state._checked:
+            state._check_config(state._private_group, torch.device("cpu"))
+            state._checked = True
+        return state._reduce(buf, plan, state._private_group, world, rank)
+
+    fut = torch.futures.Future()
+    state._worker.submit(job, fut, what)
+    return fut
+
+
+def _run_on_side_stream(state: State, buf, plan, group, world, rank, what) -> torch.futures.Future:
+    dev = buf.device
+    side = state._side_streams.get(dev)
+    if side is None:
+        side = state._side_streams[dev] = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    try:
+        with torch.cuda.stream(side):
+            if not state._checked:
+                state._check_config(group, dev)
+                state._checked = True
+            if world == 1 and plan is None:
+                state.stats["buckets_fallback"] += 1
+            else:
+                state._reduce(buf, plan, group, world, rank)
+            fut = torch.futures.Future(devices=[dev])
+            fut.set_result(buf)  # completes on the side stream: waiters sync to it, not the host
+    except GradcompError:
+        raise
+    except Exception as e:
+        logger.exception("gradcomp: %s failed", what)
+        raise GradcompError(f"gradcomp: {what} failed: {type(e).__name__}: {e}") from e
+    return fut
+
+
+def register(ddp_model, codec="int8", **kwargs) -> State:
+    """Registers gradcomp's hook on a DistributedDataParallel model; returns its State.
+
+    The process group is the model's own. ``kwargs`` go to :class:`State`.
+    """
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"gradcomp.register needs a torch.nn.parallel.DistributedDataParallel model, "
+                        f"got {type(ddp_model).__name__}")
+    if "process_group" in kwargs:
+        raise TypeError("gradcomp.register takes the process group from the DDP model; "
+                        "use State(process_group=...) with register_comm_hook for another group")
+    state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
+    ddp_model.register_comm_hook(state, comm_hook)
+    return state

@@ -1,0 +1,120 @@
+"""Torch-facing wrappers of the compiled core: validate, allocate outputs, dispatch.
+
+The core (``gradcomp._C``) takes raw pointers and sizes. Every function here checks dtype,
+device, contiguity and sizes first, allocates every output with torch (so the caching
+allocator owns the memory), reads the current CUDA stream at each call, and passes
+``torch.get_num_threads()`` to the CPU backend so it shares torch's core budget.
+
+Shapes (W world size, S block slots per shard, B block size, SB shard bytes):
+    bucket    [n]          float32 / float16 / bfloat16
+    table     [W * S, 3]   int64 rows: element offset, valid length, residual address
+                           (the address of the block's first float32 residual element on
+                           the bucket's device, or 0 for no error feedback)
+    payload   [W * SB]     uint8 (send, recv, gathered)
+    slice     [SB]         uint8
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
+
+
+def shard_bytes(slots: int, block: int, bits: int = 8) -> int:
+    """Bytes of one shard holding ``slots`` blocks of ``block`` values at ``bits`` bits."""
+    return int(_C.shard_bytes(int(slots), int(block), int(bits)))
+
+
+def _check_block(block: int, bits: int) -> None:
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"gradcomp: block size must be a power of two in [32, 4096], got {block}")
+    if bits != 8:
+        raise ValueError(f"gradcomp: only 8-bit codes are implemented, got bits={bits}")
+
+
+def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"gradcomp: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"gradcomp: {name} must have dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"gradcomp: {name} is on {t.device}, expected {device}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"gradcomp: {name} is on {t.device}; only cpu and cuda tensors are supported")
+    if not t.is_contiguous():
+        raise ValueError(f"gradcomp: {name} must be contiguous")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"gradcomp: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"gradcomp: {name} must have {numel} elements, got {t.numel()}")
+
+
+def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) -> None:
+    if device.type == "cpu":
+        getattr(_C, name + "_cpu")(*cpu_args, torch.get_num_threads())
+    else:
+        if not _C.build_info()["cuda_compiled"]:
+            raise RuntimeError("gradcomp was built without CUDA; CUDA tensors cannot be encoded")
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
+
+
+def _check_table(table, world: int, slots: int, device) -> None:
+    _check_tensor(table, "table", dtypes=(torch.int64,), device=device, shape=(world * slots, 3))
+
+
+def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int, *,
+                 bits: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pass 1: ``a = bucket + residual``, block-wise codes into each owner's shard, residual
+    updated in place (through the table's addresses). Returns the ``[W * SB]`` payload."""
+    _check_block(block, bits)
+    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
+    if bucket.dim() != 1:
+        raise ValueError("gradcomp: bucket must be one-dimensional")
+    _check_table(table, world, slots, bucket.device)
+    sb = shard_bytes(slots, block, bits)
+    if out is None:
+        out = torch.empty(world * sb, dtype=torch.uint8, device=bucket.device)
+    _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb)
+    args = (bits, block, DTYPE_CODES[bucket.dtype], bucket.data_ptr(), table.data_ptr(), world, slots,
+            out.data_ptr())
+    _launch("quant_encode", bucket.device, args, args)
+    return out
+
+
+def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: int, block: int, *,
+                 bits: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pass 2: decode the W shards received for my slots, sum in rank order, divide by W,
+    re-encode into my ``[SB]`` slice; the re-encoding error times W goes into my residual."""
+    _check_block(block, bits)
+    sb = shard_bytes(slots, block, bits)
+    _check_tensor(recv, "recv", dtypes=(torch.uint8,), numel=world * sb)
+    _check_tensor(my_rows, "my_rows", dtypes=(torch.int64,), device=recv.device, shape=(slots, 3))
+    if out is None:
+        out = torch.empty(sb, dtype=torch.uint8, device=recv.device)
+    _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb)
+    args = (bits, block, recv.data_ptr(), my_rows.data_ptr(), world, slots, out.data_ptr())
+    _launch("quant_reduce", recv.device, args, args)
+    return out
+
+
+def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int,
+                 bucket: torch.Tensor, *, bits: int = 8) -> torch.Tensor:
+    """Pass 3: decode every rank's reduced shard into ``bucket`` (in place, only the
+    elements the table names). A flagged payload writes NaN there. Returns ``bucket``."""
+    _check_block(block, bits)
+    sb = shard_bytes(slots, block, bits)
+    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
+    if bucket.dim() != 1:
+        raise ValueError("gradcomp: bucket must be one-dimensional")
+    _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb)
+    _check_table(table, world, slots, bucket.device)
+    args = (bits, block, DTYPE_CODES[bucket.dtype], gathered.data_ptr(), table.data_ptr(), world, slots,
+            bucket.data_ptr())
+    _launch("quant_decode", bucket.device, args, args)
+    return bucket

@@ -1,0 +1,84 @@
+"""Pure-torch reference of gradcomp's int8 codec and compressed all-reduce: the oracle the
+tests hold the compiled backends to. Written from the math (DESIGN.md, codec.h's
+comments), not from the kernels: element-wise torch ops, each one IEEE-rounded float32
+operation, so the compiled backends must match it bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = 127.0
+
+
+def block_quantize(a: torch.Tensor, block: int):
+    """a: [n] float32 (one parameter's values). Returns (scales [nb], codes [nb, block]
+    int8, dequantized [n], nonfinite [nb] bool), blocks padded with zeros."""
+    n = a.numel()
+    nb = -(-n // block)
+    padded = torch.zeros(nb * block, dtype=torch.float32)
+    padded[:n] = a
+    blocks = padded.view(nb, block)
+    absval = blocks.abs()
+    nonfinite = ~torch.isfinite(blocks).all(dim=1)
+    absmax = absval.amax(dim=1)
+    scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")), absmax / torch.tensor(QMAX))
+    usable = (scales > 0) & torch.isfinite(scales)
+    safe = torch.where(usable, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None]).clamp(-QMAX, QMAX)  # torch.round: half to even
+    q = torch.where(usable[:, None], q, torch.zeros_like(q))
+    deq = (q * scales[:, None]).reshape(-1)[:n]
+    deq = torch.where(usable.repeat_interleave(block)[:n], deq, torch.zeros_like(deq))
+    return scales, q.to(torch.int8), deq, nonfinite
+
+
+def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int):
+    """Pass 1 for one parameter. x: [n] any float dtype; residual: [n] float32 or None.
+    Returns (scales, codes, new_residual or None, nonfinite)."""
+    a = x.float()
+    if residual is not None:
+        a = a + residual
+    scales, codes, deq, nonfinite = block_quantize(a, block)
+    new_res = None
+    if residual is not None:
+        new_res = a - deq
+        bad_block = nonfinite.repeat_interleave(block)[: a.numel()]
+        # a non-finite block keeps the old residual where a is finite and clears it where not
+        new_res = torch.where(bad_block, torch.where(torch.isfinite(a), residual, torch.zeros_like(a)), new_res)
+    return scales, codes, new_res, nonfinite
+
+
+def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
+                    owners: torch.Tensor):
+    """The whole compressed all-reduce of one parameter over W ranks.
+
+    xs[r]: rank r's gradient [n]; residuals[r]: its residual [n] or None; owners: [nb]
+    owner rank of each block. Returns (mean [n] float32 as every rank decodes it,
+    new residuals). The second encoding's error, times W, goes into the owner's residual.
+    """
+    world = len(xs)
+    n = xs[0].numel()
+    nb = -(-n // block)
+    deqs, new_res = [], []
+    for x, r in zip(xs, residuals):
+        scales, codes, nr, _ = encode_ef(x, r, block)
+        deq = (codes.float() * scales[:, None]).reshape(-1)[:n]
+        deqs.append(deq)
+        new_res.append(nr)
+    total = torch.zeros(n, dtype=torch.float32)
+    for d in deqs:  # rank order
+        total = total + d
+    mean = total / torch.tensor(float(world))
+    scales2, codes2, deq2, nonfinite2 = block_quantize(mean, block)
+    out = (codes2.float() * scales2[:, None]).reshape(-1)[:n]
+    if nonfinite2.any():
+        out = torch.full_like(out, float("nan"))
+    if residuals[0] is not None:
+        err = mean - out
+        elem_owner = owners.repeat_interleave(block)[:n]
+        finite_block = (~nonfinite2).repeat_interleave(block)[:n]
+        for r in range(world):
+            mine = (elem_owner == r) & finite_block
+            new_res[r] = torch.where(mine, new_res[r] + torch.tensor(float(world)) * err, new_res[r])
+    assert nb == owners.numel()
+    return out, new_res

@@ -62,8 +62,8 @@ PYBIND11_MODULE(_C, m) {
       "quant_encode_cpu",
       [](int bits, int64_t block, int dtype, intptr_t bucket, intptr_t table, int64_t world, int64_t slots,
          intptr_t send, int threads) {
-        quant_encode_cpu(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world,
-                         slots, ptr<uint8_t>(send), threads);
+        quant_encode_cpu(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world, slots,
+                         ptr<uint8_t>(send), threads);
       },
       release());
   m.def(
@@ -78,8 +78,8 @@ PYBIND11_MODULE(_C, m) {
       "quant_decode_cpu",
       [](int bits, int64_t block, int dtype, intptr_t gathered, intptr_t table, int64_t world, int64_t slots,
          intptr_t bucket, int threads) {
-        quant_decode_cpu(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table),
-                         world, slots, ptr<void>(bucket), threads);
+        quant_decode_cpu(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table), world,
+                         slots, ptr<void>(bucket), threads);
       },
       release());
 
@@ -103,8 +103,8 @@ PYBIND11_MODULE(_C, m) {
       "quant_decode_cuda",
       [](int bits, int64_t block, int dtype, intptr_t gathered, intptr_t table, int64_t world, int64_t slots,
          intptr_t bucket, int device, intptr_t stream) {
-        quant_decode_cuda(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table),
-                          world, slots, ptr<void>(bucket), device, stream);
+        quant_decode_cuda(bits, block, to_dtype(dtype), ptr<const uint8_t>(gathered), ptr<const int64_t>(table), world,
+                          slots, ptr<void>(bucket), device, stream);
       },
       release());
 

@@ -124,8 +124,8 @@ GC_HD uint16_t f32_to_f16(float f) {
   const uint32_t x = x_all & 0x7fffffffu;
   if (x >= 0x7f800000u) return static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
   if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to Inf
-  if (x < 0x38800000u) {                                                 // below 2^-14: subnormal
-    if (x < 0x33000000u) return sign;                                    // <= 2^-25 rounds to 0
+  if (x < 0x38800000u) {                                               // below 2^-14: subnormal
+    if (x < 0x33000000u) return sign;                                  // <= 2^-25 rounds to 0
     const uint32_t e = x >> 23;
     const uint32_t m = (x & 0x7fffffu) | 0x800000u;
     const uint32_t shift = 126u - e;  // 14..24
@@ -220,6 +220,9 @@ constexpr int64_t kHeaderBytes = 16;
 GC_HD int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 GC_HD int64_t shard_scales_offset() { return kHeaderBytes; }
 GC_HD int64_t shard_codes_offset(int64_t slots) { return kHeaderBytes + round_up(4 * slots, 16); }
+// The bytes no value lives in (header after the flag, scale padding) are written as zeros,
+// so a payload is a pure function of the input: no uninitialized memory goes on the wire.
+GC_HD int64_t shard_scale_pad_begin(int64_t slots) { return kHeaderBytes + 4 * slots; }
 GC_HD int64_t block_code_bytes(int64_t block, int bits) { return block * bits / 8; }
 GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
   return shard_codes_offset(slots) + slots * block_code_bytes(block, bits);

@@ -20,10 +20,10 @@ namespace gradcomp {
 
 // Pass 1: a = x + residual; per-block scale and codes into each owner's shard; residual = a - sent.
 void quant_encode_cpu(int bits, int64_t block, DType dtype,
-                      const void* bucket,     // [n] dtype
-                      const int64_t* table,   // [W * S, 3]
+                      const void* bucket,    // [n] dtype
+                      const int64_t* table,  // [W * S, 3]
                       int64_t world, int64_t slots,
-                      uint8_t* send,          // [W * SB]
+                      uint8_t* send,  // [W * SB]
                       int threads);
 
 // Pass 2: decode the W shards received for my slots, sum in rank order, divide by W,
@@ -32,7 +32,7 @@ void quant_reduce_cpu(int bits, int64_t block,
                       const uint8_t* recv,     // [W * SB]
                       const int64_t* my_rows,  // [S, 3]: the table rows of the slots I own
                       int64_t world, int64_t slots,
-                      uint8_t* slice,          // [SB]
+                      uint8_t* slice,  // [SB]
                       int threads);
 
 // Pass 3: decode every rank's reduced shard into the bucket (NaN everywhere the codec
@@ -41,18 +41,18 @@ void quant_decode_cpu(int bits, int64_t block, DType dtype,
                       const uint8_t* gathered,  // [W * SB]
                       const int64_t* table,     // [W * S, 3]
                       int64_t world, int64_t slots,
-                      void* bucket,             // [n] dtype
+                      void* bucket,  // [n] dtype
                       int threads);
 
 // ---- CUDA backend (device: CUDA ordinal made current first; stream: a cudaStream_t as an
 // integer; every call is asynchronous and checks the launch)
 bool cuda_compiled();
-int cuda_device_count();       // 0 when no driver or no device
-std::string cuda_archs();      // the architectures really compiled, e.g. "75,80,90"
-int cuda_runtime_version();    // CUDART_VERSION the backend was built with, 0 if none
+int cuda_device_count();     // 0 when no driver or no device
+std::string cuda_archs();    // the architectures really compiled, e.g. "75,80,90"
+int cuda_runtime_version();  // CUDART_VERSION the backend was built with, 0 if none
 
-void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table,
-                       int64_t world, int64_t slots, uint8_t* send, int device, intptr_t stream);
+void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
+                       int64_t slots, uint8_t* send, int device, intptr_t stream);
 void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
                        int64_t slots, uint8_t* slice, int device, intptr_t stream);
 void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,

@@ -31,6 +31,12 @@ inline float* residual_ptr(const int64_t* row) { return reinterpret_cast<float*>
 inline uint32_t* flag_ptr(uint8_t* shard) { return reinterpret_cast<uint32_t*>(shard); }
 inline uint32_t flag_of(const uint8_t* shard) { return *reinterpret_cast<const uint32_t*>(shard); }
 
+// shard: [SB] — zero its header and the padding after its scales.
+void zero_unused(uint8_t* shard, int64_t slots) {
+  std::fill(shard, shard + kHeaderBytes, uint8_t{0});
+  std::fill(shard + shard_scale_pad_begin(slots), shard + shard_codes_offset(slots), uint8_t{0});
+}
+
 // Quantize a[0, len) (zero beyond) into codes[0, B); returns the scale. When `residual` is
 // set, writes the error of each valid element there (or, for a non-finite block, keeps the
 // old residual where a is finite and clears it where a is not). `gain` multiplies the error
@@ -66,12 +72,12 @@ float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, fl
 }
 
 template <DType D>
-void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int64_t world, int64_t slots,
-                 uint8_t* send, int threads) {
+void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int64_t world, int64_t slots, uint8_t* send,
+                 int threads) {
   using E = Elem<D>;
   const auto* bucket = static_cast<const typename E::storage*>(bucket_v);
   const int64_t sb = shard_bytes(slots, block, 8);
-  for (int64_t r = 0; r < world; ++r) std::fill(send + r * sb, send + r * sb + kHeaderBytes, uint8_t{0});
+  for (int64_t r = 0; r < world; ++r) zero_unused(send + r * sb, slots);
   const int64_t rows = world * slots;
 #pragma omp parallel num_threads(threads)
   {
@@ -107,9 +113,12 @@ void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, 
   check_args(bits, block, world, slots);
   threads = std::max(threads, 1);
   switch (dtype) {
-    case DType::F32: return encode_impl<DType::F32>(block, bucket, table, world, slots, send, threads);
-    case DType::F16: return encode_impl<DType::F16>(block, bucket, table, world, slots, send, threads);
-    case DType::BF16: return encode_impl<DType::BF16>(block, bucket, table, world, slots, send, threads);
+    case DType::F32:
+      return encode_impl<DType::F32>(block, bucket, table, world, slots, send, threads);
+    case DType::F16:
+      return encode_impl<DType::F16>(block, bucket, table, world, slots, send, threads);
+    case DType::BF16:
+      return encode_impl<DType::BF16>(block, bucket, table, world, slots, send, threads);
   }
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }
@@ -122,7 +131,7 @@ void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_
   const int64_t codes_off = shard_codes_offset(slots);
   uint32_t incoming = 0;
   for (int64_t src = 0; src < world; ++src) incoming |= flag_of(recv + src * sb);
-  std::fill(slice, slice + kHeaderBytes, uint8_t{0});
+  zero_unused(slice, slots);
   *flag_ptr(slice) = incoming ? 1u : 0u;
   float* out_scales = reinterpret_cast<float*>(slice + shard_scales_offset());
   const float inv_world_div = static_cast<float>(world);
@@ -188,9 +197,12 @@ void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathe
   check_args(bits, block, world, slots);
   threads = std::max(threads, 1);
   switch (dtype) {
-    case DType::F32: return decode_impl<DType::F32>(block, gathered, table, world, slots, bucket, threads);
-    case DType::F16: return decode_impl<DType::F16>(block, gathered, table, world, slots, bucket, threads);
-    case DType::BF16: return decode_impl<DType::BF16>(block, gathered, table, world, slots, bucket, threads);
+    case DType::F32:
+      return decode_impl<DType::F32>(block, gathered, table, world, slots, bucket, threads);
+    case DType::F16:
+      return decode_impl<DType::F16>(block, gathered, table, world, slots, bucket, threads);
+    case DType::BF16:
+      return decode_impl<DType::BF16>(block, gathered, table, world, slots, bucket, threads);
   }
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }

@@ -23,7 +23,8 @@ constexpr unsigned kFull = 0xffffffffu;
 // twice (the second read mostly hits L2).
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("gradcomp CUDA ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("gradcomp CUDA ") + what + ": " + cudaGetErrorString(err));
 }
 
 void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
@@ -44,12 +45,15 @@ __device__ __forceinline__ float* residual_ptr(const int64_t* row) {
   return reinterpret_cast<float*>(static_cast<intptr_t>(row[2]));
 }
 
-// header[W * SB]: zero every shard's 16-byte header (the flags are OR-ed into afterwards).
-__global__ void zero_headers(uint8_t* shards /* [W * SB] */, int64_t world, int64_t sb) {
-  for (int64_t r = threadIdx.x; r < world; r += blockDim.x) {
-    uint4* h = reinterpret_cast<uint4*>(shards + r * sb);
-    *h = make_uint4(0, 0, 0, 0);
-  }
+// Zeroes a shard's header and the padding after its scales (codec.h's zero bytes).
+__device__ void zero_unused(uint8_t* shard /* [SB] */, int64_t slots) {
+  *reinterpret_cast<uint4*>(shard) = make_uint4(0, 0, 0, 0);
+  for (int64_t b = shard_scale_pad_begin(slots); b < shard_codes_offset(slots); ++b) shard[b] = 0;
+}
+
+// Zero every shard's unused bytes (the flags are OR-ed into afterwards).
+__global__ void zero_headers(uint8_t* shards /* [W * SB] */, int64_t world, int64_t slots, int64_t sb) {
+  for (int64_t r = threadIdx.x; r < world; r += blockDim.x) zero_unused(shards + r * sb, slots);
 }
 
 // Kernels are templated on PerLane = B / 32 for blocks whose values stay in registers
@@ -102,19 +106,22 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
     const int q = (finite && i < len) ? quantize<8>(a, scale) : 0;
     codes[i] = static_cast<int8_t>(q);
     if (res && i < len) {
-      if (finite) res[i] = residual_after<8>(a, q, scale);
-      else if (!is_finite(a)) res[i] = 0.0f;  // keep the old residual where a is finite
+      if (finite)
+        res[i] = residual_after<8>(a, q, scale);
+      else if (!is_finite(a))
+        res[i] = 0.0f;  // keep the old residual where a is finite
     }
   }
 }
 
 // Writes my slice's header: the OR of the W incoming flags.
-__global__ void reduce_header(const uint8_t* recv /* [W * SB] */, int64_t world, int64_t sb,
+__global__ void reduce_header(const uint8_t* recv /* [W * SB] */, int64_t world, int64_t slots, int64_t sb,
                               uint8_t* slice /* [SB] */) {
   if (threadIdx.x != 0) return;
   unsigned f = 0;
   for (int64_t r = 0; r < world; ++r) f |= *reinterpret_cast<const unsigned*>(recv + r * sb);
-  *reinterpret_cast<uint4*>(slice) = make_uint4(f ? 1u : 0u, 0, 0, 0);
+  zero_unused(slice, slots);
+  *reinterpret_cast<unsigned*>(slice) = f ? 1u : 0u;
 }
 
 // Pass 2. One warp per slot I own.
@@ -204,21 +211,30 @@ unsigned grid_for(int64_t warps) { return static_cast<unsigned>((warps + kWarpsP
 template <class F>
 void with_block(int64_t block, F&& f) {
   switch (block) {
-    case 32: return f(std::integral_constant<int, 1>{});
-    case 64: return f(std::integral_constant<int, 2>{});
-    case 128: return f(std::integral_constant<int, 4>{});
-    case 256: return f(std::integral_constant<int, 8>{});
-    case 512: return f(std::integral_constant<int, 16>{});
-    default: return f(std::integral_constant<int, 0>{});  // 1024..4096, checked by check_args
+    case 32:
+      return f(std::integral_constant<int, 1>{});
+    case 64:
+      return f(std::integral_constant<int, 2>{});
+    case 128:
+      return f(std::integral_constant<int, 4>{});
+    case 256:
+      return f(std::integral_constant<int, 8>{});
+    case 512:
+      return f(std::integral_constant<int, 16>{});
+    default:
+      return f(std::integral_constant<int, 0>{});  // 1024..4096, checked by check_args
   }
 }
 
 template <class F>
 void with_dtype(DType d, F&& f) {
   switch (d) {
-    case DType::F32: return f(std::integral_constant<DType, DType::F32>{});
-    case DType::F16: return f(std::integral_constant<DType, DType::F16>{});
-    case DType::BF16: return f(std::integral_constant<DType, DType::BF16>{});
+    case DType::F32:
+      return f(std::integral_constant<DType, DType::F32>{});
+    case DType::F16:
+      return f(std::integral_constant<DType, DType::F16>{});
+    case DType::BF16:
+      return f(std::integral_constant<DType, DType::BF16>{});
   }
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }
@@ -252,7 +268,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket,
   check(cudaSetDevice(device), "set device");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
-  zero_headers<<<1, 32, 0, s>>>(send, world, sb);
+  zero_headers<<<1, 32, 0, s>>>(send, world, slots, sb);
   check(cudaGetLastError(), "zero_headers launch");
   const int64_t rows = world * slots;
   if (rows == 0) return;
@@ -261,8 +277,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket,
       constexpr DType D = decltype(d)::value;
       constexpr int P = decltype(b)::value;
       encode_kernel<D, P><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(
-          static_cast<const typename Elem<D>::storage*>(bucket), table, rows, slots, sb, static_cast<int>(block),
-          send);
+          static_cast<const typename Elem<D>::storage*>(bucket), table, rows, slots, sb, static_cast<int>(block), send);
     });
   });
   check(cudaGetLastError(), "encode launch");
@@ -274,13 +289,13 @@ void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64
   check(cudaSetDevice(device), "set device");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
-  reduce_header<<<1, 32, 0, s>>>(recv, world, sb, slice);
+  reduce_header<<<1, 32, 0, s>>>(recv, world, slots, sb, slice);
   check(cudaGetLastError(), "reduce_header launch");
   if (slots == 0) return;
   with_block(block, [&](auto b) {
     constexpr int P = decltype(b)::value;
-    reduce_kernel<P><<<grid_for(slots), kWarpsPerCta * 32, 0, s>>>(recv, my_rows, world, slots, sb,
-                                                                    static_cast<int>(block), slice);
+    reduce_kernel<P>
+        <<<grid_for(slots), kWarpsPerCta * 32, 0, s>>>(recv, my_rows, world, slots, sb, static_cast<int>(block), slice);
   });
   check(cudaGetLastError(), "reduce launch");
 }
@@ -296,8 +311,8 @@ void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gath
   with_dtype(dtype, [&](auto d) {
     constexpr DType D = decltype(d)::value;
     decode_kernel<D><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(gathered, table, rows, world, slots, sb,
-                                                                   static_cast<int>(block),
-                                                                   static_cast<typename Elem<D>::storage*>(bucket));
+                                                                  static_cast<int>(block),
+                                                                  static_cast<typename Elem<D>::storage*>(bucket));
   });
   check(cudaGetLastError(), "decode launch");
 }

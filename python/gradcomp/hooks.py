@@ -12,8 +12,6 @@ returned future is completed on that stream: the autograd stream is never blocke
 host never waits for the device.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import logging
@@ -313,7 +311,7 @@ class _GlooWorker:
                 fut.set_result(result)
 
 
-def comm_hook(state: State, bucket) -> torch.futures.Future:
+def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The DDP communication hook: averages ``bucket`` over ``state``'s group, compressing
     each parameter that is large enough and of a dtype the codec takes."""
     buf = bucket.buffer()

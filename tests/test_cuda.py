@@ -1,0 +1,150 @@
+"""GPU tests (marked ``cuda``; skipped without a device): the CUDA backend produces the
+CPU backend's bytes, and the hook runs on NCCL at world size 1 with compression forced."""
+
+import os
+
+import gradcomp
+import pytest
+import torch
+from gradcomp import layout, ops
+from reference import compressed_mean
+
+pytestmark = pytest.mark.cuda
+
+
+def _exchange(xs, numels, block, world, device, ef=True, seed=0):
+    """Runs the three passes for W simulated ranks on ``device``; returns every buffer and
+    residual on the CPU for comparison."""
+    g = torch.Generator().manual_seed(seed)
+    res = [[(torch.randn(n, generator=g) * 0.01).to(device) if ef else None for n in numels] for _ in range(world)]
+    tables = []
+    for w in range(world):
+        addrs = [r.data_ptr() for r in res[w]] if ef else None
+        t = layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world)
+        tables.append((t, t.table.to(device)))
+    slots, sb = tables[0][0].slots, tables[0][0].shard_bytes()
+    xs = [x.to(device) for x in xs]
+    sends = [ops.quant_encode(xs[w], tables[w][1], world, slots, block) for w in range(world)]
+    res_after_encode = [[r.cpu().clone() for r in rr] if ef else [] for rr in res]
+    recvs = [torch.cat([sends[s][w * sb:(w + 1) * sb] for s in range(world)]) for w in range(world)]
+    slices = [ops.quant_reduce(recvs[w], tables[w][1][w * slots:(w + 1) * slots], world, slots, block)
+              for w in range(world)]
+    gathered = torch.cat(slices)
+    outs = [ops.quant_decode(gathered, tables[w][1], world, slots, block, xs[w].clone()) for w in range(world)]
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return {
+        "send": [s.cpu() for s in sends],
+        "res_encode": res_after_encode,
+        "slices": [s.cpu() for s in slices],
+        "res_final": [[r.cpu() for r in rr] if ef else [] for rr in res],
+        "out": [o.cpu() for o in outs],
+    }
+
+
+def _same(a, b):
+    if a.dtype.is_floating_point:
+        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+            torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [32, 256, 512, 1024, 4096])
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_cuda_payloads_match_cpu_bit_for_bit(dtype, block, world):
+    g = torch.Generator().manual_seed(block * 10 + world)
+    numels = [1, 1000, block, 3 * block + 7, 50_000]
+    xs = []
+    for _ in range(world):
+        x = torch.randn(sum(numels), generator=g) * torch.logspace(-30, 30, sum(numels)).clamp(max=1e4)
+        xs.append(x.to(dtype))
+    cpu = _exchange(xs, numels, block, world, torch.device("cpu"))
+    gpu = _exchange(xs, numels, block, world, torch.device("cuda"))
+    for key in ("send", "slices", "out"):
+        for a, b in zip(cpu[key], gpu[key]):
+            assert _same(a, b), key
+    for key in ("res_encode", "res_final"):
+        for ra, rb in zip(cpu[key], gpu[key]):
+            for a, b in zip(ra, rb):
+                assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cuda_nonfinite_matches_cpu(bad):
+    numels = [5000, 700]
+    xs = [torch.randn(sum(numels)) for _ in range(3)]
+    xs[1][4321] = bad
+    cpu = _exchange(xs, numels, 256, 3, torch.device("cpu"))
+    gpu = _exchange(xs, numels, 256, 3, torch.device("cuda"))
+    for key in ("send", "slices", "out"):
+        for a, b in zip(cpu[key], gpu[key]):
+            assert _same(a, b), key
+    assert all(torch.isnan(o).all() for o in gpu["out"])
+    for rr in gpu["res_final"]:
+        assert all(torch.isfinite(r).all() for r in rr)
+
+
+def test_cuda_ef_off_matches_cpu():
+    numels = [3000, 20_000]
+    xs = [torch.randn(sum(numels)) for _ in range(2)]
+    cpu = _exchange(xs, numels, 128, 2, torch.device("cpu"), ef=False)
+    gpu = _exchange(xs, numels, 128, 2, torch.device("cuda"), ef=False)
+    for key in ("send", "slices", "out"):
+        for a, b in zip(cpu[key], gpu[key]):
+            assert _same(a, b), key
+
+
+@pytest.fixture
+def nccl_world1():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29731")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+def test_nccl_hook_world_size_one_forced(nccl_world1):
+    """The whole hook on NCCL: the gradient equals the reference's compressed mean of the
+    local gradient at W=1 (quantize, average over one rank, re-quantize), bit for bit, and
+    after the first step the hook never synchronizes the host with the device."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda", 0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).to(dev)
+    twin = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).to(dev)
+    twin.load_state_dict(model.state_dict())
+    ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
+    state = gradcomp.State("int8", force_compression=True, min_numel=1000)
+
+    def checked_hook(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        # from the third step on (layouts built, config checked) any host sync raises
+        torch.cuda.set_sync_debug_mode("error" if st.step >= 2 else "default")
+        try:
+            return gradcomp.comm_hook(st, bucket)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    ddp.register_comm_hook(state, checked_hook)
+    residuals = {}
+    for step in range(4):
+        x = torch.randn(32, 512, device=dev)
+        ddp.zero_grad()
+        ddp(x).square().mean().backward()
+        twin.zero_grad()
+        twin(x).square().mean().backward()
+        for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+            local = q.grad.reshape(-1).cpu()
+            if p.numel() < 1000:
+                assert torch.equal(p.grad.reshape(-1).cpu(), local)  # exact lane at W=1
+                continue
+            r = residuals.get(i, torch.zeros_like(local))
+            expect, (new_r,) = compressed_mean([local], [r], 256, torch.zeros(-(-local.numel() // 256),
+                                                                                 dtype=torch.int64))
+            residuals[i] = new_r
+            assert torch.equal(p.grad.reshape(-1).cpu(), expect), f"param {i} step {step}"
+        twin.load_state_dict(model.state_dict())
+    assert state.stats["buckets_compressed"] > 0

@@ -1,0 +1,134 @@
+"""DDP with real processes on Gloo (world sizes 1-4): replica identity, accuracy against the
+exact mean, error feedback, many buckets in a fixed collective order, unused parameters,
+16-bit parameters, exact fallback lane, configuration agreement."""
+
+import pickle
+
+import gradcomp
+import pytest
+import torch
+from dist_utils import describe, run_ranks
+
+
+def _train(tmp_path, world, timeout=180, **args):
+    res = run_ranks("train", world, tmp_path, timeout=timeout, **args)
+    assert res.ok, describe(res)
+    return res.outputs
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_replicas_identical_and_close_to_exact_mean(tmp_path, world):
+    steps = 6
+    outs = _train(tmp_path, world, steps=steps)
+    for s in range(steps):
+        for r in range(1, world):
+            assert torch.equal(outs[0]["grads"][s], outs[r]["grads"][s]), f"rank {r} drifted at step {s}"
+        # int8 absmax quantization twice (per-rank and after averaging): ~1% relative error
+        assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.03
+    st = outs[0]["stats"]
+    assert st["steps"] == steps
+    assert st["buckets_compressed"] > 0 and st["params_compressed"] > 0
+    assert st["params_fallback"] > 0  # biases (64 elements) are below min_numel
+    assert st["ratio"] == pytest.approx(st["bytes_uncompressed"] / st["bytes_sent"])
+    assert st["ratio"] > 3.0  # int8 of fp32 is ~3.9x; the exact biases pull it down a little
+
+
+def test_world_size_one_plain_and_forced(tmp_path):
+    outs = _train(tmp_path / "plain", 1, steps=3)
+    for g, e in zip(outs[0]["grads"], outs[0]["exact"]):
+        assert torch.equal(g, e)  # nothing compressed by default: the gradient is untouched
+    assert outs[0]["stats"]["buckets_compressed"] == 0 and outs[0]["stats"]["bytes_sent"] == 0
+    outs = _train(tmp_path / "forced", 1, steps=3, state={"force_compression": True})
+    assert outs[0]["stats"]["buckets_compressed"] > 0
+    for g, e in zip(outs[0]["grads"], outs[0]["exact"]):
+        assert not torch.equal(g, e)
+        assert _rel(g, e) < 0.03
+
+
+def test_error_feedback_tracks_running_sum(tmp_path):
+    # Fixed weights (lr=0) and a fixed batch: the same gradient every step. With error
+    # feedback the running sum of transmitted gradients stays within a bounded distance of
+    # the running sum of exact means; without it the systematic error grows with the steps.
+    steps = 40
+    drift = {}
+    for ef in (1, 0):
+        outs = _train(tmp_path / str(ef), 2, steps=steps, lr=0.0, fixed_batch=True, codec=f"int8:ef={ef}")
+        g = torch.stack(outs[0]["grads"]).cumsum(0)
+        e = torch.stack(outs[0]["exact"]).cumsum(0)
+        drift[ef] = [(g[t] - e[t]).norm().item() for t in range(steps)]
+    assert max(drift[1][20:]) < 2.0 * max(drift[1][:20]) + 1e-6  # bounded: not growing
+    assert drift[0][-1] > 5 * drift[1][-1]  # without feedback the error accumulates
+    assert drift[0][-1] > 3 * drift[0][9]
+
+
+def test_unused_parameters(tmp_path):
+    outs = _train(tmp_path, 2, steps=4, unused=True)
+    for s in range(4):
+        assert torch.equal(outs[0]["grads"][s], outs[1]["grads"][s])
+        assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.03
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_parameters(tmp_path, dtype):
+    outs = _train(tmp_path, 2, steps=3, dtype=dtype, layers=4)
+    for s in range(3):
+        assert torch.equal(outs[0]["grads"][s], outs[1]["grads"][s])
+        assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.05
+    assert outs[0]["stats"]["params_compressed"] > 0
+
+
+def test_torch_style_registration_and_exact_fallback(tmp_path):
+    # min_numel above every parameter: everything takes the exact lane; at W=2 the
+    # divide-then-sum of the hook equals the twin's sum-then-divide bit for bit.
+    outs = _train(tmp_path, 2, steps=3, style="torch", layers=3, state={"min_numel": 10**9})
+    for s in range(3):
+        assert torch.equal(outs[0]["grads"][s], outs[0]["exact"][s])
+    st = outs[0]["stats"]
+    assert st["params_compressed"] == 0 and st["params_fallback"] > 0 and st["ratio"] == 1.0
+
+
+def test_config_mismatch_fails_fast_on_every_rank(tmp_path):
+    res = run_ranks("train", 2, tmp_path, timeout=60, steps=2, codec_per_rank={"1": "int8:block=512"})
+    assert not res.timed_out
+    assert all(rc != 0 for rc in res.returncodes)
+    for log in res.logs:
+        assert "ranks disagree on the hook configuration" in log
+
+
+def test_many_buckets_fixed_order_where_chained_hooks_fail(tmp_path):
+    """4 ranks, >= 8 buckets, 50 steps. Ours completes; PyTorch's PowerSGD hook and a naive
+    hook that launches its second collective from a future callback fail or hang (killed)."""
+    ours = run_ranks("order", 4, tmp_path, timeout=240, steps=50, hook="gradcomp")
+    assert ours.ok, describe(ours)
+    assert ours.outputs[0]["buckets"] >= 8
+    for hook in ("powersgd", "naive"):
+        d = tmp_path / hook
+        # Gloo's own timeout at 10 s turns a hang into an error; the 45 s kill is the backstop
+        res = run_ranks("order", 4, d, timeout=45, steps=50, hook=hook, pg_timeout=10)
+        assert res.timed_out or any(rc != 0 for rc in res.returncodes), f"{hook} unexpectedly completed"
+
+
+def test_state_pickles_before_init_process_group():
+    assert not torch.distributed.is_initialized()
+    state = gradcomp.State("int8:block=512", min_numel=10, start_step=3)
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.config() == state.config()
+    assert clone.process_group is None
+
+
+def test_register_rejects_non_ddp_model():
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        gradcomp.register(torch.nn.Linear(2, 2), "int8")
+
+
+def test_state_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="valid specs"):
+        gradcomp.State("int9")
+    with pytest.raises(ValueError, match="min_numel"):
+        gradcomp.State("int8", min_numel=0)
+    with pytest.raises(ValueError, match="timeout"):
+        gradcomp.State("int8", timeout=5)

@@ -82,16 +82,16 @@ GC_HD bool is_finite(float v) { return (f32_bits(v) & 0x7f800000u) != 0x7f800000
 
 GC_HD float quiet_nan() { return bits_f32(0x7fc00000u); }
 
-// NaN-propagating running max of |v|. fmaxf drops NaN; this keeps it: once m is NaN it
-// stays NaN, and a NaN v replaces m. Max is exact, so the order of updates does not
-// matter for finite inputs — any reduction tree gives the same bits.
-GC_HD float absmax_update(float m, float v) {
-  const float a = abs_f32(v);
-  return (a > m || a != a) ? a : m;
+// Block absmax, NaN-propagating, in the bit domain: a non-negative float orders as its bit
+// pattern, and every NaN pattern sorts above Inf, so an unsigned max of |v|'s bits is the
+// absmax, Inf, or a NaN if any value is NaN (fmaxf would drop the NaN). Max is exact and
+// order-free, so any reduction tree — a CPU vector loop, a warp shuffle — gives these bits.
+GC_HD uint32_t abs_bits(float v) { return f32_bits(v) & 0x7fffffffu; }
+GC_HD uint32_t absmax_bits_update(uint32_t m, float v) {
+  const uint32_t b = abs_bits(v);
+  return b > m ? b : m;
 }
-
-// Combine two partial absmax values (the same rule, for tree/warp reductions).
-GC_HD float absmax_combine(float m1, float m2) { return (m2 > m1 || m2 != m2) ? m2 : m1; }
+GC_HD uint32_t absmax_bits_combine(uint32_t m1, uint32_t m2) { return m1 > m2 ? m1 : m2; }
 
 // ---------------------------------------------------------------- 16-bit floats
 GC_HD float bf16_to_f32(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
@@ -179,23 +179,43 @@ GC_HD float round_half_even(float v) {
   return sub_rn(add_rn(v, magic), magic);
 }
 
-// Scale of a block from its NaN-propagating absmax. A non-finite absmax gives a NaN scale,
-// which is how a block carries "non-finite" through every stage.
+// A block's scale (sent on the wire) and inverse scale (used to quantize: one multiply per
+// value instead of a division). From the block's absmax bits:
+//   non-finite absmax            -> scale NaN, inv 0: the block carries "non-finite" through
+//                                   every stage
+//   absmax 0, or so tiny that    -> scale 0, inv 0: every code is 0, nothing is sent and
+//   qmax / absmax overflows         error feedback keeps the values
+//   otherwise                    -> scale = absmax / qmax, inv = qmax / absmax
+struct BlockScale {
+  float scale;
+  float inv;
+};
+
 template <int Bits>
-GC_HD float block_scale(float absmax) {
-  return is_finite(absmax) ? div_rn(absmax, Quant<Bits>::qmax_f) : quiet_nan();
+GC_HD BlockScale block_scale(uint32_t absmax_bits) {
+  const float absmax = bits_f32(absmax_bits);
+  if (!is_finite(absmax)) return {quiet_nan(), 0.0f};
+  const float inv = div_rn(Quant<Bits>::qmax_f, absmax);
+  if (!is_finite(inv)) return {0.0f, 0.0f};
+  return {div_rn(absmax, Quant<Bits>::qmax_f), inv};
 }
 
-// Code of one value. A zero scale (all-zero block, or an absmax so tiny that absmax/qmax
-// underflows) and a non-finite scale give code 0: nothing is sent, and error feedback
-// keeps the value.
+// Whether a block quantizes (inv > 0); otherwise every code is 0.
+GC_HD bool scale_usable(BlockScale s) { return s.inv > 0.0f; }
+
+// Code of one value as a float, for a usable block: round_half_even(a · inv) clamped to
+// [-qmax, qmax]. Branch-free, so the CPU loop over a block vectorizes.
 template <int Bits>
-GC_HD int quantize(float a, float scale) {
-  if (!(scale > 0.0f) || !is_finite(scale)) return 0;
-  float v = round_half_even(div_rn(a, scale));
+GC_HD float quantize_usable(float a, float inv) {
   const float lim = Quant<Bits>::qmax_f;
-  v = v > lim ? lim : (v < -lim ? -lim : v);
-  return static_cast<int>(v);
+  const float v = round_half_even(mul_rn(a, inv));
+  return v > lim ? lim : (v < -lim ? -lim : v);
+}
+
+// Code of one value for any block.
+template <int Bits>
+GC_HD int quantize(float a, BlockScale s) {
+  return scale_usable(s) ? static_cast<int>(quantize_usable<Bits>(a, s.inv)) : 0;
 }
 
 template <int Bits>

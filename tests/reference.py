@@ -22,10 +22,12 @@ def block_quantize(a: torch.Tensor, block: int):
     absval = blocks.abs()
     nonfinite = ~torch.isfinite(blocks).all(dim=1)
     absmax = absval.amax(dim=1)
-    scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")), absmax / torch.tensor(QMAX))
-    usable = (scales > 0) & torch.isfinite(scales)
-    safe = torch.where(usable, scales, torch.ones_like(scales))
-    q = torch.round(blocks / safe[:, None]).clamp(-QMAX, QMAX)  # torch.round: half to even
+    inv = torch.tensor(QMAX) / absmax  # quantize by multiplying with qmax / absmax
+    usable = ~nonfinite & torch.isfinite(inv)  # absmax 0, or so tiny qmax / absmax overflows: codes 0
+    scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")),
+                         torch.where(usable, absmax / torch.tensor(QMAX), torch.zeros_like(absmax)))
+    safe_inv = torch.where(usable, inv, torch.zeros_like(inv))
+    q = torch.round(blocks * safe_inv[:, None]).clamp(-QMAX, QMAX)  # torch.round: half to even
     q = torch.where(usable[:, None], q, torch.zeros_like(q))
     deq = (q * scales[:, None]).reshape(-1)[:n]
     deq = torch.where(usable.repeat_interleave(block)[:n], deq, torch.zeros_like(deq))

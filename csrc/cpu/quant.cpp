@@ -38,36 +38,50 @@ void zero_unused(uint8_t* shard, int64_t slots) {
 }
 
 // Quantize a[0, len) (zero beyond) into codes[0, B); returns the scale. When `residual` is
-// set, writes the error of each valid element there (or, for a non-finite block, keeps the
-// old residual where a is finite and clears it where a is not). `gain` multiplies the error
-// before it is added (`accumulate`) or stored.
+// set, writes the error of each valid element there, times `gain`, added (`accumulate`,
+// pass 2) or stored (pass 1). A non-finite block sends nothing; pass 1 then keeps the old
+// residual where a is finite and clears it where not (the step is poisoned or skipped by
+// GradScaler anyway); pass 2 leaves the residual as pass 1 wrote it.
+// The loops are branch-free over the block so the compiler vectorizes them; every value
+// is the same IEEE operation sequence as codec.h's per-value functions.
 template <int Bits>
 float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, float* residual, bool accumulate,
                    float gain, bool* nonfinite) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < len; ++i) m = absmax_update(m, a[i]);
-  const float scale = block_scale<Bits>(m);
-  if (!is_finite(scale)) {
-    *nonfinite = true;
+  uint32_t m = 0;
+  for (int64_t i = 0; i < len; ++i) m = absmax_bits_update(m, a[i]);
+  const BlockScale bs = block_scale<Bits>(m);
+  const float scale = bs.scale, inv = bs.inv;
+  if (!scale_usable(bs)) {
     std::fill(codes, codes + block, int8_t{0});
-    // The step will be skipped (GradScaler) or is poisoned anyway: keep the old residual
-    // where a is finite, clear it where a is not. A pass-2 block leaves it as pass 1 wrote it.
-    if (residual && !accumulate) {
+    if (!is_finite(scale)) {
+      *nonfinite = true;
+      if (residual && !accumulate)
+        for (int64_t i = 0; i < len; ++i)
+          if (!is_finite(a[i])) residual[i] = 0.0f;
+    } else if (residual) {  // zero scale: every code is 0, the residual keeps all of a
       for (int64_t i = 0; i < len; ++i)
-        if (!is_finite(a[i])) residual[i] = 0.0f;
+        residual[i] = accumulate ? add_rn(residual[i], mul_rn(gain, residual_after<Bits>(a[i], 0, scale)))
+                                 : residual_after<Bits>(a[i], 0, scale);
     }
     return scale;
   }
-  for (int64_t i = 0; i < len; ++i) codes[i] = static_cast<int8_t>(quantize<Bits>(a[i], scale));
-  std::fill(codes + len, codes + block, int8_t{0});
-  if (residual) {
-    if (accumulate) {
-      for (int64_t i = 0; i < len; ++i)
-        residual[i] = add_rn(residual[i], mul_rn(gain, residual_after<Bits>(a[i], codes[i], scale)));
-    } else {
-      for (int64_t i = 0; i < len; ++i) residual[i] = residual_after<Bits>(a[i], codes[i], scale);
+  if (residual && accumulate) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float q = quantize_usable<Bits>(a[i], inv);
+      codes[i] = static_cast<int8_t>(static_cast<int>(q));
+      residual[i] = add_rn(residual[i], mul_rn(gain, sub_rn(a[i], mul_rn(q, scale))));
     }
+  } else if (residual) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float q = quantize_usable<Bits>(a[i], inv);
+      codes[i] = static_cast<int8_t>(static_cast<int>(q));
+      residual[i] = sub_rn(a[i], mul_rn(q, scale));
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i)
+      codes[i] = static_cast<int8_t>(static_cast<int>(quantize_usable<Bits>(a[i], inv)));
   }
+  std::fill(codes + len, codes + block, int8_t{0});
   return scale;
 }
 

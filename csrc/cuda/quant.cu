@@ -35,9 +35,9 @@ void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
   if (world < 1 || slots < 0) throw std::invalid_argument("gradcomp: bad world size or slot count");
 }
 
-__device__ __forceinline__ float warp_absmax(float m) {
+__device__ __forceinline__ uint32_t warp_absmax(uint32_t m) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = absmax_combine(m, __shfl_xor_sync(kFull, m, o));
+  for (int o = 16; o > 0; o >>= 1) m = absmax_bits_combine(m, __shfl_xor_sync(kFull, m, o));
   return m;
 }
 
@@ -85,15 +85,16 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
   };
 
   float keep[kKeep ? PerLane : 1];
-  float m = 0.0f;
+  uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const float a = load_a(lane + 32 * k);
     if (kKeep) keep[k] = a;
-    m = absmax_update(m, a);
+    m = absmax_bits_update(m, a);
   }
   m = warp_absmax(m);
-  const float scale = block_scale<8>(m);
+  const BlockScale bs = block_scale<8>(m);
+  const float scale = bs.scale;
   const bool finite = is_finite(scale);
   if (lane == 0) {
     reinterpret_cast<float*>(shard + shard_scales_offset())[slot] = scale;
@@ -103,7 +104,7 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t i = lane + 32 * k;
     const float a = kKeep ? keep[k] : load_a(i);
-    const int q = (finite && i < len) ? quantize<8>(a, scale) : 0;
+    const int q = i < len ? quantize<8>(a, bs) : 0;
     codes[i] = static_cast<int8_t>(q);
     if (res && i < len) {
       if (finite)
@@ -154,15 +155,16 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   };
 
   float keep[kKeep ? PerLane : 1];
-  float m = 0.0f;
+  uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const float a = mean_at(lane + 32 * k);
     if (kKeep) keep[k] = a;
-    m = absmax_update(m, a);
+    m = absmax_bits_update(m, a);
   }
   m = warp_absmax(m);
-  const float scale = block_scale<8>(m);
+  const BlockScale bs = block_scale<8>(m);
+  const float scale = bs.scale;
   const bool finite = is_finite(scale);
   if (lane == 0) {
     reinterpret_cast<float*>(slice + shard_scales_offset())[slot] = scale;
@@ -173,7 +175,7 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t i = lane + 32 * k;
     const float a = kKeep ? keep[k] : mean_at(i);
-    const int q = (finite && i < len) ? quantize<8>(a, scale) : 0;
+    const int q = i < len ? quantize<8>(a, bs) : 0;
     codes[i] = static_cast<int8_t>(q);
     if (res && finite && i < len) res[i] = add_rn(res[i], mul_rn(world_f, residual_after<8>(a, q, scale)));
   }

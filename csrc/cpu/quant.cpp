@@ -97,9 +97,9 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
   {
     float a[kMaxBlock];
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t* t = table + row * kRowWords;
-      const int64_t owner = row / slots, slot = row % slots;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t slot = i / world, owner = i % world;  // slot-major: the bucket's own order
+      const int64_t* t = table + (owner * slots + slot) * kRowWords;
       uint8_t* shard = send + owner * sb;
       float* scales = reinterpret_cast<float*>(shard + shard_scales_offset());
       int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * block;
@@ -189,9 +189,9 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
   for (int64_t r = 0; r < world; ++r) flagged |= flag_of(gathered + r * sb);
   const int64_t rows = world * slots;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t* t = table + row * kRowWords;
-    const int64_t owner = row / slots, slot = row % slots;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t slot = i / world, owner = i % world;  // slot-major: the bucket's own order
+    const int64_t* t = table + (owner * slots + slot) * kRowWords;
     const uint8_t* shard = gathered + owner * sb;
     const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
     const int8_t* codes = reinterpret_cast<const int8_t*>(shard + codes_off) + slot * block;

@@ -63,18 +63,20 @@ __global__ void zero_headers(uint8_t* shards /* [W * SB] */, int64_t world, int6
 template <DType D, int PerLane>
 __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ bucket,  // [n]
                               const int64_t* __restrict__ table,                     // [W * S, 3]
-                              int64_t rows, int64_t slots, int64_t sb, int B,
+                              int64_t rows, int64_t world, int64_t slots, int64_t sb, int B,
                               uint8_t* __restrict__ send) {  // [W * SB]
   using E = Elem<D>;
   constexpr bool kKeep = PerLane > 0;
   const int kPerLane = kKeep ? PerLane : B / 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
-  if (row >= rows) return;
+  // Warps walk the table slot-major (slot, then owner): for parameters laid out one after
+  // another that is the bucket's own order, so neighbouring warps read neighbouring memory.
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
+  if (i >= rows) return;
+  const int64_t slot = i / world, owner = i % world, row = owner * slots + slot;
   const int lane = threadIdx.x % 32;
   const int64_t* t = table + row * kRowWords;
   const int64_t off = t[0], len = t[1];
   float* res = residual_ptr(t);
-  const int64_t owner = row / slots, slot = row % slots;
   uint8_t* shard = send + owner * sb;
   int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * B;
 
@@ -188,15 +190,17 @@ __global__ void decode_kernel(const uint8_t* __restrict__ gathered,  // [W * SB]
                               int64_t rows, int64_t world, int64_t slots, int64_t sb, int B,
                               typename Elem<D>::storage* __restrict__ bucket) {  // [n]
   using E = Elem<D>;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
-  if (row >= rows) return;
+  // Warps walk the table slot-major (slot, then owner): for parameters laid out one after
+  // another that is the bucket's own order, so neighbouring warps read neighbouring memory.
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
+  if (i >= rows) return;
+  const int64_t slot = i / world, owner = i % world, row = owner * slots + slot;
   const int lane = threadIdx.x % 32;
   unsigned f = 0;
   for (int64_t r = lane; r < world; r += 32) f |= *reinterpret_cast<const unsigned*>(gathered + r * sb);
   const bool flagged = __any_sync(kFull, f != 0);
   const int64_t* t = table + row * kRowWords;
   const int64_t off = t[0], len = t[1];
-  const int64_t owner = row / slots, slot = row % slots;
   const uint8_t* shard = gathered + owner * sb;
   const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
   const int8_t* codes = reinterpret_cast<const int8_t*>(shard + shard_codes_offset(slots)) + slot * B;
@@ -278,8 +282,9 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket,
     with_block(block, [&](auto b) {
       constexpr DType D = decltype(d)::value;
       constexpr int P = decltype(b)::value;
-      encode_kernel<D, P><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(
-          static_cast<const typename Elem<D>::storage*>(bucket), table, rows, slots, sb, static_cast<int>(block), send);
+      encode_kernel<D, P>
+          <<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(static_cast<const typename Elem<D>::storage*>(bucket), table,
+                                                        rows, world, slots, sb, static_cast<int>(block), send);
     });
   });
   check(cudaGetLastError(), "encode launch");

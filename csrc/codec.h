@@ -146,18 +146,21 @@ struct Elem;
 template <>
 struct Elem<DType::F32> {
   using storage = float;
+  static GC_HD float to_f32(float v) { return v; }
   static GC_HD float load(const float* p, int64_t i) { return p[i]; }
   static GC_HD void store(float* p, int64_t i, float v) { p[i] = v; }
 };
 template <>
 struct Elem<DType::F16> {
   using storage = uint16_t;
+  static GC_HD float to_f32(uint16_t v) { return f16_to_f32(v); }
   static GC_HD float load(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
   static GC_HD void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
 };
 template <>
 struct Elem<DType::BF16> {
   using storage = uint16_t;
+  static GC_HD float to_f32(uint16_t v) { return bf16_to_f32(v); }
   static GC_HD float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
   static GC_HD void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 };
@@ -197,7 +200,11 @@ GC_HD BlockScale block_scale(uint32_t absmax_bits) {
   if (!is_finite(absmax)) return {quiet_nan(), 0.0f};
   const float inv = div_rn(Quant<Bits>::qmax_f, absmax);
   if (!is_finite(inv)) return {0.0f, 0.0f};
-  return {div_rn(absmax, Quant<Bits>::qmax_f), inv};
+  float scale = div_rn(absmax, Quant<Bits>::qmax_f);
+  // Near FLT_MAX, qmax · scale can round past it: one ulp less keeps every dequantized value
+  // (and so every residual) finite.
+  if (!is_finite(mul_rn(scale, Quant<Bits>::qmax_f))) scale = bits_f32(f32_bits(scale) - 1u);
+  return {scale, inv};
 }
 
 // Whether a block quantizes (inv > 0); otherwise every code is 0.

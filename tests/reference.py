@@ -26,6 +26,9 @@ def block_quantize(a: torch.Tensor, block: int):
     usable = ~nonfinite & torch.isfinite(inv)  # absmax 0, or so tiny qmax / absmax overflows: codes 0
     scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")),
                          torch.where(usable, absmax / torch.tensor(QMAX), torch.zeros_like(absmax)))
+    # near FLT_MAX, 127 * scale can overflow: the scale steps one ulp down
+    overflow = ~torch.isfinite(scales * torch.tensor(QMAX)) & usable
+    scales = torch.where(overflow, torch.nextafter(scales, torch.zeros_like(scales)), scales)
     safe_inv = torch.where(usable, inv, torch.zeros_like(inv))
     q = torch.round(blocks * safe_inv[:, None]).clamp(-QMAX, QMAX)  # torch.round: half to even
     q = torch.where(usable[:, None], q, torch.zeros_like(q))
@@ -72,11 +75,11 @@ def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None]
         total = total + d
     mean = total / torch.tensor(float(world))
     scales2, codes2, deq2, nonfinite2 = block_quantize(mean, block)
-    out = (codes2.float() * scales2[:, None]).reshape(-1)[:n]
-    if nonfinite2.any():
-        out = torch.full_like(out, float("nan"))
+    sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]
+    # any non-finite block flags the payload: every compressed value decodes to NaN
+    out = torch.full_like(sent, float("nan")) if nonfinite2.any() else sent
     if residuals[0] is not None:
-        err = mean - out
+        err = mean - sent  # only finite blocks (masked below) feed the residual
         elem_owner = owners.repeat_interleave(block)[:n]
         finite_block = (~nonfinite2).repeat_interleave(block)[:n]
         for r in range(world):

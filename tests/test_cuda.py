@@ -148,3 +148,24 @@ def test_nccl_hook_world_size_one_forced(nccl_world1):
             assert torch.equal(p.grad.reshape(-1).cpu(), expect), f"param {i} step {step}"
         twin.load_state_dict(model.state_dict())
     assert state.stats["buckets_compressed"] > 0
+
+
+def test_cuda_extreme_magnitudes_match_cpu():
+    """FLT_MAX (scale steps one ulp down), subnormals (scale underflows: codes 0, residual
+    keeps the value), an all-zero block, and 16-bit buckets at their own extremes."""
+    fmax = torch.finfo(torch.float32).max
+    numels = [256, 256, 256, 300]
+    x = torch.cat([torch.randn(256) * 1e-40, torch.zeros(256), torch.randn(256), torch.randn(300)])
+    x[600] = fmax
+    x[601] = -fmax / 3
+    xs = [x, -x.flip(0)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = [v.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype) for v in xs]
+        cpu = _exchange(xd, numels, 256, 2, torch.device("cpu"))
+        gpu = _exchange(xd, numels, 256, 2, torch.device("cuda"))
+        for key in ("send", "slices", "out"):
+            for a, b in zip(cpu[key], gpu[key]):
+                assert _same(a, b), (key, dtype)
+        for ra, rb in zip(cpu["res_final"], gpu["res_final"]):
+            for a, b in zip(ra, rb):
+                assert torch.equal(a, b) and torch.isfinite(b).all(), dtype

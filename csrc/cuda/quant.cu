@@ -56,8 +56,116 @@ __global__ void zero_headers(uint8_t* shards /* [W * SB] */, int64_t world, int6
   for (int64_t r = threadIdx.x; r < world; r += blockDim.x) zero_unused(shards + r * sb, slots);
 }
 
+// Element mapping inside a block: lane l owns V consecutive values per chunk of 32·V,
+//   element(k, j) = k·32·V + l·V + j      (k < chunks, j < V),
+// so a lane moves its codes as one V-byte word and, when the block is whole and aligned,
+// its floats as one 16-byte (fp32) or 8-byte (16-bit) vector.
 // Kernels are templated on PerLane = B / 32 for blocks whose values stay in registers
-// (B <= 512); PerLane = 0 is the one kernel for larger blocks, B read at run time.
+// (B <= 512); PerLane = 0 is the one kernel for larger blocks (B read at run time, values
+// read twice — the second read mostly hits L2).
+template <int PerLane>
+struct Map {
+  static constexpr bool kKeep = PerLane > 0;
+  static constexpr int V = kKeep && PerLane < 4 ? PerLane : 4;
+  static __device__ __forceinline__ int chunks(int B) { return kKeep ? PerLane / V : B / (32 * V); }
+};
+
+template <int V>
+struct CodeWord;
+template <>
+struct CodeWord<1> {
+  using type = uint8_t;
+};
+template <>
+struct CodeWord<2> {
+  using type = uint16_t;
+};
+template <>
+struct CodeWord<4> {
+  using type = uint32_t;
+};
+
+template <int V>
+__device__ __forceinline__ void store_codes(int8_t* codes /* [B] */, int e, const int (&q)[V]) {
+  typename CodeWord<V>::type w = 0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) w |= static_cast<typename CodeWord<V>::type>(static_cast<uint8_t>(q[j])) << (8 * j);
+  *reinterpret_cast<typename CodeWord<V>::type*>(codes + e) = w;
+}
+
+template <int V>
+__device__ __forceinline__ void load_codes(const int8_t* codes /* [B] */, int e, int (&q)[V]) {
+  const auto w = *reinterpret_cast<const typename CodeWord<V>::type*>(codes + e);
+#pragma unroll
+  for (int j = 0; j < V; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * j)));
+}
+
+__device__ __forceinline__ bool aligned(const void* p, int bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) == 0;
+}
+
+// V values of a bucket from element i on, converted to float; zero past len.
+template <DType D, int V>
+__device__ __forceinline__ void load_bucket(const typename Elem<D>::storage* p /* [n] */, int64_t i, int64_t valid,
+                                            bool vec, float (&v)[V]) {
+  using E = Elem<D>;
+  if (V == 4 && vec) {
+    if constexpr (D == DType::F32) {
+      const float4 f = *reinterpret_cast<const float4*>(p + i);
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3 % V] = f.w;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(p + i);
+      v[0] = E::to_f32(static_cast<uint16_t>(u.x)), v[1 % V] = E::to_f32(static_cast<uint16_t>(u.x >> 16));
+      v[2 % V] = E::to_f32(static_cast<uint16_t>(u.y)), v[3 % V] = E::to_f32(static_cast<uint16_t>(u.y >> 16));
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = j < valid ? E::load(p, i + j) : 0.0f;
+}
+
+template <DType D, int V>
+__device__ __forceinline__ void store_bucket(typename Elem<D>::storage* p /* [n] */, int64_t i, int64_t valid, bool vec,
+                                             const float (&v)[V]) {
+  using E = Elem<D>;
+  if (V == 4 && vec) {
+    if constexpr (D == DType::F32) {
+      *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1 % V], v[2 % V], v[3 % V]);
+    } else {
+      typename E::storage h[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) E::store(h, j, v[j % V]);
+      *reinterpret_cast<uint2*>(p + i) =
+          make_uint2(h[0] | (static_cast<uint32_t>(h[1]) << 16), h[2] | (static_cast<uint32_t>(h[3]) << 16));
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < valid) E::store(p, i + j, v[j]);
+}
+
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p /* [B] */, int64_t i, int64_t valid, bool vec, float (&v)[V]) {
+  if (V == 4 && vec) {
+    const float4 f = *reinterpret_cast<const float4*>(p + i);
+    v[0] = f.x, v[1 % V] = f.y, v[2 % V] = f.z, v[3 % V] = f.w;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = j < valid ? p[i + j] : 0.0f;
+}
+
+template <int V>
+__device__ __forceinline__ void store_f32(float* p /* [B] */, int64_t i, int64_t valid, bool vec, const float (&v)[V]) {
+  if (V == 4 && vec) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1 % V], v[2 % V], v[3 % V]);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < valid) p[i + j] = v[j];
+}
 
 // Pass 1. One warp per row of the table.
 template <DType D, int PerLane>
@@ -65,34 +173,47 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
                               const int64_t* __restrict__ table,                     // [W * S, 3]
                               int64_t rows, int64_t world, int64_t slots, int64_t sb, int B,
                               uint8_t* __restrict__ send) {  // [W * SB]
-  using E = Elem<D>;
-  constexpr bool kKeep = PerLane > 0;
-  const int kPerLane = kKeep ? PerLane : B / 32;
+  using M = Map<PerLane>;
+  constexpr int V = M::V;
   // Warps walk the table slot-major (slot, then owner): for parameters laid out one after
   // another that is the bucket's own order, so neighbouring warps read neighbouring memory.
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
-  if (i >= rows) return;
-  const int64_t slot = i / world, owner = i % world, row = owner * slots + slot;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
+  if (w >= rows) return;
+  const int64_t slot = w / world, owner = w % world, row = owner * slots + slot;
   const int lane = threadIdx.x % 32;
   const int64_t* t = table + row * kRowWords;
   const int64_t off = t[0], len = t[1];
   float* res = residual_ptr(t);
   uint8_t* shard = send + owner * sb;
   int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * B;
+  const int chunks = M::chunks(B);
+  const bool whole = len == B;
+  const bool vec_x = whole && aligned(bucket + off, D == DType::F32 ? 16 : 8);
+  const bool vec_r = whole && aligned(res, 16);
 
-  auto load_a = [&](int64_t i) -> float {
-    if (i >= len) return 0.0f;
-    const float x = E::load(bucket, off + i);
-    return res ? add_rn(x, res[i]) : x;
+  auto load_a = [&](int k, float (&a)[V]) {
+    const int e = k * 32 * V + lane * V;
+    const int64_t valid = len - e;
+    load_bucket<D, V>(bucket, off + e, valid, vec_x, a);
+    if (res) {
+      float r[V];
+      load_f32<V>(res, e, valid, vec_r, r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[j] = add_rn(a[j], r[j]);  // padding: 0 + 0
+    }
   };
 
-  float keep[kKeep ? PerLane : 1];
+  float keep[M::kKeep ? PerLane : 1];
   uint32_t m = 0;
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const float a = load_a(lane + 32 * k);
-    if (kKeep) keep[k] = a;
-    m = absmax_bits_update(m, a);
+  for (int k = 0; k < chunks; ++k) {
+    float a[V];
+    load_a(k, a);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (M::kKeep) keep[(k * V + j) % (M::kKeep ? PerLane : 1)] = a[j];
+      m = absmax_bits_update(m, a[j]);
+    }
   }
   m = warp_absmax(m);
   const BlockScale bs = block_scale<8>(m);
@@ -103,16 +224,32 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
     if (!finite) atomicOr(reinterpret_cast<unsigned*>(shard), 1u);
   }
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int64_t i = lane + 32 * k;
-    const float a = kKeep ? keep[k] : load_a(i);
-    const int q = i < len ? quantize<8>(a, bs) : 0;
-    codes[i] = static_cast<int8_t>(q);
-    if (res && i < len) {
-      if (finite)
-        res[i] = residual_after<8>(a, q, scale);
-      else if (!is_finite(a))
-        res[i] = 0.0f;  // keep the old residual where a is finite
+  for (int k = 0; k < chunks; ++k) {
+    const int e = k * 32 * V + lane * V;
+    const int64_t valid = len - e;
+    float a[V];
+    if (M::kKeep) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[j] = keep[(k * V + j) % (M::kKeep ? PerLane : 1)];
+    } else {
+      load_a(k, a);
+    }
+    int q[V];
+    float r[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      q[j] = j < valid ? quantize<8>(a[j], bs) : 0;
+      r[j] = residual_after<8>(a[j], q[j], scale);  // stored only for a finite block
+    }
+    store_codes<V>(codes, e, q);
+    if (res) {
+      if (finite) {
+        store_f32<V>(res, e, valid, vec_r, r);
+      } else {  // a non-finite block keeps the old residual where a is finite, clears it where not
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (j < valid && !is_finite(a[j])) res[e + j] = 0.0f;
+      }
     }
   }
 }
@@ -133,8 +270,8 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
                               const int64_t* __restrict__ my_rows,  // [S, 3]
                               int64_t world, int64_t slots, int64_t sb, int B,
                               uint8_t* __restrict__ slice) {  // [SB]
-  constexpr bool kKeep = PerLane > 0;
-  const int kPerLane = kKeep ? PerLane : B / 32;
+  using M = Map<PerLane>;
+  constexpr int V = M::V;
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
   if (slot >= slots) return;
   const int lane = threadIdx.x % 32;
@@ -143,26 +280,36 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   float* res = residual_ptr(t);
   const int64_t codes_off = shard_codes_offset(slots);
   const float world_f = static_cast<float>(world);
+  const int chunks = M::chunks(B);
+  const bool vec_r = len == B && aligned(res, 16);
 
-  auto mean_at = [&](int64_t i) -> float {  // sum in rank order, then / W
-    if (i >= len) return 0.0f;
-    float s = 0.0f;
+  auto mean_at = [&](int k, float (&a)[V]) {  // sum in rank order, then / W
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] = 0.0f;
+    const int e = k * 32 * V + lane * V;
     for (int64_t src = 0; src < world; ++src) {
       const uint8_t* shard = recv + src * sb;
       const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
-      const int8_t q = reinterpret_cast<const int8_t*>(shard + codes_off)[slot * B + i];
-      s = add_rn(s, dequantize<8>(q, scale));
+      int q[V];
+      load_codes<V>(reinterpret_cast<const int8_t*>(shard + codes_off) + slot * B, e, q);
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[j] = add_rn(a[j], dequantize<8>(q[j], scale));
     }
-    return div_rn(s, world_f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] = e + j < len ? div_rn(a[j], world_f) : 0.0f;
   };
 
-  float keep[kKeep ? PerLane : 1];
+  float keep[M::kKeep ? PerLane : 1];
   uint32_t m = 0;
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const float a = mean_at(lane + 32 * k);
-    if (kKeep) keep[k] = a;
-    m = absmax_bits_update(m, a);
+  for (int k = 0; k < chunks; ++k) {
+    float a[V];
+    mean_at(k, a);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (M::kKeep) keep[(k * V + j) % (M::kKeep ? PerLane : 1)] = a[j];
+      m = absmax_bits_update(m, a[j]);
+    }
   }
   m = warp_absmax(m);
   const BlockScale bs = block_scale<8>(m);
@@ -174,27 +321,41 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   }
   int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * B;
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int64_t i = lane + 32 * k;
-    const float a = kKeep ? keep[k] : mean_at(i);
-    const int q = i < len ? quantize<8>(a, bs) : 0;
-    codes[i] = static_cast<int8_t>(q);
-    if (res && finite && i < len) res[i] = add_rn(res[i], mul_rn(world_f, residual_after<8>(a, q, scale)));
+  for (int k = 0; k < chunks; ++k) {
+    const int e = k * 32 * V + lane * V;
+    const int64_t valid = len - e;
+    float a[V];
+    if (M::kKeep) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[j] = keep[(k * V + j) % (M::kKeep ? PerLane : 1)];
+    } else {
+      mean_at(k, a);
+    }
+    int q[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) q[j] = j < valid ? quantize<8>(a[j], bs) : 0;
+    store_codes<V>(codes, e, q);
+    if (res && finite) {
+      float r[V];
+      load_f32<V>(res, e, valid, vec_r, r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) r[j] = add_rn(r[j], mul_rn(world_f, residual_after<8>(a[j], q[j], scale)));
+      store_f32<V>(res, e, valid, vec_r, r);
+    }
   }
 }
 
 // Pass 3. One warp per row of the table.
-template <DType D>
+template <DType D, int PerLane>
 __global__ void decode_kernel(const uint8_t* __restrict__ gathered,  // [W * SB]
                               const int64_t* __restrict__ table,     // [W * S, 3]
                               int64_t rows, int64_t world, int64_t slots, int64_t sb, int B,
                               typename Elem<D>::storage* __restrict__ bucket) {  // [n]
-  using E = Elem<D>;
-  // Warps walk the table slot-major (slot, then owner): for parameters laid out one after
-  // another that is the bucket's own order, so neighbouring warps read neighbouring memory.
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
-  if (i >= rows) return;
-  const int64_t slot = i / world, owner = i % world, row = owner * slots + slot;
+  using M = Map<PerLane>;
+  constexpr int V = M::V;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
+  if (w >= rows) return;
+  const int64_t slot = w / world, owner = w % world, row = owner * slots + slot;
   const int lane = threadIdx.x % 32;
   unsigned f = 0;
   for (int64_t r = lane; r < world; r += 32) f |= *reinterpret_cast<const unsigned*>(gathered + r * sb);
@@ -204,10 +365,17 @@ __global__ void decode_kernel(const uint8_t* __restrict__ gathered,  // [W * SB]
   const uint8_t* shard = gathered + owner * sb;
   const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
   const int8_t* codes = reinterpret_cast<const int8_t*>(shard + shard_codes_offset(slots)) + slot * B;
+  const bool vec = len == B && aligned(bucket + off, D == DType::F32 ? 16 : 8);
+  const int chunks = M::chunks(B);
 #pragma unroll 4
-  for (int k = 0; k < B / 32; ++k) {
-    const int64_t i = lane + 32 * k;
-    if (i < len) E::store(bucket, off + i, flagged ? quiet_nan() : dequantize<8>(codes[i], scale));
+  for (int k = 0; k < chunks; ++k) {
+    const int e = k * 32 * V + lane * V;
+    int q[V];
+    load_codes<V>(codes, e, q);
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = flagged ? quiet_nan() : dequantize<8>(q[j], scale);
+    store_bucket<D, V>(bucket, off + e, len - e, vec, v);
   }
 }
 
@@ -316,10 +484,13 @@ void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gath
   const int64_t rows = world * slots;
   if (rows == 0) return;
   with_dtype(dtype, [&](auto d) {
-    constexpr DType D = decltype(d)::value;
-    decode_kernel<D><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(gathered, table, rows, world, slots, sb,
-                                                                  static_cast<int>(block),
-                                                                  static_cast<typename Elem<D>::storage*>(bucket));
+    with_block(block, [&](auto b) {
+      constexpr DType D = decltype(d)::value;
+      constexpr int P = decltype(b)::value;
+      decode_kernel<D, P><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(gathered, table, rows, world, slots, sb,
+                                                                       static_cast<int>(block),
+                                                                       static_cast<typename Elem<D>::storage*>(bucket));
+    });
   });
   check(cudaGetLastError(), "decode launch");
 }

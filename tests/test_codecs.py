@@ -1,0 +1,87 @@
+"""gradcomp.Int8 and the codec spec grammar (codecs.parse)."""
+
+from __future__ import annotations
+
+import gradcomp
+import pytest
+import torch
+from gradcomp import codecs
+
+
+def test_int8_defaults():
+    c = gradcomp.Int8()
+    assert gradcomp.Int8 is codecs.Int8
+    assert isinstance(c, gradcomp.Codec)
+    assert c.block_size == 256 and c.error_feedback is True
+    assert c.bits == 8 and c.name == "int8"
+    assert c.dtypes == (torch.float32, torch.float16, torch.bfloat16)
+    assert c.config() == {"codec": "int8", "block_size": 256, "error_feedback": True}
+    assert repr(c) == "Int8(block_size=256, error_feedback=True)"
+
+
+@pytest.mark.parametrize("block", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_int8_block_sizes(block):
+    assert gradcomp.Int8(block_size=block).block_size == block
+    assert codecs.parse(f"int8:block={block}") == gradcomp.Int8(block_size=block)
+
+
+@pytest.mark.parametrize("block", [0, 1, 16, 31, 48, 100, 255, 257, 8192, -256, 256.0, "256", True, None])
+def test_int8_bad_block_size(block):
+    with pytest.raises(ValueError, match="gradcomp"):
+        gradcomp.Int8(block_size=block)
+
+
+@pytest.mark.parametrize(
+    ("spec", "block", "ef"),
+    [
+        ("int8", 256, True),
+        ("int8:block=512", 512, True),
+        ("INT8 ", 256, True),
+        ("  Int8:Block=1024  ", 1024, True),
+        ("int8:ef=0", 256, False),
+        ("int8:ef=1", 256, True),
+        ("int8:block=32:ef=0", 32, False),
+        ("int8:ef=0:block=4096", 4096, False),
+    ],
+)
+def test_parse(spec, block, ef):
+    c = codecs.parse(spec)
+    assert type(c) is gradcomp.Int8
+    assert (c.block_size, c.error_feedback) == (block, ef)
+
+
+def test_parse_returns_codec_instances_as_is():
+    c = gradcomp.Int8(block_size=64, error_feedback=False)
+    assert codecs.parse(c) is c
+
+
+@pytest.mark.parametrize("spec", [None, 8, b"int8", ["int8"]])
+def test_parse_rejects_non_strings(spec):
+    with pytest.raises(TypeError, match="gradcomp"):
+        codecs.parse(spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["int9", "", "int", "int8:block=100", "int8:block=x", "int8:block=", "int8:block=-256", "int8:foo=1",
+     "int8:block", "int8:", "int8:ef=2", "int8:ef=yes", "int8:block=8192", "int8;block=512", "topk:0.01"],
+)
+def test_parse_bad_specs_list_valid_ones(spec):
+    with pytest.raises(ValueError, match="valid specs") as info:
+        codecs.parse(spec)
+    msg = str(info.value)
+    assert "gradcomp" in msg and repr(spec) in msg
+    for valid in codecs.VALID_SPECS:
+        assert valid in msg
+
+
+def test_equality_and_hash_by_config():
+    a, b = gradcomp.Int8(), codecs.parse("int8")
+    assert a == b and hash(a) == hash(b) and a is not b
+    assert gradcomp.Int8(block_size=512) == codecs.parse("int8:block=512")
+    assert gradcomp.Int8(block_size=512) != gradcomp.Int8()
+    assert gradcomp.Int8(error_feedback=False) != gradcomp.Int8()
+    assert gradcomp.Int8(error_feedback=0) == gradcomp.Int8(error_feedback=False)
+    assert a != "int8" and a != a.config()
+    assert len({gradcomp.Int8(), codecs.parse("INT8"), codecs.parse("int8:ef=1"), codecs.parse("int8:ef=0"),
+                gradcomp.Int8(block_size=32)}) == 3

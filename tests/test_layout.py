@@ -1,0 +1,177 @@
+"""layout.build_table / contiguous_spans: every block once, owners by model-wide block index,
+slot-contiguous shards, zero padding rows, residual addresses, re-layout invariance."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+from gradcomp import layout
+
+BLOCKS = [32, 256, 4096]
+WORLDS = [1, 2, 3, 4, 7]
+
+
+def rng(*key) -> random.Random:
+    return random.Random(zlib.crc32(repr(key).encode()))
+
+
+def random_numels(r: random.Random, block: int, count: int) -> list[int]:
+    """Parameter sizes with the awkward cases mixed in: 0, 1, exact blocks, block +- 1."""
+    special = [0, 1, block, block - 1, block + 1, 3 * block]
+    return [r.choice(special) if r.random() < 0.4 else r.randint(1, 5 * block) for _ in range(count)]
+
+
+def blocks_of(spans, block):
+    """(span index, block index j) → (offset, valid length, span residual address)."""
+    out = {}
+    for i, s in enumerate(spans):
+        for j in range(layout.num_blocks(s.numel, block)):
+            out[(i, j)] = (s.offset + j * block, min(block, s.numel - j * block), s.residual_addr)
+    return out
+
+
+def check_table(bt, spans, block, world):
+    table = bt.table
+    assert table.dtype == torch.int64 and table.is_contiguous()
+    assert bt.world == world and bt.block == block
+    assert bt.numel == sum(s.numel for s in spans)
+    want = blocks_of(spans, block)
+    counts = [0] * world
+    for (i, j), _ in want.items():
+        counts[(spans[i].first_block + j) % world] += 1
+    S = max(counts) if want else 0
+    assert bt.slots == S
+    assert tuple(table.shape) == (world * S, 3)
+    by_offset = {off: key for key, (off, _, _) in want.items()}
+    assert len(by_offset) == len(want)
+    seen = set()
+    for row, (off, ln, addr) in enumerate(table.tolist()):
+        owner, slot = divmod(row, S)
+        if slot >= counts[owner]:  # padding rows are all zero and come after the real ones
+            assert (off, ln, addr) == (0, 0, 0), f"padding row {row} = {(off, ln, addr)}"
+            continue
+        assert ln > 0, f"row {row}: real rows are slot-contiguous from slot 0"
+        key = by_offset[off]
+        assert key not in seen, f"block {key} appears twice"
+        seen.add(key)
+        i, j = key
+        assert owner == (spans[i].first_block + j) % world, f"block {key} owned by {owner}"
+        _, want_len, base = want[key]
+        assert ln == want_len
+        assert addr == (base + j * block * 4 if base else 0), f"block {key}: residual address {addr}"
+    assert seen == set(want), f"missing blocks: {sorted(set(want) - seen)[:5]}"
+    assert int(table[:, 1].sum()) == bt.numel
+    for r in range(world):
+        rows = bt.rows_of(r)
+        assert rows.is_contiguous() and tuple(rows.shape) == (S, 3)
+        assert torch.equal(rows, table[r * S : (r + 1) * S])
+        # within a shard the blocks keep the bucket's order
+        offs = [o for o, ln, _ in rows.tolist() if ln > 0]
+        assert offs == sorted(offs)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+def test_build_table_contiguous(world, block, ef):
+    r = rng("contiguous", world, block, ef)
+    numels = random_numels(r, block, 12)
+    addrs = [r.randrange(1, 1 << 40) * 64 for _ in numels] if ef else None
+    spans = layout.contiguous_spans(numels, block, addrs)
+    # contiguous_spans: packed offsets, first blocks numbered from 0
+    off = first = 0
+    for i, (s, n) in enumerate(zip(spans, numels)):
+        assert (s.offset, s.numel, s.first_block) == (off, n, first)
+        assert s.residual_addr == (addrs[i] if ef else 0)
+        off += n
+        first += layout.num_blocks(n, block)
+    check_table(layout.build_table(spans, block, world), spans, block, world)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_build_table_with_gaps_and_arbitrary_first_blocks(world):
+    # spans need not tile the bucket (uncompressed parameters sit between them) and their
+    # model-wide block numbers need not start at 0
+    block = 32
+    r = rng("gaps", world)
+    spans, off, first = [], r.randint(0, 50), r.randint(0, 1000)
+    for _ in range(15):
+        n = r.choice([1, 31, 32, 33, r.randint(1, 400)])
+        spans.append(layout.Span(off, n, first, r.randrange(1, 1 << 30) * 8 if r.random() < 0.5 else 0))
+        off += n + r.randint(0, 40)
+        first += layout.num_blocks(n, block) + r.randint(0, 5)
+    check_table(layout.build_table(spans, block, world), spans, block, world)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_empty_and_zero_size_spans(world):
+    for spans in ([], [layout.Span(0, 0, 0)], [layout.Span(0, 0, 0, 4096), layout.Span(0, 0, 0)]):
+        bt = layout.build_table(spans, 256, world)
+        assert bt.slots == 0 and tuple(bt.table.shape) == (0, 3) and bt.numel == 0
+        for r in range(world):
+            assert tuple(bt.rows_of(r).shape) == (0, 3)
+    bt = layout.build_table([layout.Span(0, 0, 0), layout.Span(0, 1, 0, 64)], 256, world)
+    check_table(bt, [layout.Span(0, 0, 0), layout.Span(0, 1, 0, 64)], 256, world)
+    assert bt.slots == 1 and bt.table[0].tolist() == [0, 1, 64]
+
+
+def test_slots_is_max_owner_count():
+    # 10 blocks over 4 ranks: owners 0..3,0..3,0,1 → counts 3,3,2,2 → 3 slots, ranks 2, 3 pad one
+    bt = layout.build_table(layout.contiguous_spans([10 * 32], 32), 32, 4)
+    assert bt.slots == 3
+    assert bt.table[:, 1].view(4, 3).tolist() == [[32] * 3, [32] * 3, [32, 32, 0], [32, 32, 0]]
+    assert bt.table[:, 0].view(4, 3).tolist() == [[0, 128, 256], [32, 160, 288], [64, 192, 0], [96, 224, 0]]
+
+
+def test_residual_addresses_advance_by_block_bytes():
+    bt = layout.build_table([layout.Span(0, 100, 0, 1 << 20)], 32, 1)
+    assert bt.table[:, 2].tolist() == [(1 << 20) + 128 * j for j in range(4)]
+    assert bt.table[:, 1].tolist() == [32, 32, 32, 4]
+
+
+def test_bad_world_size():
+    with pytest.raises(ValueError, match="gradcomp"):
+        layout.build_table(layout.contiguous_spans([100], 32), 32, 0)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("block", [32, 256])
+def test_relayout_keeps_owners(world, block):
+    """DESIGN rule 3: a parameter's block j goes to the same rank whatever bucket it lies in
+    and wherever in it. One model, laid out in one bucket, then again in shuffled buckets."""
+    r = rng("relayout", world, block)
+    numels = random_numels(r, block, 14)
+    model = layout.contiguous_spans(numels, block)  # first_block = model-wide block index
+
+    def owners(spans_by_param: dict) -> dict:
+        """(parameter, block j) → owner rank, read back from a table's rows."""
+        out = {}
+        spans = list(spans_by_param.items())
+        bt = layout.build_table([s for _, s in spans], block, world)
+        offset_to = {}
+        for p, s in spans:
+            for j in range(layout.num_blocks(s.numel, block)):
+                offset_to[s.offset + j * block] = (p, j)
+        for row, (off, ln, _) in enumerate(bt.table.tolist()):
+            if ln:
+                out[offset_to[off]] = row // bt.slots
+        return out
+
+    one_bucket = owners(dict(enumerate(model)))
+    # re-layout: parameters in reverse and shuffled order, split over 3 buckets, new offsets
+    order = list(range(len(numels)))
+    r.shuffle(order)
+    relaid = {}
+    for bucket in (order[:5], order[5:9], order[9:]):
+        spans, off = {}, 0
+        for p in bucket:
+            spans[p] = layout.Span(off, numels[p], model[p].first_block)
+            off += numels[p]
+        relaid.update(owners(spans))
+    assert relaid == one_bucket
+    assert set(one_bucket) == {(p, j) for p, n in enumerate(numels) for j in range(layout.num_blocks(n, block))}
+    for (p, j), o in one_bucket.items():
+        assert o == (model[p].first_block + j) % world

@@ -1,0 +1,690 @@
+"""The three int8 passes (ops.quant_encode / quant_reduce / quant_decode) on CPU, held bit for
+bit to the pure-torch reference (tests/reference.py).
+
+The main tool is a W-rank compressed all-reduce simulated in one process: every rank builds
+its block table (same layout, its own residual addresses), encodes its bucket, receives
+shard ``w`` of every rank's payload, reduces its slots, and all ranks decode the
+concatenation of the W reduced slices.
+"""
+
+from __future__ import annotations
+
+import types
+import zlib
+
+import pytest
+import torch
+from gradcomp import layout, ops
+from reference import block_quantize, compressed_mean, encode_ef
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BLOCKS = [32, 256, 4096]
+WORLDS = [1, 2, 3, 4]
+HEADER = 16
+
+
+# ------------------------------------------------------------------------------ helpers
+def gen(*key) -> torch.Generator:
+    """A generator seeded from the test's parametrization: fresh data per case, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bit-exact equality; NaNs compare by position only (their payload may differ)."""
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    gn, wn = got.isnan(), want.isnan()
+    bad = (gn != wn) | (~gn & ~wn & (_bits(got) != _bits(want)))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {i}: "
+                             f"got {got[i].item()!r}, want {want[i].item()!r}")
+
+
+def split_shard(shard: torch.Tensor, slots: int, block: int):
+    """A [SB] uint8 shard → (flag word, the 12 other header bytes, scales [S], scale padding
+    bytes, codes [S, B] int8)."""
+    assert shard.numel() == ops.shard_bytes(slots, block)
+    codes_off = HEADER + -(-4 * slots // 16) * 16
+    flag = int(shard[:4].clone().view(torch.int32)[0])
+    scales = shard[HEADER : HEADER + 4 * slots].clone().view(torch.float32)
+    codes = shard[codes_off:].clone().view(torch.int8).view(slots, block)
+    return flag, shard[4:HEADER], scales, shard[HEADER + 4 * slots : codes_off], codes
+
+
+def param_slices(numels, block, world):
+    """(offset, numel, owners [nb]) of each parameter of a contiguous bucket."""
+    out, off, first = [], 0, 0
+    for n in numels:
+        nb = layout.num_blocks(n, block)
+        out.append((off, n, (first + torch.arange(nb)) % world))
+        off += n
+        first += nb
+    return out
+
+
+def exchange(xs, numels, block, world, residuals=None):
+    """Simulated compressed all-reduce. xs[w]: rank w's bucket; residuals[w]: rank w's list of
+    per-parameter float32 residuals (updated in place), or None for no error feedback."""
+    tables = []
+    for w in range(world):
+        addrs = [r.data_ptr() for r in residuals[w]] if residuals is not None else None
+        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world))
+    for t in tables[1:]:  # every rank lays the bucket out the same way
+        assert torch.equal(t.table[:, :2], tables[0].table[:, :2])
+    S, sb = tables[0].slots, tables[0].shard_bytes()
+
+    def snap():
+        return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
+
+    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block) for w in range(world)]
+    res_enc = snap()
+    recvs = [torch.cat([sends[src][w * sb : (w + 1) * sb] for src in range(world)]) for w in range(world)]
+    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block) for w in range(world)]
+    res_red = snap()
+    gathered = torch.cat(slices)
+    outs = [ops.quant_decode(gathered, tables[w].table, world, S, block, torch.full_like(xs[w], 1234.0))
+            for w in range(world)]
+    return types.SimpleNamespace(tables=tables, slots=S, sb=sb, sends=sends, recvs=recvs, slices=slices,
+                                 gathered=gathered, outs=outs, res_enc=res_enc, res_red=res_red)
+
+
+def oracle(xs_p, res_p, block, world, owners):
+    """Reference pieces of one parameter's all-reduce, built from reference.encode_ef and
+    block_quantize: stage-1 (scales, codes, residual, nonfinite) per rank, the average, its
+    stage-2 (scales, codes, nonfinite) and the residuals after the reduce (the second
+    encoding's error times W into the owner's residual, for finite blocks only)."""
+    n = xs_p[0].numel()
+    stage1 = [encode_ef(x, r, block) for x, r in zip(xs_p, res_p)]
+    total = torch.zeros(n, dtype=torch.float32)
+    for scales, codes, _, _ in stage1:  # rank order
+        total = total + (codes.float() * scales[:, None]).reshape(-1)[:n]
+    mean = total / torch.tensor(float(world))
+    scales2, codes2, deq2, nonfinite2 = block_quantize(mean, block)
+    res_after = [s[2] for s in stage1]
+    if res_p[0] is not None:
+        err = mean - deq2
+        elem_owner = owners.repeat_interleave(block)[:n]
+        finite = (~nonfinite2).repeat_interleave(block)[:n]
+        res_after = [torch.where((elem_owner == r) & finite, res_after[r] + torch.tensor(float(world)) * err,
+                                 res_after[r]) for r in range(world)]
+    return types.SimpleNamespace(stage1=stage1, mean=mean, scales2=scales2, codes2=codes2,
+                                 nonfinite2=nonfinite2, res_after=res_after)
+
+
+def row_index(table: torch.Tensor) -> dict:
+    """Element offset of a block → its table row (padding rows excluded)."""
+    return {int(o): i for i, (o, ln) in enumerate(table[:, :2].tolist()) if ln > 0}
+
+
+def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype):
+    """Everything bit for bit: payloads, slices, residuals after each pass, decoded output.
+
+    The output and residuals are reference.compressed_mean's. Two bucket-level facts it does
+    not model are taken from the per-block reference pieces instead: the non-finite flag
+    covers the whole bucket (a non-finite block in any parameter makes every compressed
+    element NaN), and in a parameter with a non-finite reduced block the other blocks keep
+    their normal residual update (compressed_mean computes their error from the NaN-filled
+    output and would make those residuals NaN, against DESIGN rule 8)."""
+    rows = row_index(ex.tables[0].table)
+    S = ex.slots
+    for w in range(world):  # every rank decodes the same bits
+        assert_bits_equal(ex.outs[w], ex.outs[0], f"rank {w} output vs rank 0")
+    send_parts = [[split_shard(ex.sends[w][o * ex.sb : (o + 1) * ex.sb], S, block) for o in range(world)]
+                  for w in range(world)]
+    slice_parts = [split_shard(s, S, block) for s in ex.slices]
+    params = [p for p in enumerate(param_slices(numels, block, world)) if p[1][1] > 0]
+    expected = {}
+    for p, (off, n, owners) in params:
+        xs_p = [x[off : off + n] for x in xs]
+        res_p = [rr[p] for rr in residuals_before] if residuals_before is not None else [None] * world
+        orc = oracle(xs_p, res_p, block, world, owners)
+        mean, new_res = compressed_mean(xs_p, res_p, block, owners)
+        if not orc.nonfinite2.any():
+            assert all(torch.equal(a, b) for a, b in zip(orc.res_after, new_res) if a is not None)
+        expected[p] = (orc, mean)
+    flagged = any(bool(orc.nonfinite2.any()) for orc, _ in expected.values())
+    for o in range(world):
+        want_flag = any(bool(orc.nonfinite2[owners == o].any()) for p, (_, _, owners) in params
+                        for orc in (expected[p][0],))
+        assert slice_parts[o][0] == int(want_flag), f"flag of rank {o}'s reduced slice"
+    for p, (off, n, owners) in params:
+        orc, mean = expected[p]
+        want_out = torch.full_like(mean, float("nan")) if flagged else mean
+        for w in range(world):
+            assert_bits_equal(ex.outs[w][off : off + n], want_out.to(dtype), f"param {p} output on rank {w}")
+            if residuals_before is not None:
+                assert_bits_equal(ex.res_enc[w][p], orc.stage1[w][2], f"param {p} residual of rank {w} after encode")
+                assert_bits_equal(ex.res_red[w][p], orc.res_after[w], f"param {p} residual of rank {w} after reduce")
+        for j in range(owners.numel()):
+            row = rows[off + j * block]
+            o, s = divmod(row, S)
+            assert o == int(owners[j])
+            ln = min(block, n - j * block)
+            for w in range(world):
+                _, _, scales, _, codes = send_parts[w][o]
+                assert_bits_equal(scales[s], orc.stage1[w][0][j], f"param {p} block {j} scale from rank {w}")
+                assert torch.equal(codes[s], orc.stage1[w][1][j]), f"param {p} block {j} codes from rank {w}"
+                assert not codes[s, ln:].any()
+            _, _, scales, _, codes = slice_parts[o]
+            assert_bits_equal(scales[s], orc.scales2[j], f"param {p} block {j} reduced scale")
+            assert torch.equal(codes[s], orc.codes2[j]), f"param {p} block {j} reduced codes"
+
+
+def rand_residuals(numels, world, g, scale=0.01):
+    return [[torch.randn(n, generator=g) * scale for n in numels] for _ in range(world)]
+
+
+def clone_res(residuals):
+    return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
+
+
+# ------------------------------------------------------------------------------ bit-exactness
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("world", WORLDS)
+def test_matches_reference(world, dtype, block, ef):
+    # sizes: several blocks plus a tail, one element, exactly one block, one short of two
+    # blocks, an empty parameter, a short one; 9 blocks in all (not a multiple of 2, 3 or 4)
+    numels = [3 * block + 7, 1, block, 2 * block - 1, 0, 13]
+    mags = [1.0, 3.0, 1e-3, 100.0, 1.0, 1e4]
+    g = gen("reference", world, str(dtype), block, ef)
+    xs = [torch.cat([torch.randn(n, generator=g) * m for n, m in zip(numels, mags)]).to(dtype)
+          for _ in range(world)]
+    residuals = rand_residuals(numels, world, g) if ef else None
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    check_against_reference(ex, xs, before, numels, block, world, dtype)
+    assert torch.isfinite(ex.outs[0]).all()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_empty_parameter_list(world):
+    block = 256
+    xs = [torch.randn(0, generator=gen("empty", world)) for _ in range(world)]
+    ex = exchange(xs, [], block, world, [[] for _ in range(world)])
+    assert ex.slots == 0 and ex.sb == HEADER
+    for w in range(world):
+        assert ex.sends[w].numel() == world * HEADER and not ex.sends[w].any()
+        assert ex.slices[w].numel() == HEADER and not ex.slices[w].any()
+        assert ex.outs[w].numel() == 0
+    # an empty table leaves a bucket of uncompressed elements alone
+    table = layout.build_table([], block, world)
+    bucket = torch.randn(5, generator=gen("empty-bucket", world))
+    keep = bucket.clone()
+    ops.quant_decode(torch.zeros(world * HEADER, dtype=torch.uint8), table.table, world, 0, block, bucket)
+    assert torch.equal(bucket, keep)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_element_parameter(world, dtype):
+    block = 32
+    g = gen("one", world, str(dtype))
+    xs = [(torch.randn(1, generator=g) * 5).to(dtype) for _ in range(world)]
+    residuals = rand_residuals([1], world, g)
+    before = clone_res(residuals)
+    ex = exchange(xs, [1], block, world, residuals)
+    assert ex.slots == 1
+    check_against_reference(ex, xs, before, [1], block, world, dtype)
+    # a lone value is its block's absmax: it goes through stage 1 exactly (code ±127)
+    for w in range(world):
+        *_, codes = split_shard(ex.sends[w][: ex.sb], 1, block)
+        assert abs(int(codes[0, 0])) == 127 and not codes[0, 1:].any()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+def test_all_zeros(world, dtype, ef):
+    block = 32
+    numels = [100, 1, 64]
+    xs = [torch.zeros(165, dtype=dtype) for _ in range(world)]
+    residuals = [[torch.zeros(n) for n in numels] for _ in range(world)] if ef else None
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    check_against_reference(ex, xs, before, numels, block, world, dtype)
+    for w in range(world):
+        assert not ex.sends[w].any(), "zeros must encode to an all-zero payload"
+        assert not ex.slices[w].any()
+        assert not _bits(ex.outs[w]).any(), "output must be exactly +0"
+        if ef:
+            assert all(not _bits(r).any() for r in ex.res_red[w])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_magnitudes(world, dtype):
+    # |x| <= 1e38: a sum of up to 3 ranks (< 3.4e38) stays finite, so must the mean
+    block = 256
+    numels = [1000, 300, 1]
+    g = gen("huge", world, str(dtype))
+    xs = []
+    for _ in range(world):
+        x = (torch.rand(1301, generator=g) * 2 - 1) * 1e38
+        x[::97] = 1e38 * torch.sign(torch.randn(x[::97].shape, generator=g))
+        xs.append(x.to(dtype))
+    residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    check_against_reference(ex, xs, before, numels, block, world, dtype)
+    assert torch.isfinite(ex.outs[0]).all(), "finite huge inputs overflowed"
+    for w in range(world):
+        assert all(torch.isfinite(r).all() for r in ex.res_red[w])
+    exact = torch.stack([x.double() for x in xs]).mean(0)
+    rel = float((ex.outs[0].double() - exact).abs().max() / exact.abs().max())
+    assert rel < 4 / 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_huge_four_ranks_matches_reference(dtype):
+    # a 4-rank sum of values up to 1e38 can overflow before the division by W; whatever
+    # happens must be what the reference does
+    world, block = 4, 256
+    numels = [700, 5]
+    g = gen("huge4", str(dtype))
+    xs = [((torch.rand(705, generator=g) * 2 - 1) * 1e38).to(dtype) for _ in range(world)]
+    residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    check_against_reference(ex, xs, before, numels, block, world, dtype)
+
+
+def test_float_max_stays_finite():
+    # The largest finite float is a legal gradient value. Its block's scale is
+    # fl(FLT_MAX / 127) and 127 * scale rounds past FLT_MAX: the dequantized value must not
+    # become Inf (that would poison the residual with -Inf and turn a finite input into NaN).
+    fmax = torch.finfo(torch.float32).max
+    block = 32
+    x = torch.tensor([fmax, 1.0, -fmax / 3, 0.5])
+    residuals = [[torch.zeros(4)]]
+    ex = exchange([x], [4], block, 1, residuals)
+    assert torch.isfinite(residuals[0][0]).all(), f"residual after a FLT_MAX input: {residuals[0][0].tolist()}"
+    assert torch.isfinite(ex.outs[0]).all(), f"decoded FLT_MAX input: {ex.outs[0].tolist()}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiny_and_subnormal_magnitudes(world, dtype):
+    # 1e-36: normal scale; 4e-37 / 1e-37: qmax/absmax still finite, scale subnormal;
+    # 1e-38, 1e-40, 1e-45: qmax/absmax overflows, scale 0, codes 0, error feedback keeps all
+    block = 32
+    mags = [1e-36, 4e-37, 1e-37, 1e-38, 1e-40, 1e-45]
+    numels = [70, 40, 33, 64, 50, 10]
+    g = gen("tiny", world, str(dtype))
+    xs = [torch.cat([torch.randn(n, generator=g).clamp(-1, 1) * m for n, m in zip(numels, mags)]).to(dtype)
+          for _ in range(world)]
+    residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    check_against_reference(ex, xs, before, numels, block, world, dtype)
+    for p, (off, n, _) in enumerate(param_slices(numels, block, world)):
+        if mags[p] > 1e-38:
+            continue
+        assert not _bits(ex.outs[0][off : off + n]).any(), f"param {p}: underflowed blocks must decode to +0"
+        for w in range(world):  # nothing was sent: the residual holds the whole value
+            a = xs[w][off : off + n].float() + before[w][p]
+            assert_bits_equal(ex.res_enc[w][p], a, f"param {p} residual of rank {w} after encode")
+            assert_bits_equal(ex.res_red[w][p], a, f"param {p} residual of rank {w} after reduce")
+
+
+def test_subnormal_residual_accumulates_until_sent():
+    # error feedback keeps a value too small to quantize and sends it once it has grown
+    block, n = 32, 32
+    x = torch.full((n,), 1e-38)
+    x[::2] = -1e-38
+    res = [[torch.zeros(n)]]
+    total = torch.zeros(n, dtype=torch.float64)
+    for step in range(1, 81):
+        out = exchange([x], [n], block, 1, res).outs[0]
+        total += out.double()
+        # running sum of outputs + residual == running sum of inputs (float tolerance)
+        assert torch.allclose(total + res[0][0].double(), step * x.double(), rtol=1e-5, atol=1e-44)
+    assert total.abs().min() > 0, "the accumulated tiny value was never sent"
+
+
+# ------------------------------------------------------------------------------ non-finite
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+@pytest.mark.parametrize("kind", ["nan", "-nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("world", WORLDS)
+def test_nonfinite_flags_whole_bucket(world, dtype, kind, ef):
+    block = 32
+    numels = [5 * block + 3, 1, 2 * block]
+    n = sum(numels)
+    g = gen("nonfinite", world, str(dtype), kind, ef)
+    xs = [torch.randn(n, generator=g).to(dtype) for _ in range(world)]
+    bad_rank = world - 1
+    bad_block = 2  # of parameter 0: a middle block; the bad value sits mid-block, a larger
+    bad_elem = bad_block * block + block // 2  # finite value after it (fmaxf would drop the NaN)
+    if kind == "-nan":  # a NaN with the sign bit set, written as bits
+        neg_nan = {torch.float32: -0x400000, torch.float16: -0x200, torch.bfloat16: -0x40}[dtype]
+        _bits(xs[bad_rank])[bad_elem] = neg_nan
+        assert xs[bad_rank][bad_elem].isnan() and _bits(xs[bad_rank])[bad_elem] < 0
+    else:
+        xs[bad_rank][bad_elem] = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf")}[kind]
+    xs[bad_rank][bad_elem + 3] = 50.0
+    residuals = rand_residuals(numels, world, g) if ef else None
+    before = clone_res(residuals)
+    ex = exchange(xs, numels, block, world, residuals)
+    S, sb = ex.slots, ex.sb
+    owner = bad_block % world
+
+    for w in range(world):
+        assert ex.outs[w].isnan().all(), f"rank {w}: {int((~ex.outs[w].isnan()).sum())} elements not NaN"
+    for w in range(world):
+        for o in range(world):
+            flag, rest, *_ = split_shard(ex.sends[w][o * sb : (o + 1) * sb], S, block)
+            assert flag == int(w == bad_rank and o == owner), f"flag of shard {o} sent by rank {w}"
+            assert not rest.any()
+        flag, rest, *_ = split_shard(ex.slices[w], S, block)
+        assert flag == int(w == owner), f"flag of rank {w}'s reduced slice"
+        assert not rest.any()
+    if not ef:
+        return
+    for snap in (ex.res_enc, ex.res_red):
+        for w in range(world):
+            for p, r in enumerate(snap[w]):
+                assert torch.isfinite(r).all(), f"rank {w} param {p}: non-finite residual"
+    # the poisoned block on the bad rank keeps its old residual, cleared where a is not finite
+    sl = slice(bad_block * block, (bad_block + 1) * block)
+    old = before[bad_rank][0][sl]
+    a = xs[bad_rank][sl].float() + old
+    want = torch.where(torch.isfinite(a), old, torch.zeros_like(old))
+    assert_bits_equal(ex.res_enc[bad_rank][0][sl], want, "poisoned block's residual after encode")
+    assert_bits_equal(ex.res_red[bad_rank][0][sl], want, "poisoned block's residual after reduce")
+    # every residual, bit for bit (reference pieces; finite blocks keep their normal update)
+    for p, (off, cnt, owners) in enumerate(param_slices(numels, block, world)):
+        orc = oracle([x[off : off + cnt] for x in xs], [rr[p] for rr in before], block, world, owners)
+        assert orc.nonfinite2.tolist() == [p == 0 and j == bad_block for j in range(owners.numel())]
+        for w in range(world):
+            assert_bits_equal(ex.res_enc[w][p], orc.stage1[w][2], f"param {p} residual of rank {w} after encode")
+            assert_bits_equal(ex.res_red[w][p], orc.res_after[w], f"param {p} residual of rank {w} after reduce")
+
+
+def test_nonfinite_outside_the_table_is_ignored():
+    # elements no span names (an uncompressed lane) are neither read nor written
+    block, world = 32, 2
+    spans = [layout.Span(3, 100, 0), layout.Span(110, 50, 4)]
+    table = layout.build_table(spans, block, world)
+    S, sb = table.slots, table.shard_bytes()
+    g = gen("gaps")
+    xs = [torch.randn(170, generator=g) for _ in range(world)]
+    gaps = torch.ones(170, dtype=torch.bool)
+    gaps[3:103] = False
+    gaps[110:160] = False
+    for x in xs:
+        x[gaps] = float("nan")
+    sends = [ops.quant_encode(x, table.table, world, S, block) for x in xs]
+    recvs = [torch.cat([s[w * sb : (w + 1) * sb] for s in sends]) for w in range(world)]
+    gathered = torch.cat([ops.quant_reduce(recvs[w], table.rows_of(w), world, S, block) for w in range(world)])
+    for w in range(world):
+        assert split_shard(gathered[w * sb : (w + 1) * sb], S, block)[0] == 0
+    out = torch.randn(170, generator=g)
+    keep = out.clone()
+    ops.quant_decode(gathered, table.table, world, S, block, out)
+    assert torch.equal(out[gaps], keep[gaps]), "decode wrote outside the table"
+    for off, n in ((3, 100), (110, 50)):
+        owners = torch.tensor([0, 1, 0, 1]) if off == 3 else torch.tensor([0, 1])
+        mean, _ = compressed_mean([x[off : off + n] for x in xs], [None] * world, block, owners)
+        assert_bits_equal(out[off : off + n], mean, f"span at {off}")
+
+
+# ------------------------------------------------------------------------------ payload format
+@pytest.mark.parametrize("block", ops.BLOCK_SIZES)
+def test_shard_bytes_formula(block):
+    for slots in (0, 1, 2, 3, 4, 5, 7, 8, 100, 1001):
+        want = 16 + -(-4 * slots // 16) * 16 + slots * block
+        assert ops.shard_bytes(slots, block) == want, (slots, block)
+        numels = [block * slots]
+        if slots:
+            assert layout.build_table(layout.contiguous_spans(numels, block), block, 1).shard_bytes() == want
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_payload_size_depends_on_sizes_only(world):
+    block = 256
+    numels = [1000, 1, 513]
+    g = gen("size", world)
+    datasets = [
+        [torch.randn(1514, generator=g) for _ in range(world)],
+        [torch.randn(1514, generator=g) * 1e30 for _ in range(world)],
+        [torch.zeros(1514) for _ in range(world)],
+        [torch.full((1514,), float("nan")) for _ in range(world)],
+    ]
+    sizes = set()
+    for xs in datasets:
+        ex = exchange(xs, numels, block, world, rand_residuals(numels, world, g))
+        sizes.add((tuple(s.numel() for s in ex.sends), tuple(s.numel() for s in ex.slices)))
+    assert len(sizes) == 1
+    ((send_sizes, slice_sizes),) = sizes
+    nb = 4 + 1 + 3
+    slots = -(-nb // world)
+    sb = 16 + -(-4 * slots // 16) * 16 + slots * block
+    assert send_sizes == (world * sb,) * world and slice_sizes == (sb,) * world
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("block", [32, 256])
+def test_unused_bytes_and_padding_slots_are_zero(block, nonfinite):
+    # 4 blocks over 3 ranks: owners 0, 1, 2, 0 -> 2 slots; ranks 1 and 2 have a padding slot,
+    # 8 bytes of scales padded to 16, and the last block is short (3 missing values)
+    world = 3
+    n = 4 * block - 3
+    table = layout.build_table(layout.contiguous_spans([n], block), block, world)
+    S, sb = table.slots, table.shard_bytes()
+    assert S == 2
+    assert table.table[2:, 1].tolist() == [block, 0, block, 0]  # rank 1's and rank 2's padding rows
+    x = torch.randn(n, generator=gen("padding", block, nonfinite)) * 3
+    if nonfinite:
+        x[5] = float("nan")
+    send = torch.full((world * sb,), 0xAB, dtype=torch.uint8)  # garbage: every byte must be written
+    assert ops.quant_encode(x, table.table, world, S, block, out=send) is send
+    for o in range(world):
+        flag, rest, scales, scale_pad, codes = split_shard(send[o * sb : (o + 1) * sb], S, block)
+        assert flag == int(nonfinite and o == 0)
+        assert not rest.any() and not scale_pad.any() and scale_pad.numel() == 8
+        if o > 0:
+            assert _bits(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of shard {o}"
+    _, _, _, _, codes0 = split_shard(send[:sb], S, block)
+    assert not codes0[1, block - 3 :].any(), "codes past the end of the short last block"
+    for w in range(world):
+        recv = torch.cat([send[w * sb : (w + 1) * sb]] * world)
+        out = torch.full((sb,), 0xCD, dtype=torch.uint8)
+        assert ops.quant_reduce(recv, table.rows_of(w), world, S, block, out=out) is out
+        flag, rest, scales, scale_pad, codes = split_shard(out, S, block)
+        assert flag == int(nonfinite and w == 0)
+        assert not rest.any() and not scale_pad.any()
+        if w > 0:
+            assert _bits(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of slice {w}"
+        else:
+            assert not codes[1, block - 3 :].any()
+
+
+def test_results_do_not_depend_on_thread_count():
+    block, world = 32, 2
+    numels = [5000, 77]
+    g = gen("threads")
+    xs = [torch.randn(5077, generator=g) for _ in range(world)]
+    xs[1][4000] = float("nan")
+    res0 = rand_residuals(numels, world, g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 4):
+            torch.set_num_threads(t)
+            res = clone_res(res0)
+            ex = exchange(xs, numels, block, world, res)
+            results.append((ex.sends, ex.slices, res))
+    finally:
+        torch.set_num_threads(threads)
+    for sends, slices, res in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(sends, results[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(slices, results[0][1]))
+        assert all(torch.equal(a, b) for ra, rb in zip(res, results[0][2]) for a, b in zip(ra, rb))
+
+
+# ------------------------------------------------------------------------------ errors
+@pytest.fixture
+def args():
+    block, world = 32, 2
+    table = layout.build_table(layout.contiguous_spans([100], block), block, world)
+    S, sb = table.slots, table.shard_bytes()
+    return types.SimpleNamespace(block=block, world=world, S=S, sb=sb, table=table.table, rows=table.rows_of(0),
+                                 bucket=torch.randn(100), payload=torch.zeros(world * sb, dtype=torch.uint8))
+
+
+def _enc(a, **kw):
+    p = dict(bucket=a.bucket, table=a.table, world=a.world, slots=a.S, block=a.block)
+    p.update(kw)
+    return lambda: ops.quant_encode(**p)
+
+
+def _red(a, **kw):
+    p = dict(recv=a.payload, my_rows=a.rows, world=a.world, slots=a.S, block=a.block)
+    p.update(kw)
+    return lambda: ops.quant_reduce(**p)
+
+
+def _dec(a, **kw):
+    p = dict(gathered=a.payload, table=a.table, world=a.world, slots=a.S, block=a.block, bucket=a.bucket)
+    p.update(kw)
+    return lambda: ops.quant_decode(**p)
+
+
+BAD_CALLS = {
+    "encode float64 bucket": (TypeError, lambda a: _enc(a, bucket=a.bucket.double())),
+    "encode int32 bucket": (TypeError, lambda a: _enc(a, bucket=torch.zeros(100, dtype=torch.int32))),
+    "encode list bucket": (TypeError, lambda a: _enc(a, bucket=[0.0] * 100)),
+    "encode int32 table": (TypeError, lambda a: _enc(a, table=a.table.int())),
+    "encode non-contiguous bucket": (ValueError, lambda a: _enc(a, bucket=torch.randn(200)[::2])),
+    "encode 2-D bucket": (ValueError, lambda a: _enc(a, bucket=a.bucket.view(10, 10))),
+    "encode short table": (ValueError, lambda a: _enc(a, table=a.table[:-1].contiguous())),
+    "encode transposed table": (ValueError, lambda a: _enc(a, table=a.table.t().contiguous())),
+    "encode non-contiguous table": (ValueError, lambda a: _enc(a, table=a.table.t().contiguous().t())),
+    "encode table for another world": (ValueError, lambda a: _enc(a, world=3)),
+    "encode out too small": (ValueError, lambda a: _enc(a, out=a.payload[:-1])),
+    "encode out too large": (ValueError, lambda a: _enc(a, out=torch.zeros(a.world * a.sb + 16, dtype=torch.uint8))),
+    "encode out float": (TypeError, lambda a: _enc(a, out=torch.zeros(a.world * a.sb // 4))),
+    "encode block 48": (ValueError, lambda a: _enc(a, block=48)),
+    "encode block 16": (ValueError, lambda a: _enc(a, block=16)),
+    "encode block 8192": (ValueError, lambda a: _enc(a, block=8192)),
+    "encode bits 4": (ValueError, lambda a: _enc(a, bits=4)),
+    "reduce recv too small": (ValueError, lambda a: _red(a, recv=a.payload[:-1])),
+    "reduce float recv": (TypeError, lambda a: _red(a, recv=torch.zeros(a.world * a.sb // 4))),
+    "reduce whole table as rows": (ValueError, lambda a: _red(a, my_rows=a.table)),
+    "reduce int32 rows": (TypeError, lambda a: _red(a, my_rows=a.rows.int())),
+    "reduce out wrong size": (ValueError, lambda a: _red(a, out=torch.zeros(a.sb - 1, dtype=torch.uint8))),
+    "reduce block 48": (ValueError, lambda a: _red(a, block=48)),
+    "reduce block 8192": (ValueError, lambda a: _red(a, block=8192)),
+    "reduce bits 16": (ValueError, lambda a: _red(a, bits=16)),
+    "decode float64 bucket": (TypeError, lambda a: _dec(a, bucket=a.bucket.double())),
+    "decode 2-D bucket": (ValueError, lambda a: _dec(a, bucket=a.bucket.view(10, 10))),
+    "decode non-contiguous bucket": (ValueError, lambda a: _dec(a, bucket=torch.randn(200)[::2])),
+    "decode gathered too large": (ValueError, lambda a: _dec(a, gathered=torch.zeros(a.world * a.sb + 1,
+                                                                                     dtype=torch.uint8))),
+    "decode int32 table": (TypeError, lambda a: _dec(a, table=a.table.int())),
+    "decode short table": (ValueError, lambda a: _dec(a, table=a.table[1:].contiguous())),
+    "decode block 16": (ValueError, lambda a: _dec(a, block=16)),
+    "decode bits 4": (ValueError, lambda a: _dec(a, bits=4)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_arguments_raise_clear_errors(args, case):
+    exc, make = BAD_CALLS[case]
+    before = args.bucket.clone()
+    with pytest.raises(exc, match="gradcomp"):
+        make(args)()
+    assert torch.equal(args.bucket, before)
+
+
+# ------------------------------------------------------------------------------ error feedback
+def _ef_run(world, steps, ef, seed_key):
+    block = 256
+    numels = [1500, 700, 1]
+    n = sum(numels)
+    g = gen(*seed_key)
+    grads = [torch.randn(n, generator=g) * (1 + 9 * torch.rand(n, generator=g)) for _ in range(world)]
+    res = [[torch.zeros(k) for k in numels] for _ in range(world)] if ef else None
+    exact = torch.stack([x.double() for x in grads]).mean(0)
+    total = torch.zeros(n, dtype=torch.float64)
+    G = max(float(x.abs().max()) for x in grads)
+    history = []
+    for step in range(1, steps + 1):
+        ex = exchange(grads, numels, block, world, res)
+        for w in range(1, world):
+            assert torch.equal(ex.outs[w], ex.outs[0])
+        total += ex.outs[0].double()
+        drift = total - step * exact
+        history.append((step, drift, None if res is None else torch.cat([torch.cat(r) for r in res])))
+    return G, history
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_error_feedback_keeps_running_sum_on_track(world):
+    steps = 200
+    G, history = _ef_run(world, steps, True, ("ef", world))
+    # |residual| <= E: stage 1 leaves <= absmax/254, stage 2 adds W * <= absmax/254, on values
+    # bounded by G + E; the drift -(1/W) sum_r e_r is then <= 2 (G + E) / 254 (+ rounding)
+    E = (1 + world) * G / (254 - 1 - world)
+    bound = 2 * (G + E) / 254 * 1.01
+    eps = torch.finfo(torch.float32).eps
+    norms = []
+    for step, drift, res_flat in history:
+        ident = -res_flat.double().view(world, -1).sum(0) / world
+        tol = step * 2 * eps * G
+        err = float((drift - ident).abs().max())
+        assert err <= tol, f"step {step}: running-sum identity off by {err} (tol {tol})"
+        assert float(drift.abs().max()) <= bound, f"step {step}: drift {float(drift.abs().max())} > {bound}"
+        assert float(res_flat.abs().max()) <= E * 1.01
+        norms.append(float(drift.norm()))
+    # no growth: the last 50 steps drift no more than the first 50 (give or take)
+    assert max(norms[-50:]) <= 1.5 * max(norms[:50])
+
+
+def test_without_error_feedback_drift_grows():
+    # the same loop without error feedback repeats the same bias every step: the bound above fails
+    world, steps = 2, 200
+    G, history = _ef_run(world, steps, False, ("no-ef", world))
+    E = (1 + world) * G / (254 - 1 - world)
+    bound = 2 * (G + E) / 254 * 1.01
+    first, last = history[0][1], history[-1][1]
+    assert torch.allclose(last, steps * first, rtol=1e-6, atol=1e-9)
+    assert float(last.abs().max()) > 10 * bound
+
+
+# ------------------------------------------------------------------------------ accuracy
+@pytest.mark.parametrize("block", [32, 256])
+@pytest.mark.parametrize("world", WORLDS)
+def test_accuracy_against_exact_mean(world, block):
+    # per element: stage 1 errs by <= scale_r / 2 = absmax_r / 254 on each rank (so the average
+    # by <= mean_r absmax_r / 254); stage 2 by <= absmax(stage-1 mean) / 254
+    numels = [20000, 333, 1]
+    n = sum(numels)
+    g = gen("accuracy", world, block)
+    xs = [torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g)) for _ in range(world)]
+    ex = exchange(xs, numels, block, world, None)
+    got = ex.outs[0].double()
+    exact = torch.stack([x.double() for x in xs]).mean(0)
+    rel_max = 0.0
+    for off, cnt, _ in param_slices(numels, block, world):
+        nb = layout.num_blocks(cnt, block)
+
+        def absmax_blocks(v, cnt=cnt, nb=nb):
+            padded = torch.zeros(nb * block, dtype=torch.float64)
+            padded[:cnt] = v.abs()
+            return padded.view(nb, block).amax(1)
+
+        e1 = sum(absmax_blocks(x[off : off + cnt].double()) for x in xs) / world / 254
+        e2 = (absmax_blocks(exact[off : off + cnt]) + e1) / 254
+        bound = ((e1 + e2) * (1 + 1e-5) + 1e-30).repeat_interleave(block)[:cnt]
+        err = (got[off : off + cnt] - exact[off : off + cnt]).abs()
+        assert (err <= bound).all(), f"error {float((err / bound).max())} x the bound"
+        rel_max = max(rel_max, float((err / bound).max()))
+    assert rel_max > 0.05  # the bound is not vacuous: errors come within reach of it

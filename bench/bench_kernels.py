@@ -228,7 +228,7 @@ def torch_reduce(recv_scales, recv_codes, r_mine, W, qmax, world_t, out_scales, 
     s = recv_codes[0] * recv_scales[0].unsqueeze(1)
     for w in range(1, W):  # rank order
         s += recv_codes[w] * recv_scales[w].unsqueeze(1)
-    mean = s / world_t
+    mean = s * (1.0 / world_t)
     scale, inv = block_scales(mean.abs().amax(dim=1), qmax)
     q = torch.round(mean * inv.unsqueeze(1)).clamp_(-QMAX, QMAX)
     out_codes.copy_(q)

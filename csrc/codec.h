@@ -230,6 +230,10 @@ GC_HD float dequantize(int q, float scale) {
   return mul_rn(static_cast<float>(q), scale);
 }
 
+// 1/W, the factor a sum of W ranks' values is averaged with (x · 1/W: one multiply per value;
+// exact for W a power of two, and the same bits on every backend otherwise).
+GC_HD float inv_world(int64_t world) { return div_rn(1.0f, static_cast<float>(world)); }
+
 // Residual after sending code q for value a: what error feedback carries to the next step.
 template <int Bits>
 GC_HD float residual_after(float a, int q, float scale) {

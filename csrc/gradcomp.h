@@ -26,7 +26,7 @@ void quant_encode_cpu(int bits, int64_t block, DType dtype,
                       uint8_t* send,  // [W * SB]
                       int threads);
 
-// Pass 2: decode the W shards received for my slots, sum in rank order, divide by W,
+// Pass 2: decode the W shards received for my slots, sum in rank order, multiply by 1/W,
 // re-encode; the re-encoding error, times W, is added to my residual (rows' addresses).
 void quant_reduce_cpu(int bits, int64_t block,
                       const uint8_t* recv,     // [W * SB]

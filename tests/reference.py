@@ -6,6 +6,8 @@ operation, so the compiled backends must match it bit for bit.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 QMAX = 127.0
@@ -53,37 +55,39 @@ def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int):
     return scales, codes, new_res, nonfinite
 
 
-def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
-                    owners: torch.Tensor):
-    """The whole compressed all-reduce of one parameter over W ranks.
+def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
+                         owners: torch.Tensor) -> SimpleNamespace:
+    """The whole compressed all-reduce of one parameter over W ranks, piece by piece.
 
     xs[r]: rank r's gradient [n]; residuals[r]: its residual [n] or None; owners: [nb]
-    owner rank of each block. Returns (mean [n] float32 as every rank decodes it,
-    new residuals). The second encoding's error, times W, goes into the owner's residual.
-    """
+    owner rank of each block. Returns stage1 (per rank: scales, codes, residual, nonfinite),
+    mean (the rank-order sum times fl(1/W)), its stage-2 scales2 / codes2 / nonfinite2, out
+    (what every rank decodes: NaN everywhere if any block is non-finite) and res_after (the
+    second encoding's error, times W, added to the owner's residual for finite blocks)."""
     world = len(xs)
     n = xs[0].numel()
-    nb = -(-n // block)
-    deqs, new_res = [], []
-    for x, r in zip(xs, residuals):
-        scales, codes, nr, _ = encode_ef(x, r, block)
-        deq = (codes.float() * scales[:, None]).reshape(-1)[:n]
-        deqs.append(deq)
-        new_res.append(nr)
+    assert owners.numel() == -(-n // block)
+    stage1 = [encode_ef(x, r, block) for x, r in zip(xs, residuals)]
     total = torch.zeros(n, dtype=torch.float32)
-    for d in deqs:  # rank order
-        total = total + d
-    mean = total / torch.tensor(float(world))
-    scales2, codes2, deq2, nonfinite2 = block_quantize(mean, block)
-    sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]
-    # any non-finite block flags the payload: every compressed value decodes to NaN
+    for scales, codes, _, _ in stage1:  # rank order
+        total = total + (codes.float() * scales[:, None]).reshape(-1)[:n]
+    mean = total * (torch.tensor(1.0) / torch.tensor(float(world)))  # x * fl(1/W)
+    scales2, codes2, _, nonfinite2 = block_quantize(mean, block)
+    sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]  # int8 codes: no -0.0
     out = torch.full_like(sent, float("nan")) if nonfinite2.any() else sent
+    res_after = [s[2] for s in stage1]
     if residuals[0] is not None:
-        err = mean - sent  # only finite blocks (masked below) feed the residual
+        err = mean - sent  # masked to finite blocks below
         elem_owner = owners.repeat_interleave(block)[:n]
-        finite_block = (~nonfinite2).repeat_interleave(block)[:n]
-        for r in range(world):
-            mine = (elem_owner == r) & finite_block
-            new_res[r] = torch.where(mine, new_res[r] + torch.tensor(float(world)) * err, new_res[r])
-    assert nb == owners.numel()
-    return out, new_res
+        finite = (~nonfinite2).repeat_interleave(block)[:n]
+        res_after = [torch.where((elem_owner == r) & finite, res_after[r] + torch.tensor(float(world)) * err,
+                                 res_after[r]) for r in range(world)]
+    return SimpleNamespace(stage1=stage1, mean=mean, scales2=scales2, codes2=codes2, nonfinite2=nonfinite2,
+                           out=out, res_after=res_after)
+
+
+def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
+                    owners: torch.Tensor):
+    """(what every rank decodes [n] float32, the new residuals) of compressed_allreduce."""
+    r = compressed_allreduce(xs, residuals, block, owners)
+    return r.out, r.res_after

@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 from gradcomp import layout, ops
-from reference import block_quantize, compressed_mean, encode_ef
+from reference import compressed_allreduce, compressed_mean
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKS = [32, 256, 4096]
@@ -93,29 +93,6 @@ def exchange(xs, numels, block, world, residuals=None):
                                  gathered=gathered, outs=outs, res_enc=res_enc, res_red=res_red)
 
 
-def oracle(xs_p, res_p, block, world, owners):
-    """Reference pieces of one parameter's all-reduce, built from reference.encode_ef and
-    block_quantize: stage-1 (scales, codes, residual, nonfinite) per rank, the average, its
-    stage-2 (scales, codes, nonfinite) and the residuals after the reduce (the second
-    encoding's error times W into the owner's residual, for finite blocks only)."""
-    n = xs_p[0].numel()
-    stage1 = [encode_ef(x, r, block) for x, r in zip(xs_p, res_p)]
-    total = torch.zeros(n, dtype=torch.float32)
-    for scales, codes, _, _ in stage1:  # rank order
-        total = total + (codes.float() * scales[:, None]).reshape(-1)[:n]
-    mean = total / torch.tensor(float(world))
-    scales2, codes2, deq2, nonfinite2 = block_quantize(mean, block)
-    res_after = [s[2] for s in stage1]
-    if res_p[0] is not None:
-        err = mean - deq2
-        elem_owner = owners.repeat_interleave(block)[:n]
-        finite = (~nonfinite2).repeat_interleave(block)[:n]
-        res_after = [torch.where((elem_owner == r) & finite, res_after[r] + torch.tensor(float(world)) * err,
-                                 res_after[r]) for r in range(world)]
-    return types.SimpleNamespace(stage1=stage1, mean=mean, scales2=scales2, codes2=codes2,
-                                 nonfinite2=nonfinite2, res_after=res_after)
-
-
 def row_index(table: torch.Tensor) -> dict:
     """Element offset of a block → its table row (padding rows excluded)."""
     return {int(o): i for i, (o, ln) in enumerate(table[:, :2].tolist()) if ln > 0}
@@ -142,7 +119,7 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
     for p, (off, n, owners) in params:
         xs_p = [x[off : off + n] for x in xs]
         res_p = [rr[p] for rr in residuals_before] if residuals_before is not None else [None] * world
-        orc = oracle(xs_p, res_p, block, world, owners)
+        orc = compressed_allreduce(xs_p, res_p, block, owners)
         mean, new_res = compressed_mean(xs_p, res_p, block, owners)
         if not orc.nonfinite2.any():
             assert all(torch.equal(a, b) for a, b in zip(orc.res_after, new_res) if a is not None)
@@ -400,7 +377,7 @@ def test_nonfinite_flags_whole_bucket(world, dtype, kind, ef):
     assert_bits_equal(ex.res_red[bad_rank][0][sl], want, "poisoned block's residual after reduce")
     # every residual, bit for bit (reference pieces; finite blocks keep their normal update)
     for p, (off, cnt, owners) in enumerate(param_slices(numels, block, world)):
-        orc = oracle([x[off : off + cnt] for x in xs], [rr[p] for rr in before], block, world, owners)
+        orc = compressed_allreduce([x[off : off + cnt] for x in xs], [rr[p] for rr in before], block, owners)
         assert orc.nonfinite2.tolist() == [p == 0 and j == bad_block for j in range(owners.numel())]
         for w in range(world):
             assert_bits_equal(ex.res_enc[w][p], orc.stage1[w][2], f"param {p} residual of rank {w} after encode")

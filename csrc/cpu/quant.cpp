@@ -148,7 +148,7 @@ void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_
   zero_unused(slice, slots);
   *flag_ptr(slice) = incoming ? 1u : 0u;
   float* out_scales = reinterpret_cast<float*>(slice + shard_scales_offset());
-  const float inv_world_div = static_cast<float>(world);
+  const float world_f = static_cast<float>(world), inv_w = inv_world(world);
 #pragma omp parallel num_threads(threads)
   {
     float a[kMaxBlock];
@@ -164,10 +164,10 @@ void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_
         for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequantize<8>(codes[i], scale));
         // A NaN scale must poison the block even where its codes are 0 (q·NaN is NaN, so it does).
       }
-      for (int64_t i = 0; i < len; ++i) a[i] = div_rn(a[i], inv_world_div);
+      for (int64_t i = 0; i < len; ++i) a[i] = mul_rn(a[i], inv_w);
       int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * block;
       bool bad = false;
-      out_scales[slot] = encode_block<8>(a, len, block, codes, residual_ptr(t), true, inv_world_div, &bad);
+      out_scales[slot] = encode_block<8>(a, len, block, codes, residual_ptr(t), true, world_f, &bad);
       if (bad) {
 #pragma omp atomic
         *flag_ptr(slice) |= 1u;

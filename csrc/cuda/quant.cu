@@ -279,11 +279,11 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   const int64_t len = t[1];
   float* res = residual_ptr(t);
   const int64_t codes_off = shard_codes_offset(slots);
-  const float world_f = static_cast<float>(world);
+  const float world_f = static_cast<float>(world), inv_w = inv_world(world);
   const int chunks = M::chunks(B);
   const bool vec_r = len == B && aligned(res, 16);
 
-  auto mean_at = [&](int k, float (&a)[V]) {  // sum in rank order, then / W
+  auto mean_at = [&](int k, float (&a)[V]) {  // sum in rank order, then · 1/W
 #pragma unroll
     for (int j = 0; j < V; ++j) a[j] = 0.0f;
     const int e = k * 32 * V + lane * V;
@@ -296,7 +296,7 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
       for (int j = 0; j < V; ++j) a[j] = add_rn(a[j], dequantize<8>(q[j], scale));
     }
 #pragma unroll
-    for (int j = 0; j < V; ++j) a[j] = e + j < len ? div_rn(a[j], world_f) : 0.0f;
+    for (int j = 0; j < V; ++j) a[j] = e + j < len ? mul_rn(a[j], inv_w) : 0.0f;
   };
 
   float keep[M::kKeep ? PerLane : 1];

@@ -89,7 +89,7 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
 
 def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: int, block: int, *,
                  bits: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pass 2: decode the W shards received for my slots, sum in rank order, divide by W,
+    """Pass 2: decode the W shards received for my slots, sum in rank order, multiply by 1/W,
     re-encode into my ``[SB]`` slice; the re-encoding error times W goes into my residual."""
     _check_block(block, bits)
     sb = shard_bytes(slots, block, bits)

@@ -569,6 +569,11 @@ BAD_CALLS = {
     "decode short table": (ValueError, lambda a: _dec(a, table=a.table[1:].contiguous())),
     "decode block 16": (ValueError, lambda a: _dec(a, block=16)),
     "decode bits 4": (ValueError, lambda a: _dec(a, bits=4)),
+    # wrong device ("meta" stands in for a device other than the bucket's on a CPU-only machine)
+    "encode bucket on another device": (ValueError, lambda a: _enc(a, bucket=a.bucket.to("meta"))),
+    "encode table on another device": (ValueError, lambda a: _enc(a, table=a.table.to("meta"))),
+    "reduce rows on another device": (ValueError, lambda a: _red(a, my_rows=a.rows.to("meta"))),
+    "decode gathered on another device": (ValueError, lambda a: _dec(a, gathered=a.payload.to("meta"))),
 }
 
 

@@ -7,6 +7,8 @@ same order (one FIFO worker per State on Gloo; the hook call itself on NCCL).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -28,9 +30,11 @@ def ring_allreduce_bytes(nbytes: int, world: int) -> float:
 
 
 def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: torch.Tensor,
-                         my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8) -> int:
+                         my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8) -> tuple[int, float]:
     """Scatter-reduce / all-gather of ``bucket``'s compressed blocks, averaged over the
-    group, written back into ``bucket`` in place. Returns the bytes this rank sent.
+    group, written back into ``bucket`` in place. Returns (bytes this rank sent, seconds
+    spent in the codec passes — measured on CPU only, where they run synchronously; 0 on
+    CUDA, where timing them would need a host sync).
 
     1. encode with error feedback, each block into its owner's shard;
     2. ``all_to_all_single`` of the shards;
@@ -38,15 +42,22 @@ def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: tor
     4. ``all_gather`` of the reduced slices; decode into the bucket.
     """
     world, slots, block = table.world, table.slots, table.block
+    timed = bucket.device.type == "cpu"
+    t0 = time.perf_counter()
     send = ops.quant_encode(bucket, table_dev, world, slots, block, bits=bits)
+    codec_s = time.perf_counter() - t0
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
+    t0 = time.perf_counter()
     reduced = ops.quant_reduce(recv, my_rows_dev, world, slots, block, bits=bits)
+    codec_s += time.perf_counter() - t0
     gathered = torch.empty_like(send)
     all_gather_single(gathered, reduced, group)
+    t0 = time.perf_counter()
     ops.quant_decode(gathered, table_dev, world, slots, block, bucket, bits=bits)
+    codec_s += time.perf_counter() - t0
     shard = table.shard_bytes(bits)
-    return 2 * (world - 1) * shard
+    return 2 * (world - 1) * shard, codec_s if timed else 0.0
 
 
 def start_exact_allreduce(values: torch.Tensor, world: int, group):

@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "cpu/isa.h"
 #include "gradcomp.h"
 
 namespace py = pybind11;
@@ -54,8 +55,14 @@ PYBIND11_MODULE(_C, m) {
     d["openmp_version"] = 0;
 #endif
     d["compiler"] = compiler_name();
+    d["cpu_isa"] = cpu_isa();
     return d;
   });
+  m.def("cpu_isa", []() { return std::string(cpu_isa()); });
+  m.def(
+      "set_cpu_isa", [](const std::string& name) { return set_cpu_isa(name.c_str()); },
+      "Chooses the CPU kernels: 'auto', 'avx2' or 'baseline' (the same bits either way). False, changing "
+      "nothing, for a name this build or processor cannot run.");
   m.def("cuda_device_count", &cuda_device_count);
 
   m.def(

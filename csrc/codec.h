@@ -21,7 +21,15 @@ namespace gradcomp {
 // Element type of a bucket (the wire never carries these: it carries codes and scales).
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
+// Translation units built for another instruction set (cpu/quant_avx2.cpp) define
+// GC_CODEC_ABI, so their copies of these inline functions get names of their own and the
+// linker never hands a baseline caller an AVX2 copy.
+#ifndef GC_CODEC_ABI
+#define GC_CODEC_ABI abi_default
+#endif
+
 namespace codec {
+inline namespace GC_CODEC_ABI {
 
 // ---------------------------------------------------------------- pinned float ops
 GC_HD uint32_t f32_bits(float f) {
@@ -265,5 +273,6 @@ GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
 //   [2] address of the block's first fp32 residual element, 0 without error feedback
 constexpr int kRowWords = 3;
 
+}  // namespace GC_CODEC_ABI
 }  // namespace codec
 }  // namespace gradcomp

@@ -670,3 +670,33 @@ def test_accuracy_against_exact_mean(world, block):
         assert (err <= bound).all(), f"error {float((err / bound).max())} x the bound"
         rel_max = max(rel_max, float((err / bound).max()))
     assert rel_max > 0.05  # the bound is not vacuous: errors come within reach of it
+
+
+# ------------------------------------------------------------------------------ instruction sets
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_instruction_sets_give_the_same_bytes(dtype):
+    """The CPU kernels are built per instruction set and chosen at run time; each must
+    produce the same payloads, residuals and outputs (and so the reference's)."""
+    from gradcomp import _C
+
+    isas = [isa for isa in ("baseline", "avx2") if _C.set_cpu_isa(isa)]
+    _C.set_cpu_isa("auto")
+    assert "baseline" in isas
+    world, block, numels = 3, 256, [1000, 1, 256, 4097, 30_000]
+    g = gen("isa", str(dtype))
+    xs = [(torch.randn(sum(numels), generator=g) * 10).to(dtype) for _ in range(world)]
+    runs = []
+    try:
+        for isa in isas:
+            assert _C.set_cpu_isa(isa) and _C.cpu_isa() == isa
+            residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
+            ex = exchange(xs, numels, block, world, residuals)
+            runs.append((ex, residuals))
+    finally:
+        _C.set_cpu_isa("auto")
+    for ex, residuals in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ex.sends, runs[0][0].sends))
+        assert all(torch.equal(a, b) for a, b in zip(ex.slices, runs[0][0].slices))
+        assert all(torch.equal(a, b) for a, b in zip(ex.outs, runs[0][0].outs))
+        assert all(torch.equal(a, b) for ra, rb in zip(residuals, runs[0][1]) for a, b in zip(ra, rb))
+    assert not _C.set_cpu_isa("sse9")

@@ -1,30 +1,30 @@
 // CPU backend of the block quantizer: the three fused passes of gradcomp.h, one block
 // (one table row) per loop iteration, blocks spread over threads. The arithmetic is
 // codec.h's, shared with the CUDA backend.
-#include <algorithm>
-#include <stdexcept>
-#include <string>
+//
+// This file is compiled once per instruction set (GC_CPU_ISA names the namespace: the
+// baseline build, and quant_avx2.cpp with -mavx2); cpu/dispatch.cpp validates arguments
+// and picks one at run time. Every value is the same sequence of IEEE operations in each
+// (no FMA: -ffp-contract=off), so the choice changes speed, never a bit.
+#include <cstdint>
+#include <cstring>  // memset: no std:: templates here, whose merged copies could mix instruction sets
 
-#include "../gradcomp.h"
+#include "../codec.h"
+#include "isa.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
+#ifndef GC_CPU_ISA
+#define GC_CPU_ISA isa_baseline
+#endif
+
 namespace gradcomp {
+namespace GC_CPU_ISA {
 namespace {
 
 using namespace codec;
-
-constexpr int64_t kMaxBlock = 4096;
-
-void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
-  if (bits != 8) throw std::invalid_argument("gradcomp: only 8-bit codes are implemented, got " + std::to_string(bits));
-  if (block < 32 || block > kMaxBlock || (block & (block - 1)) != 0)
-    throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
-                                std::to_string(block));
-  if (world < 1 || slots < 0) throw std::invalid_argument("gradcomp: bad world size or slot count");
-}
 
 inline float* residual_ptr(const int64_t* row) { return reinterpret_cast<float*>(static_cast<intptr_t>(row[2])); }
 
@@ -33,8 +33,8 @@ inline uint32_t flag_of(const uint8_t* shard) { return *reinterpret_cast<const u
 
 // shard: [SB] — zero its header and the padding after its scales.
 void zero_unused(uint8_t* shard, int64_t slots) {
-  std::fill(shard, shard + kHeaderBytes, uint8_t{0});
-  std::fill(shard + shard_scale_pad_begin(slots), shard + shard_codes_offset(slots), uint8_t{0});
+  std::memset(shard, 0, kHeaderBytes);
+  std::memset(shard + shard_scale_pad_begin(slots), 0, shard_codes_offset(slots) - shard_scale_pad_begin(slots));
 }
 
 // Quantize a[0, len) (zero beyond) into codes[0, B); returns the scale. When `residual` is
@@ -52,7 +52,7 @@ float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, fl
   const BlockScale bs = block_scale<Bits>(m);
   const float scale = bs.scale, inv = bs.inv;
   if (!scale_usable(bs)) {
-    std::fill(codes, codes + block, int8_t{0});
+    std::memset(codes, 0, block);
     if (!is_finite(scale)) {
       *nonfinite = true;
       if (residual && !accumulate)
@@ -81,7 +81,7 @@ float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, fl
     for (int64_t i = 0; i < len; ++i)
       codes[i] = static_cast<int8_t>(static_cast<int>(quantize_usable<Bits>(a[i], inv)));
   }
-  std::fill(codes + len, codes + block, int8_t{0});
+  std::memset(codes + len, 0, block - len);
   return scale;
 }
 
@@ -122,10 +122,8 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
 
 }  // namespace
 
-void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
-                      int64_t slots, uint8_t* send, int threads) {
-  check_args(bits, block, world, slots);
-  threads = std::max(threads, 1);
+void encode(int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world, int64_t slots,
+            uint8_t* send, int threads) {
   switch (dtype) {
     case DType::F32:
       return encode_impl<DType::F32>(block, bucket, table, world, slots, send, threads);
@@ -134,13 +132,10 @@ void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, 
     case DType::BF16:
       return encode_impl<DType::BF16>(block, bucket, table, world, slots, send, threads);
   }
-  throw std::invalid_argument("gradcomp: unsupported dtype");
 }
 
-void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
-                      int64_t slots, uint8_t* slice, int threads) {
-  check_args(bits, block, world, slots);
-  threads = std::max(threads, 1);
+void reduce(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots, uint8_t* slice,
+            int threads) {
   const int64_t sb = shard_bytes(slots, block, 8);
   const int64_t codes_off = shard_codes_offset(slots);
   uint32_t incoming = 0;
@@ -206,10 +201,8 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
 
 }  // namespace
 
-void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
-                      int64_t world, int64_t slots, void* bucket, int threads) {
-  check_args(bits, block, world, slots);
-  threads = std::max(threads, 1);
+void decode(int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world, int64_t slots,
+            void* bucket, int threads) {
   switch (dtype) {
     case DType::F32:
       return decode_impl<DType::F32>(block, gathered, table, world, slots, bucket, threads);
@@ -218,7 +211,7 @@ void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathe
     case DType::BF16:
       return decode_impl<DType::BF16>(block, gathered, table, world, slots, bucket, threads);
   }
-  throw std::invalid_argument("gradcomp: unsupported dtype");
 }
 
+}  // namespace GC_CPU_ISA
 }  // namespace gradcomp

@@ -167,6 +167,49 @@ __device__ __forceinline__ void store_f32(float* p /* [B] */, int64_t i, int64_t
     if (j < valid) p[i + j] = v[j];
 }
 
+// First pass over one block, shared by passes 1 and 2: `values(k, a)` yields chunk k's
+// values; they are kept in `keep` when they fit in registers. Returns the block's scale
+// from the warp's NaN-propagating absmax; lane 0 stores it at `scale_out` and flags the
+// shard at `flag` when it is non-finite.
+template <int PerLane, class Values>
+__device__ __forceinline__ BlockScale scan_block(Values&& values, int chunks, int lane,
+                                                 float (&keep)[Map<PerLane>::kKeep ? PerLane : 1], float* scale_out,
+                                                 unsigned* flag) {
+  using M = Map<PerLane>;
+  constexpr int V = M::V;
+  uint32_t m = 0;
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    float a[V];
+    values(k, a);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (M::kKeep) keep[(k * V + j) % (M::kKeep ? PerLane : 1)] = a[j];
+      m = absmax_bits_update(m, a[j]);
+    }
+  }
+  m = warp_absmax(m);
+  const BlockScale bs = block_scale<8>(m);
+  if (lane == 0) {
+    *scale_out = bs.scale;
+    if (!is_finite(bs.scale)) atomicOr(flag, 1u);
+  }
+  return bs;
+}
+
+// Chunk k's values again in the second loop: from registers, or recomputed.
+template <int PerLane, class Values>
+__device__ __forceinline__ void revisit(Values&& values, int k, const float (&keep)[Map<PerLane>::kKeep ? PerLane : 1],
+                                        float (&a)[Map<PerLane>::V]) {
+  using M = Map<PerLane>;
+  if (M::kKeep) {
+#pragma unroll
+    for (int j = 0; j < M::V; ++j) a[j] = keep[(k * M::V + j) % (M::kKeep ? PerLane : 1)];
+  } else {
+    values(k, a);
+  }
+}
+
 // Pass 1. One warp per row of the table.
 template <DType D, int PerLane>
 __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ bucket,  // [n]
@@ -204,36 +247,17 @@ __global__ void encode_kernel(const typename Elem<D>::storage* __restrict__ buck
   };
 
   float keep[M::kKeep ? PerLane : 1];
-  uint32_t m = 0;
-#pragma unroll
-  for (int k = 0; k < chunks; ++k) {
-    float a[V];
-    load_a(k, a);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (M::kKeep) keep[(k * V + j) % (M::kKeep ? PerLane : 1)] = a[j];
-      m = absmax_bits_update(m, a[j]);
-    }
-  }
-  m = warp_absmax(m);
-  const BlockScale bs = block_scale<8>(m);
+  const BlockScale bs =
+      scan_block<PerLane>(load_a, chunks, lane, keep, reinterpret_cast<float*>(shard + shard_scales_offset()) + slot,
+                          reinterpret_cast<unsigned*>(shard));
   const float scale = bs.scale;
   const bool finite = is_finite(scale);
-  if (lane == 0) {
-    reinterpret_cast<float*>(shard + shard_scales_offset())[slot] = scale;
-    if (!finite) atomicOr(reinterpret_cast<unsigned*>(shard), 1u);
-  }
 #pragma unroll
   for (int k = 0; k < chunks; ++k) {
     const int e = k * 32 * V + lane * V;
     const int64_t valid = len - e;
     float a[V];
-    if (M::kKeep) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) a[j] = keep[(k * V + j) % (M::kKeep ? PerLane : 1)];
-    } else {
-      load_a(k, a);
-    }
+    revisit<PerLane>(load_a, k, keep, a);
     int q[V];
     float r[V];
 #pragma unroll
@@ -300,37 +324,18 @@ __global__ void reduce_kernel(const uint8_t* __restrict__ recv,     // [W * SB]
   };
 
   float keep[M::kKeep ? PerLane : 1];
-  uint32_t m = 0;
-#pragma unroll
-  for (int k = 0; k < chunks; ++k) {
-    float a[V];
-    mean_at(k, a);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (M::kKeep) keep[(k * V + j) % (M::kKeep ? PerLane : 1)] = a[j];
-      m = absmax_bits_update(m, a[j]);
-    }
-  }
-  m = warp_absmax(m);
-  const BlockScale bs = block_scale<8>(m);
+  const BlockScale bs =
+      scan_block<PerLane>(mean_at, chunks, lane, keep, reinterpret_cast<float*>(slice + shard_scales_offset()) + slot,
+                          reinterpret_cast<unsigned*>(slice));
   const float scale = bs.scale;
   const bool finite = is_finite(scale);
-  if (lane == 0) {
-    reinterpret_cast<float*>(slice + shard_scales_offset())[slot] = scale;
-    if (!finite) atomicOr(reinterpret_cast<unsigned*>(slice), 1u);
-  }
   int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * B;
 #pragma unroll
   for (int k = 0; k < chunks; ++k) {
     const int e = k * 32 * V + lane * V;
     const int64_t valid = len - e;
     float a[V];
-    if (M::kKeep) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) a[j] = keep[(k * V + j) % (M::kKeep ? PerLane : 1)];
-    } else {
-      mean_at(k, a);
-    }
+    revisit<PerLane>(mean_at, k, keep, a);
     int q[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) q[j] = j < valid ? quantize<8>(a[j], bs) : 0;

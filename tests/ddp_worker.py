@@ -6,6 +6,7 @@ Writes OUT_DIR/rank{r}.pt with what the scenario records.
 
 import json
 import os
+import pickle
 import sys
 from datetime import timedelta
 
@@ -22,6 +23,22 @@ def make_model(layers: int, width: int, seed: int = 0, dtype=torch.float32) -> n
     for _ in range(layers):
         mods += [nn.Linear(width, width), nn.Tanh()]
     return nn.Sequential(*mods).to(dtype)
+
+
+class Permuted(nn.Module):
+    """Layers applied in the reverse of their registration order: DDP's first-iteration
+    buckets follow registration order, its rebuilt ones the order gradients become ready,
+    so the rebuild after step 0 really changes which parameters sit where."""
+
+    def __init__(self, layers: int, width: int, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers)).to(dtype)
+
+    def forward(self, x):
+        for layer in reversed(self.layers):
+            x = torch.tanh(layer(x))
+        return x
 
 
 class WithUnused(nn.Module):
@@ -51,8 +68,12 @@ def scenario_train(rank, world, args):
     width, layers, steps = args.get("width", 64), args.get("layers", 10), args["steps"]
     dtype = getattr(torch, args.get("dtype", "float32"))
     unused = args.get("unused", False)
-    model = WithUnused(width) if unused else make_model(layers, width, dtype=dtype)
-    twin = WithUnused(width) if unused else make_model(layers, width, dtype=dtype)
+    if unused:
+        model, twin = WithUnused(width), WithUnused(width)
+    elif args.get("permuted"):
+        model, twin = Permuted(layers, width, dtype), Permuted(layers, width, dtype)
+    else:
+        model, twin = make_model(layers, width, dtype=dtype), make_model(layers, width, dtype=dtype)
     twin.load_state_dict(model.state_dict())
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused)
     kwargs = args.get("state", {})
@@ -83,6 +104,12 @@ def scenario_train(rank, world, args):
         opt.step()
     out["stats"] = dict(state.stats)
     out["residual_norm"] = float(sum(r.float().norm() ** 2 for r in state._residuals.values()) ** 0.5)
+    out["ordinals"] = [state._ordinal_of.get(id(p), -1) for p in model.parameters()]
+    out["residuals"] = {o: r.clone() for o, r in state._residuals.items()}
+    out["step"] = state.step
+    clone = pickle.loads(pickle.dumps(state))
+    out["pickled"] = {"step": clone.step, "stats": clone.stats, "residuals": clone._residuals,
+                      "config": clone.config(), "process_group": clone.process_group}
     return out
 
 

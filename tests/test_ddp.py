@@ -92,6 +92,41 @@ def test_torch_style_registration_and_exact_fallback(tmp_path):
     assert st["params_compressed"] == 0 and st["params_fallback"] > 0 and st["ratio"] == 1.0
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_bucket_layout_changes_no_compressed_number(tmp_path, world):
+    """Two bucket caps, so different buckets before and after DDP's rebuild (the Permuted
+    model's rebuild reorders parameters): every compressed parameter's gradient is bit for
+    bit the same, because blocks, owners and residuals are per parameter. The exact lane
+    (biases here) is the same at 2 ranks; at 3+ Gloo's ring sums a value in an order that
+    depends on its place in the buffer, so it may differ in the last bits there."""
+    steps = 5
+    runs = [_train(tmp_path / str(cap), world, steps=steps, permuted=True, layers=6, bucket_cap_mb=cap)
+            for cap in (0.02, 1.0)]
+    weights = torch.cat([torch.ones(64 * 64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool)]).repeat(6)
+    for s in range(steps):
+        a, b = runs[0][0]["grads"][s], runs[1][0]["grads"][s]
+        assert torch.equal(a[weights], b[weights]), f"a compressed gradient changed with the layout at step {s}"
+        if world == 2:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a[~weights], b[~weights], rtol=1e-6, atol=1e-9)
+    assert runs[0][0]["stats"]["buckets_compressed"] > runs[1][0]["stats"]["buckets_compressed"]
+
+
+def test_warm_up_numbers_parameters_in_first_iteration_order(tmp_path):
+    """Ordinals (and so block owners) come from DDP's first iteration whether or not it
+    compresses: with start_step=3 the rebuilt buckets of step 3 must not renumber them."""
+    runs = {k: _train(tmp_path / str(k), 2, steps=5, permuted=True, layers=4, state={"start_step": k})
+            for k in (0, 3)}
+    assert runs[0][0]["ordinals"] == runs[3][0]["ordinals"]
+    # DDP's first bucket takes up to 1 MB (all of this model), in registration order; the
+    # rebuilt ones follow gradient readiness: bias before weight, last layer applied first
+    assert runs[3][0]["ordinals"] == list(range(8))
+    for s in range(3):  # warm-up: a plain all-reduce, exactly the mean at 2 ranks
+        assert torch.equal(runs[3][0]["grads"][s], runs[3][0]["exact"][s])
+    assert runs[3][0]["stats"]["buckets_compressed"] > 0
+
+
 def test_config_mismatch_fails_fast_on_every_rank(tmp_path):
     res = run_ranks("train", 2, tmp_path, timeout=60, steps=2, codec_per_rank={"1": "int8:block=512"})
     assert not res.timed_out
@@ -119,6 +154,19 @@ def test_state_pickles_before_init_process_group():
     clone = pickle.loads(pickle.dumps(state))
     assert clone.config() == state.config()
     assert clone.process_group is None
+
+
+def test_trained_state_pickles_with_step_stats_and_own_residuals(tmp_path):
+    outs = _train(tmp_path, 2, steps=3)
+    for out in outs:
+        p = out["pickled"]
+        assert p["step"] == out["step"] == 3 and p["stats"] == out["stats"] and p["process_group"] is None
+        assert p["residuals"].keys() == out["residuals"].keys() and len(out["residuals"]) > 0
+        for o, r in out["residuals"].items():
+            assert torch.equal(p["residuals"][o], r)
+    # each rank keeps its own residual (rank 0's is not everyone's)
+    o = next(iter(outs[0]["residuals"]))
+    assert not torch.equal(outs[0]["residuals"][o], outs[1]["residuals"][o])
 
 
 def test_register_rejects_non_ddp_model():

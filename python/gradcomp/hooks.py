@@ -49,6 +49,16 @@ class _Plan:
     fallback_index: torch.Tensor | None  # element indices reduced exactly, None when none
     params_compressed: int
     params_fallback: int
+    residuals: list  # the residual tensors whose addresses the table holds: kept alive with it
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on ``device`` without a host sync: a pageable host-to-device copy
+    waits for the stream, a pinned one with non_blocking does not (torch's pinned allocator
+    keeps the staging memory until the copy is done)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _new_stats() -> dict:
@@ -171,6 +181,12 @@ class State:
     def _compressible(self, p: torch.Tensor) -> bool:
         return p.numel() >= self.min_numel and p.dtype in self.codec.dtypes
 
+    def _ordinals(self, params) -> tuple[int, ...]:
+        """Ordinals of a bucket's parameters, numbering the new ones. Called at every hook call,
+        compressing or not, so warm-up steps (start_step) number parameters in the same
+        first-iteration order as a run without warm-up."""
+        return tuple(self._ordinal(p) for p in params)
+
     def _ordinal(self, p: torch.Tensor) -> int:
         """A parameter's model-wide ordinal: the order parameters are first seen in, which is
         DDP's first-iteration bucket order, the same on every rank and in every restart."""
@@ -186,29 +202,36 @@ class State:
         return o
 
     def _residual(self, ordinal: int, p: torch.Tensor) -> torch.Tensor:
+        """The parameter's float32 residual on its device, made (zero) on first use. A residual
+        carried in from elsewhere (a pickled State) is moved and made contiguous float32 here,
+        once; cached plans hold residual addresses, so any replacement drops them."""
         r = self._residuals.get(ordinal)
-        if r is None or r.numel() != p.numel():
-            r = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            self._residuals[ordinal] = r
-        elif r.device != p.device:
-            r = r.to(p.device)
-            self._residuals[ordinal] = r
+        if r is None:
+            r = self._residuals[ordinal] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            return r
+        if r.numel() != p.numel():
+            raise GradcompError(f"gradcomp: the residual of parameter {ordinal} has {r.numel()} elements but the "
+                                f"parameter has {p.numel()}: this State was saved from another model")
+        if r.device != p.device or r.dtype != torch.float32 or not r.is_contiguous() or r.dim() != 1:
+            r = self._residuals[ordinal] = r.detach().to(p.device, torch.float32).contiguous().reshape(-1)
+            self._plans.clear()
         return r
 
-    def _plan(self, bucket, world: int, rank: int) -> _Plan:
-        params = bucket.parameters()
+    def _plan(self, bucket, params, ordinals: tuple[int, ...], world: int, rank: int) -> _Plan:
         buf = bucket.buffer()
-        ordinals = tuple(self._ordinal(p) for p in params)
         key = (ordinals, buf.dtype, buf.device, world)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         block = self.codec.block_size
-        spans, fallback, offset = [], [], 0
+        spans, fallback, residuals, offset = [], [], [], 0
         for o, p in zip(ordinals, params):
             n = p.numel()
             if o in self._first_block:
-                addr = self._residual(o, p).data_ptr() if self.codec.error_feedback else 0
+                addr = 0
+                if self.codec.error_feedback:
+                    residuals.append(self._residual(o, p))
+                    addr = residuals[-1].data_ptr()
                 spans.append(Span(offset, n, self._first_block[o], addr))
             elif n:
                 fallback.append(torch.arange(offset, offset + n, dtype=torch.int64))
@@ -219,10 +242,10 @@ class State:
         table = table_dev = rows_dev = None
         if spans:
             table = build_table(spans, block, world)
-            table_dev = table.table.to(buf.device)
+            table_dev = _to_device(table.table, buf.device)
             rows_dev = table_dev[rank * table.slots : (rank + 1) * table.slots]
-        fb_index = torch.cat(fallback).to(buf.device) if fallback else None
-        plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans))
+        fb_index = _to_device(torch.cat(fallback), buf.device) if fallback else None
+        plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans), residuals)
         self._plans[key] = plan
         return plan
 
@@ -231,6 +254,9 @@ class State:
         """Averages ``buf`` over the group in place; ``plan`` None means plainly."""
         es = buf.element_size()
         s = self.stats
+        if world == 1 and plan is None:  # nothing to average, nothing forced: no collective at all
+            s["buckets_fallback"] += 1
+            return buf
         s["bytes_uncompressed"] += ring_allreduce_bytes(buf.numel() * es, world)
         if plan is None or plan.table is None:
             start_exact_allreduce(buf, world, group).wait()
@@ -319,18 +345,19 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
     if is_last:
         state.step += 1
         state.stats["steps"] = state.step
+    params = bucket.parameters()
+    ordinals = state._ordinals(params)
     compress = (world > 1 or state.force_compression) and step >= state.start_step
-    plan = state._plan(bucket, world, rank) if compress else None
+    plan = state._plan(bucket, params, ordinals, world, rank) if compress else None
     what = f"bucket {bucket.index()} (step {step}, {buf.numel()} elements of {str(buf.dtype).replace('torch.', '')})"
     state._log_once(world)
 
     if buf.device.type == "cuda":
         return _run_on_side_stream(state, buf, plan, group, world, rank, what)
 
-    if world == 1 and plan is None:  # nothing to average and nothing forced: no collective at all
-        state.stats["buckets_fallback"] += 1
+    if world == 1 and plan is None:  # no collective: no worker thread, no private group
         fut = torch.futures.Future()
-        fut.set_result(buf)
+        fut.set_result(state._reduce(buf, plan, group, world, rank))
         return fut
 
     if state._worker is None:
@@ -362,10 +389,7 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what) -> to
             if not state._checked:
                 state._check_config(group, dev)
                 state._checked = True
-            if world == 1 and plan is None:
-                state.stats["buckets_fallback"] += 1
-            else:
-                state._reduce(buf, plan, group, world, rank)
+            state._reduce(buf, plan, group, world, rank)
             fut = torch.futures.Future(devices=[dev])
             fut.set_result(buf)  # completes on the side stream: waiters sync to it, not the host
     except GradcompError:

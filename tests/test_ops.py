@@ -534,7 +534,30 @@ def _dec(a, **kw):
     return lambda: ops.quant_decode(**p)
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes, starting one byte past a 16-byte boundary."""
+    m = torch.zeros(t.numel() + 1, dtype=t.dtype)[1:]
+    m.copy_(t)
+    return m
+
+
+def _edited(table: torch.Tensor, row: int, col: int, value: int) -> torch.Tensor:
+    t = table.clone()
+    t[row, col] = value
+    return t
+
+
 BAD_CALLS = {
+    "encode out misaligned": (ValueError, lambda a: _enc(a, out=_misaligned(a.payload))),
+    "reduce recv misaligned": (ValueError, lambda a: _red(a, recv=_misaligned(a.payload))),
+    "reduce out misaligned": (ValueError, lambda a: _red(a, out=_misaligned(torch.zeros(a.sb, dtype=torch.uint8)))),
+    "decode gathered misaligned": (ValueError, lambda a: _dec(a, gathered=_misaligned(a.payload))),
+    "encode row past the bucket": (ValueError, lambda a: _enc(a, table=_edited(a.table, 1, 0, 90))),
+    "encode negative offset": (ValueError, lambda a: _enc(a, table=_edited(a.table, 0, 0, -1))),
+    "encode length over the block": (ValueError, lambda a: _enc(a, table=_edited(a.table, 0, 1, 33))),
+    "encode negative length": (ValueError, lambda a: _enc(a, table=_edited(a.table, 2, 1, -5))),
+    "decode row past the bucket": (ValueError, lambda a: _dec(a, table=_edited(a.table, 0, 0, 10**12))),
+    "reduce length over the block": (ValueError, lambda a: _red(a, my_rows=_edited(a.rows, 0, 1, 64))),
     "encode float64 bucket": (TypeError, lambda a: _enc(a, bucket=a.bucket.double())),
     "encode int32 bucket": (TypeError, lambda a: _enc(a, bucket=torch.zeros(100, dtype=torch.int32))),
     "encode list bucket": (TypeError, lambda a: _enc(a, bucket=[0.0] * 100)),

@@ -418,6 +418,25 @@ void with_dtype(DType d, F&& f) {
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }
 
+// Makes `device` current for one entry point and restores the caller's device after, so a
+// launch never changes which device the caller's later CUDA calls go to.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "get device");
+    if (previous_ != device) check(cudaSetDevice(device), "set device");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 }  // namespace
 
 bool cuda_compiled() { return true; }
@@ -444,7 +463,7 @@ int cuda_runtime_version() { return CUDART_VERSION; }
 void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
                        int64_t slots, uint8_t* send, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  check(cudaSetDevice(device), "set device");
+  const DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   zero_headers<<<1, 32, 0, s>>>(send, world, slots, sb);
@@ -466,7 +485,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket,
 void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
                        int64_t slots, uint8_t* slice, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  check(cudaSetDevice(device), "set device");
+  const DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   reduce_header<<<1, 32, 0, s>>>(recv, world, slots, sb, slice);
@@ -483,7 +502,7 @@ void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64
 void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
                        int64_t world, int64_t slots, void* bucket, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  check(cudaSetDevice(device), "set device");
+  const DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   const int64_t rows = world * slots;

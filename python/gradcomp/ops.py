@@ -12,6 +12,12 @@ Shapes (W world size, S block slots per shard, B block size, SB shard bytes):
                            the bucket's device, or 0 for no error feedback)
     payload   [W * SB]     uint8 (send, recv, gathered)
     slice     [SB]         uint8
+
+Payload tensors must start on a 16-byte boundary (the kernels load them in 16-byte words;
+torch's allocations always do, a view at an odd offset may not). On CPU the table's offsets
+and lengths are checked against the bucket before a pass; a CUDA table is not (that would
+cost a host sync): build tables with ``gradcomp.layout.build_table``. Residual addresses are
+trusted on both backends.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from . import _C
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
+PAYLOAD_ALIGN = 16
+_cuda_compiled: bool | None = None
 
 
 def shard_bytes(slots: int, block: int, bits: int = 8) -> int:
@@ -36,7 +44,7 @@ def _check_block(block: int, bits: int) -> None:
         raise ValueError(f"gradcomp: only 8-bit codes are implemented, got bits={bits}")
 
 
-def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=None) -> None:
+def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=None, aligned=False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"gradcomp: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -52,20 +60,38 @@ def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=N
         raise ValueError(f"gradcomp: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"gradcomp: {name} must have {numel} elements, got {t.numel()}")
+    if aligned and t.data_ptr() % PAYLOAD_ALIGN:
+        raise ValueError(f"gradcomp: {name} must start on a {PAYLOAD_ALIGN}-byte boundary "
+                         f"(address {t.data_ptr():#x}); pass a fresh tensor, not a view at an odd offset")
 
 
 def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) -> None:
     if device.type == "cpu":
         getattr(_C, name + "_cpu")(*cpu_args, torch.get_num_threads())
     else:
-        if not _C.build_info()["cuda_compiled"]:
+        global _cuda_compiled
+        if _cuda_compiled is None:
+            _cuda_compiled = bool(_C.build_info()["cuda_compiled"])
+        if not _cuda_compiled:
             raise RuntimeError("gradcomp was built without CUDA; CUDA tensors cannot be encoded")
         stream = torch.cuda.current_stream(device).cuda_stream
         getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
 
 
-def _check_table(table, world: int, slots: int, device) -> None:
-    _check_tensor(table, "table", dtypes=(torch.int64,), device=device, shape=(world * slots, 3))
+def _check_table(table, name: str, rows: int, block: int, device, numel: int | None = None) -> None:
+    """Shape and dtype always; on CPU also that each row's [offset, offset + length) lies in
+    the bucket and its length in [0, block], so a bad table raises instead of corrupting memory."""
+    _check_tensor(table, name, dtypes=(torch.int64,), device=device, shape=(rows, 3))
+    if table.device.type != "cpu" or rows == 0:
+        return
+    off, length = table[:, 0], table[:, 1]
+    bad = (length < 0) | (length > block)
+    if numel is not None:
+        bad |= (off < 0) | (off + length > numel)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"gradcomp: {name} row {row} = {table[row].tolist()} does not fit a block of {block} "
+                         f"in a bucket of {numel} elements")
 
 
 def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int, *,
@@ -76,11 +102,11 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
     _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
     if bucket.dim() != 1:
         raise ValueError("gradcomp: bucket must be one-dimensional")
-    _check_table(table, world, slots, bucket.device)
+    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel())
     sb = shard_bytes(slots, block, bits)
     if out is None:
         out = torch.empty(world * sb, dtype=torch.uint8, device=bucket.device)
-    _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb)
+    _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb, aligned=True)
     args = (bits, block, DTYPE_CODES[bucket.dtype], bucket.data_ptr(), table.data_ptr(), world, slots,
             out.data_ptr())
     _launch("quant_encode", bucket.device, args, args)
@@ -93,11 +119,11 @@ def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: i
     re-encode into my ``[SB]`` slice; the re-encoding error times W goes into my residual."""
     _check_block(block, bits)
     sb = shard_bytes(slots, block, bits)
-    _check_tensor(recv, "recv", dtypes=(torch.uint8,), numel=world * sb)
-    _check_tensor(my_rows, "my_rows", dtypes=(torch.int64,), device=recv.device, shape=(slots, 3))
+    _check_tensor(recv, "recv", dtypes=(torch.uint8,), numel=world * sb, aligned=True)
+    _check_table(my_rows, "my_rows", slots, block, recv.device)
     if out is None:
         out = torch.empty(sb, dtype=torch.uint8, device=recv.device)
-    _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb)
+    _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb, aligned=True)
     args = (bits, block, recv.data_ptr(), my_rows.data_ptr(), world, slots, out.data_ptr())
     _launch("quant_reduce", recv.device, args, args)
     return out
@@ -112,8 +138,9 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
     _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
     if bucket.dim() != 1:
         raise ValueError("gradcomp: bucket must be one-dimensional")
-    _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb)
-    _check_table(table, world, slots, bucket.device)
+    _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb,
+                  aligned=True)
+    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel())
     args = (bits, block, DTYPE_CODES[bucket.dtype], gathered.data_ptr(), table.data_ptr(), world, slots,
             bucket.data_ptr())
     _launch("quant_decode", bucket.device, args, args)

@@ -109,7 +109,8 @@ def nccl_world1():
 def test_nccl_hook_world_size_one_forced(nccl_world1):
     """The whole hook on NCCL: the gradient equals the reference's compressed mean of the
     local gradient at W=1 (quantize, average over one rank, re-quantize), bit for bit, and
-    after the first step the hook never synchronizes the host with the device."""
+    after the first bucket's configuration check the hook never synchronizes the host with
+    the device."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
@@ -121,8 +122,9 @@ def test_nccl_hook_world_size_one_forced(nccl_world1):
     state = gradcomp.State("int8", force_compression=True, min_numel=1000)
 
     def checked_hook(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        # from the third step on (layouts built, config checked) any host sync raises
-        torch.cuda.set_sync_debug_mode("error" if st.step >= 2 else "default")
+        # once the first bucket has checked the configuration (a one-time sync) any host sync
+        # raises: building a layout's tables (step 0, and step 1 after DDP's rebuild) included
+        torch.cuda.set_sync_debug_mode("error" if st._checked else "default")
         try:
             return gradcomp.comm_hook(st, bucket)
         finally:
@@ -169,3 +171,20 @@ def test_cuda_extreme_magnitudes_match_cpu():
         for ra, rb in zip(cpu["res_final"], gpu["res_final"]):
             for a, b in zip(ra, rb):
                 assert torch.equal(a, b) and torch.isfinite(b).all(), dtype
+
+
+def test_cuda_rejects_misaligned_payloads_and_keeps_the_current_device():
+    dev = torch.device("cuda", 0)
+    block, world = 32, 2
+    table = layout.build_table(layout.contiguous_spans([100], block), block, world)
+    tdev = table.table.to(dev)
+    bucket = torch.randn(100, device=dev)
+    sb = table.shard_bytes()
+    odd = torch.zeros(world * sb + 1, dtype=torch.uint8, device=dev)[1:]
+    with pytest.raises(ValueError, match="16-byte"):
+        ops.quant_encode(bucket, tdev, world, table.slots, block, out=odd)
+    with pytest.raises(ValueError, match="16-byte"):
+        ops.quant_decode(odd, tdev, world, table.slots, block, bucket)
+    before = torch.cuda.current_device()
+    ops.quant_encode(bucket, tdev, world, table.slots, block)
+    assert torch.cuda.current_device() == before

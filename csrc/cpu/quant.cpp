@@ -28,6 +28,19 @@ using namespace codec;
 
 inline float* residual_ptr(const int64_t* row) { return reinterpret_cast<float*>(static_cast<intptr_t>(row[2])); }
 
+// Touches [p, p + bytes) ahead of use. A rank's blocks are every W-th block of a parameter,
+// so its residual rows are short runs in separate pages, where hardware prefetchers (which
+// stop at page boundaries) start cold at every row: prefetching the next row hides that.
+inline void prefetch_range(const void* p, int64_t bytes, bool for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) {
+    if (for_write)
+      __builtin_prefetch(c + i, 1, 3);
+    else
+      __builtin_prefetch(c + i, 0, 3);
+  }
+}
+
 inline uint32_t* flag_ptr(uint8_t* shard) { return reinterpret_cast<uint32_t*>(shard); }
 inline uint32_t flag_of(const uint8_t* shard) { return *reinterpret_cast<const uint32_t*>(shard); }
 
@@ -37,7 +50,8 @@ void zero_unused(uint8_t* shard, int64_t slots) {
   std::memset(shard + shard_scale_pad_begin(slots), 0, shard_codes_offset(slots) - shard_scale_pad_begin(slots));
 }
 
-// Quantize a[0, len) (zero beyond) into codes[0, B); returns the scale. When `residual` is
+// Quantize a[0, len) (zero beyond), whose absmax bits the caller folded into `m` while
+// writing `a` (one pass fewer), into codes[0, B); returns the scale. When `residual` is
 // set, writes the error of each valid element there, times `gain`, added (`accumulate`,
 // pass 2) or stored (pass 1). A non-finite block sends nothing; pass 1 then keeps the old
 // residual where a is finite and clears it where not (the step is poisoned or skipped by
@@ -45,10 +59,8 @@ void zero_unused(uint8_t* shard, int64_t slots) {
 // The loops are branch-free over the block so the compiler vectorizes them; every value
 // is the same IEEE operation sequence as codec.h's per-value functions.
 template <int Bits>
-float encode_block(const float* a, int64_t len, int64_t block, int8_t* codes, float* residual, bool accumulate,
-                   float gain, bool* nonfinite) {
-  uint32_t m = 0;
-  for (int64_t i = 0; i < len; ++i) m = absmax_bits_update(m, a[i]);
+float encode_block(const float* a, uint32_t m, int64_t len, int64_t block, int8_t* codes, float* residual,
+                   bool accumulate, float gain, bool* nonfinite) {
   const BlockScale bs = block_scale<Bits>(m);
   const float scale = bs.scale, inv = bs.inv;
   if (!scale_usable(bs)) {
@@ -105,13 +117,20 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
       int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * block;
       const int64_t off = t[0], len = t[1];
       float* res = residual_ptr(t);
+      uint32_t m = 0;
       if (res) {
-        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(E::load(bucket, off + i), res[i]);
+        for (int64_t i = 0; i < len; ++i) {
+          a[i] = add_rn(E::load(bucket, off + i), res[i]);
+          m = absmax_bits_update(m, a[i]);
+        }
       } else {
-        for (int64_t i = 0; i < len; ++i) a[i] = E::load(bucket, off + i);
+        for (int64_t i = 0; i < len; ++i) {
+          a[i] = E::load(bucket, off + i);
+          m = absmax_bits_update(m, a[i]);
+        }
       }
       bool bad = false;
-      scales[slot] = encode_block<8>(a, len, block, codes, res, false, 1.0f, &bad);
+      scales[slot] = encode_block<8>(a, m, len, block, codes, res, false, 1.0f, &bad);
       if (bad) {
 #pragma omp atomic
         *flag_ptr(shard) |= 1u;
@@ -151,18 +170,47 @@ void reduce(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t 
     for (int64_t slot = 0; slot < slots; ++slot) {
       const int64_t* t = my_rows + slot * kRowWords;
       const int64_t len = t[1];
-      for (int64_t i = 0; i < block; ++i) a[i] = 0.0f;
-      for (int64_t src = 0; src < world; ++src) {  // rank order: the sum is the same everywhere
-        const uint8_t* shard = recv + src * sb;
-        const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
-        const int8_t* codes = reinterpret_cast<const int8_t*>(shard + codes_off) + slot * block;
-        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequantize<8>(codes[i], scale));
-        // A NaN scale must poison the block even where its codes are 0 (q·NaN is NaN, so it does).
+      if (slot + 1 < slots) {
+        const int64_t* next = t + kRowWords;
+        if (float* r = residual_ptr(next)) prefetch_range(r, next[1] * 4, true);
       }
-      for (int64_t i = 0; i < len; ++i) a[i] = mul_rn(a[i], inv_w);
+      // Rank order: the sum is the same everywhere. It starts from +0 as the CUDA pass does (0 + d
+      // is not d for d = -0); the first and last ranks' loops also do the zeroing and the
+      // averaging and absmax, so `a` is walked once per rank. A NaN scale poisons the block
+      // even where its codes are 0 (q·NaN is NaN).
+      auto codes_of = [&](int64_t src) {
+        return reinterpret_cast<const int8_t*>(recv + src * sb + codes_off) + slot * block;
+      };
+      auto scale_of = [&](int64_t src) {
+        return reinterpret_cast<const float*>(recv + src * sb + shard_scales_offset())[slot];
+      };
+      uint32_t m = 0;
+      if (world == 1) {
+        const int8_t* c = codes_of(0);
+        const float sc = scale_of(0);
+        for (int64_t i = 0; i < len; ++i) {
+          a[i] = mul_rn(add_rn(0.0f, dequantize<8>(c[i], sc)), inv_w);
+          m = absmax_bits_update(m, a[i]);
+        }
+      } else {
+        const int8_t* c = codes_of(0);
+        float sc = scale_of(0);
+        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequantize<8>(c[i], sc));
+        for (int64_t src = 1; src + 1 < world; ++src) {
+          c = codes_of(src);
+          sc = scale_of(src);
+          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequantize<8>(c[i], sc));
+        }
+        c = codes_of(world - 1);
+        sc = scale_of(world - 1);
+        for (int64_t i = 0; i < len; ++i) {
+          a[i] = mul_rn(add_rn(a[i], dequantize<8>(c[i], sc)), inv_w);
+          m = absmax_bits_update(m, a[i]);
+        }
+      }
       int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * block;
       bool bad = false;
-      out_scales[slot] = encode_block<8>(a, len, block, codes, residual_ptr(t), true, world_f, &bad);
+      out_scales[slot] = encode_block<8>(a, m, len, block, codes, residual_ptr(t), true, world_f, &bad);
       if (bad) {
 #pragma omp atomic
         *flag_ptr(slice) |= 1u;

@@ -28,7 +28,9 @@ void check(cudaError_t err, const char* what) {
 }
 
 void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
-  if (bits != 8) throw std::invalid_argument("gradcomp: only 8-bit codes are implemented, got " + std::to_string(bits));
+  if (bits != 8)
+    throw std::invalid_argument("gradcomp: the CUDA backend implements 8-bit codes only so far, got " +
+                                std::to_string(bits) + " bits");
   if (block < 32 || block > 4096 || (block & (block - 1)) != 0)
     throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
                                 std::to_string(block));
@@ -418,24 +420,14 @@ void with_dtype(DType d, F&& f) {
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }
 
-// Makes `device` current for one entry point and restores the caller's device after, so a
-// launch never changes which device the caller's later CUDA calls go to.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "get device");
-    if (previous_ != device) check(cudaSetDevice(device), "set device");
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
+// Makes `device` current for the launch. The caller (python/gradcomp/ops.py) wraps the call
+// in torch's device guard, which restores the previous device the way torch does (without
+// creating a context on a device that has none), so this is a no-op in practice.
+void use_device(int device) {
+  int now = -1;
+  check(cudaGetDevice(&now), "get device");
+  if (now != device) check(cudaSetDevice(device), "set device");
+}
 
 }  // namespace
 
@@ -463,7 +455,7 @@ int cuda_runtime_version() { return CUDART_VERSION; }
 void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
                        int64_t slots, uint8_t* send, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  const DeviceGuard guard(device);
+  use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   zero_headers<<<1, 32, 0, s>>>(send, world, slots, sb);
@@ -485,7 +477,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket,
 void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
                        int64_t slots, uint8_t* slice, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  const DeviceGuard guard(device);
+  use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   reduce_header<<<1, 32, 0, s>>>(recv, world, slots, sb, slice);
@@ -502,7 +494,7 @@ void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64
 void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
                        int64_t world, int64_t slots, void* bucket, int device, intptr_t stream) {
   check_args(bits, block, world, slots);
-  const DeviceGuard guard(device);
+  use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
   const int64_t rows = world * slots;

@@ -28,6 +28,7 @@ from . import _C
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
+CODE_BITS = (8, 4, 2, 1)  # 1: scaled sign
 PAYLOAD_ALIGN = 16
 _cuda_compiled: bool | None = None
 
@@ -40,8 +41,8 @@ def shard_bytes(slots: int, block: int, bits: int = 8) -> int:
 def _check_block(block: int, bits: int) -> None:
     if block not in BLOCK_SIZES:
         raise ValueError(f"gradcomp: block size must be a power of two in [32, 4096], got {block}")
-    if bits != 8:
-        raise ValueError(f"gradcomp: only 8-bit codes are implemented, got bits={bits}")
+    if bits not in CODE_BITS:
+        raise ValueError(f"gradcomp: codes are 8, 4, 2 or 1 (scaled sign) bits, got bits={bits}")
 
 
 def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=None, aligned=False) -> None:
@@ -75,7 +76,11 @@ def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) 
         if not _cuda_compiled:
             raise RuntimeError("gradcomp was built without CUDA; CUDA tensors cannot be encoded")
         stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
+        if torch.cuda.current_device() == device.index:
+            getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
+        else:  # torch's guard restores the caller's device afterwards
+            with torch.cuda.device(device):
+                getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
 
 
 def _check_table(table, name: str, rows: int, block: int, device, numel: int | None = None) -> None:

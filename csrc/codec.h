@@ -174,14 +174,20 @@ struct Elem<DType::BF16> {
 };
 
 // ---------------------------------------------------------------- symmetric quantizer
-// Block-wise absmax quantization to signed `Bits`-bit codes in [-qmax, qmax].
-// scale = absmax / qmax; q = round_half_even(a / scale); value = q · scale.
+// Bits 8, 4, 2: block-wise absmax quantization to signed codes in [-qmax, qmax]
+// (qmax 127, 7, 1); scale = absmax / qmax; q = round_half_even(a / scale); value = q · scale.
+// Bits 1: scaled sign (EF-signSGD, 1-bit Adam): q = -1 for a < 0, else +1; scale = the
+// block's mean |a|; value = q · scale.
 template <int Bits>
 struct Quant {
-  static_assert(Bits == 8, "only 8-bit codes are implemented");
-  static constexpr int qmax = (1 << (Bits - 1)) - 1;
+  static_assert(Bits == 8 || Bits == 4 || Bits == 2 || Bits == 1, "codes are 8, 4, 2 or 1 bits");
+  static constexpr int qmax = Bits == 1 ? 1 : (1 << (Bits - 1)) - 1;
   static constexpr float qmax_f = static_cast<float>(qmax);
+  static constexpr uint32_t mask = (1u << Bits) - 1u;
+  static constexpr int per_byte = 8 / Bits;
 };
+
+constexpr bool is_valid_bits(int bits) { return bits == 8 || bits == 4 || bits == 2 || bits == 1; }
 
 // Round half to even for |v| < 2^22 without a libm call: adding 1.5·2^23 leaves no
 // fraction bits, so the add itself rounds (to nearest even), and the subtract is exact.
@@ -204,6 +210,7 @@ struct BlockScale {
 
 template <int Bits>
 GC_HD BlockScale block_scale(uint32_t absmax_bits) {
+  static_assert(Bits != 1, "the sign codec's scale is sign_scale()");
   const float absmax = bits_f32(absmax_bits);
   if (!is_finite(absmax)) return {quiet_nan(), 0.0f};
   const float inv = div_rn(Quant<Bits>::qmax_f, absmax);
@@ -215,16 +222,101 @@ GC_HD BlockScale block_scale(uint32_t absmax_bits) {
   return {scale, inv};
 }
 
+// ---------------------------------------------------------------- scaled sign's mean |a|
+// The mean must not depend on the order values are added in (a CPU vector loop and a warp
+// tree add in different orders), so |a| is summed exactly, in 64-bit fixed point relative to
+// the block's absmax: value v = m · 2^(e-150) (m the 24-bit significand, e the biased
+// exponent) becomes m · 2^(e + 27 - E) truncated (E the absmax's biased exponent), below
+// 2^51; 4096 of them stay below 2^63. Integer adds are exact, so any order gives one sum.
+GC_HD int fixed_exponent(uint32_t absmax_bits) {
+  const int e = static_cast<int>(absmax_bits >> 23);
+  return e == 0 ? 1 : e;  // subnormals share exponent 1's scale
+}
+
+GC_HD uint64_t abs_fixed(float v, int absmax_exp) {
+  const uint32_t b = abs_bits(v);
+  const int e = static_cast<int>(b >> 23);
+  const uint64_t m = e == 0 ? (b & 0x7fffffu) : ((b & 0x7fffffu) | 0x800000u);
+  const int shift = (e == 0 ? 1 : e) + 27 - absmax_exp;  // <= 27
+  if (shift >= 0) return m << shift;
+  return shift > -64 ? m >> -shift : 0u;
+}
+
+GC_HD float u64_to_f32_rn(uint64_t v) {
+#if defined(__CUDA_ARCH__)
+  return __ull2float_rn(v);
+#else
+  return static_cast<float>(v);  // round to nearest: the default rounding mode
+#endif
+}
+
+// 2^k for k in [-149, 127], exact.
+GC_HD float exp2_exact(int k) {
+  return k >= -126 ? bits_f32(static_cast<uint32_t>(k + 127) << 23) : bits_f32(1u << (k + 149));
+}
+
+// Scale of a sign block from its absmax bits, its fixed-point |a| sum and its valid length:
+// fl(fl(fl(sum) · 2^(E-127)) · 2^-50) / len (each step one rounding; both powers exact).
+// Non-finite absmax -> NaN; a zero mean (all zero, or underflow) -> 0, unusable.
+GC_HD BlockScale sign_scale(uint32_t absmax_bits, uint64_t abs_sum, int64_t len) {
+  const float absmax = bits_f32(absmax_bits);
+  if (!is_finite(absmax)) return {quiet_nan(), 0.0f};
+  if (absmax_bits == 0 || len == 0) return {0.0f, 0.0f};
+  const int E = fixed_exponent(absmax_bits);
+  const float sum = mul_rn(mul_rn(u64_to_f32_rn(abs_sum), exp2_exact(E - 127)), exp2_exact(-50));
+  const float mean = div_rn(sum, static_cast<float>(len));
+  if (!(mean > 0.0f)) return {0.0f, 0.0f};
+  return {mean, 1.0f};  // inv is unused by the sign quantizer: 1 marks the block usable
+}
+
 // Whether a block quantizes (inv > 0); otherwise every code is 0.
 GC_HD bool scale_usable(BlockScale s) { return s.inv > 0.0f; }
 
 // Code of one value as a float, for a usable block: round_half_even(a · inv) clamped to
-// [-qmax, qmax]. Branch-free, so the CPU loop over a block vectorizes.
+// [-qmax, qmax], or the sign. Branch-free, so the CPU loop over a block vectorizes.
 template <int Bits>
 GC_HD float quantize_usable(float a, float inv) {
-  const float lim = Quant<Bits>::qmax_f;
-  const float v = round_half_even(mul_rn(a, inv));
-  return v > lim ? lim : (v < -lim ? -lim : v);
+  if constexpr (Bits == 1) {
+    return a < 0.0f ? -1.0f : 1.0f;
+  } else {
+    const float lim = Quant<Bits>::qmax_f;
+    const float v = round_half_even(mul_rn(a, inv));
+    return v > lim ? lim : (v < -lim ? -lim : v);
+  }
+}
+
+// ---------------------------------------------------------------- packing
+// A block's codes are B·Bits/8 bytes; value i of the block sits in byte i·Bits/8 at bit
+// (i·Bits) mod 8, least significant first. A field is the code's two's complement in Bits
+// bits; for the sign codec, bit 1 means -1 and 0 means +1 (so an all-zero block decodes to
+// +0·scale).
+template <int Bits>
+GC_HD uint32_t code_field(int q) {
+  if constexpr (Bits == 1) {
+    return q < 0 ? 1u : 0u;
+  } else {
+    return static_cast<uint32_t>(q) & Quant<Bits>::mask;
+  }
+}
+
+template <int Bits>
+GC_HD int field_code(uint32_t field) {
+  if constexpr (Bits == 1) {
+    return (field & 1u) ? -1 : 1;
+  } else {
+    return static_cast<int32_t>(field << (32 - Bits)) >> (32 - Bits);  // sign-extend
+  }
+}
+
+// Code i of a packed block.
+template <int Bits>
+GC_HD int code_at(const uint8_t* codes, int64_t i) {
+  if constexpr (Bits == 8) {
+    return static_cast<int8_t>(codes[i]);
+  } else {
+    const uint32_t byte = codes[i / Quant<Bits>::per_byte];
+    return field_code<Bits>((byte >> ((i % Quant<Bits>::per_byte) * Bits)) & Quant<Bits>::mask);
+  }
 }
 
 // Code of one value for any block.
@@ -262,7 +354,7 @@ GC_HD int64_t shard_codes_offset(int64_t slots) { return kHeaderBytes + round_up
 // The bytes no value lives in (header after the flag, scale padding) are written as zeros,
 // so a payload is a pure function of the input: no uninitialized memory goes on the wire.
 GC_HD int64_t shard_scale_pad_begin(int64_t slots) { return kHeaderBytes + 4 * slots; }
-GC_HD int64_t block_code_bytes(int64_t block, int bits) { return block * bits / 8; }
+GC_HD int64_t block_code_bytes(int64_t block, int bits) { return block * bits / 8; }  // B >= 32: whole words
 GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
   return shard_codes_offset(slots) + slots * block_code_bytes(block, bits);
 }

@@ -13,9 +13,33 @@ import torch
 QMAX = 127.0
 
 
-def block_quantize(a: torch.Tensor, block: int):
+def qmax_of(bits: int) -> float:
+    return float((1 << (bits - 1)) - 1)
+
+
+def sign_mean_abs(blocks: torch.Tensor, absmax: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The scaled-sign codec's scale: each block's mean |a| over its valid values, the sum
+    taken exactly in 64-bit fixed point relative to the block's absmax (each |a| truncated to
+    a multiple of 2^(E-177), E the absmax's biased exponent, subnormals counted as exponent 1),
+    then fl(fl(fl(sum) · 2^(E-127)) · 2^-50) / len. Blocks with absmax 0, a zero mean or
+    non-finite values are handled by the caller."""
+    bits = blocks.abs().view(torch.int32).to(torch.int64)
+    e = bits >> 23
+    m = torch.where(e == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
+    big_e = (absmax.view(torch.int32).to(torch.int64) >> 23).clamp(min=1)
+    shift = e.clamp(min=1) + 27 - big_e[:, None]
+    fixed = torch.where(shift >= 0, m << shift.clamp(min=0), m >> (-shift).clamp(max=63))
+    total = fixed.sum(dim=1)  # exact: every term < 2^51, at most 4096 terms
+    p1 = torch.pow(torch.tensor(2.0, dtype=torch.float64), (big_e - 127).double()).float()
+    p2 = torch.tensor(2.0**-50, dtype=torch.float32)
+    return (total.float() * p1 * p2) / lengths.float()
+
+
+def block_quantize(a: torch.Tensor, block: int, bits: int = 8):
     """a: [n] float32 (one parameter's values). Returns (scales [nb], codes [nb, block]
-    int8, dequantized [n], nonfinite [nb] bool), blocks padded with zeros."""
+    int8, dequantized [n], nonfinite [nb] bool), blocks padded with zeros. bits 8, 4, 2:
+    absmax quantization to [-qmax, qmax]; bits 1: scaled sign (code -1 for a < 0, else +1;
+    scale = the block's mean |a|)."""
     n = a.numel()
     nb = -(-n // block)
     padded = torch.zeros(nb * block, dtype=torch.float32)
@@ -24,11 +48,23 @@ def block_quantize(a: torch.Tensor, block: int):
     absval = blocks.abs()
     nonfinite = ~torch.isfinite(blocks).all(dim=1)
     absmax = absval.amax(dim=1)
+    if bits == 1:
+        lengths = (n - torch.arange(nb) * block).clamp(max=block)
+        mean = sign_mean_abs(blocks, absmax, lengths)
+        usable = ~nonfinite & (absmax > 0) & (mean > 0)
+        scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")),
+                             torch.where(usable, mean, torch.zeros_like(mean)))
+        q = torch.where(blocks < 0, -1.0, 1.0)
+        q = torch.where(usable[:, None], q, torch.zeros_like(q))
+        deq = (q * scales[:, None]).reshape(-1)[:n]
+        deq = torch.where(usable.repeat_interleave(block)[:n], deq, torch.zeros_like(deq))
+        return scales, q.to(torch.int8), deq, nonfinite
+    QMAX = qmax_of(bits)
     inv = torch.tensor(QMAX) / absmax  # quantize by multiplying with qmax / absmax
     usable = ~nonfinite & torch.isfinite(inv)  # absmax 0, or so tiny qmax / absmax overflows: codes 0
     scales = torch.where(nonfinite, torch.full_like(absmax, float("nan")),
                          torch.where(usable, absmax / torch.tensor(QMAX), torch.zeros_like(absmax)))
-    # near FLT_MAX, 127 * scale can overflow: the scale steps one ulp down
+    # near FLT_MAX, qmax * scale can overflow: the scale steps one ulp down
     overflow = ~torch.isfinite(scales * torch.tensor(QMAX)) & usable
     scales = torch.where(overflow, torch.nextafter(scales, torch.zeros_like(scales)), scales)
     safe_inv = torch.where(usable, inv, torch.zeros_like(inv))
@@ -39,13 +75,37 @@ def block_quantize(a: torch.Tensor, block: int):
     return scales, q.to(torch.int8), deq, nonfinite
 
 
-def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int):
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [nb, B] int8 → the wire's [nb, B·bits/8] uint8: value i in byte i·bits/8 at bit
+    (i·bits) mod 8, least significant first; a field is the code's two's complement in `bits`
+    bits, and for the sign codec (bits 1) 1 means -1, 0 means +1 (or a zero block)."""
+    c = codes.to(torch.int64)
+    field = (c < 0).to(torch.int64) if bits == 1 else c & ((1 << bits) - 1)
+    per = 8 // bits
+    field = field.view(codes.shape[0], -1, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    return (field << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of pack_codes for the field values: [nb, B·bits/8] uint8 → [nb, B] int8
+    (a sign field decodes to -1 or +1)."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    field = (packed.to(torch.int64)[:, :, None] >> shifts) & ((1 << bits) - 1)
+    field = field.reshape(packed.shape[0], -1)
+    if bits == 1:
+        return torch.where(field == 1, -1, 1).to(torch.int8)
+    return torch.where(field >= (1 << (bits - 1)), field - (1 << bits), field).to(torch.int8)
+
+
+def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int, bits: int = 8):
     """Pass 1 for one parameter. x: [n] any float dtype; residual: [n] float32 or None.
     Returns (scales, codes, new_residual or None, nonfinite)."""
     a = x.float()
     if residual is not None:
         a = a + residual
-    scales, codes, deq, nonfinite = block_quantize(a, block)
+    scales, codes, deq, nonfinite = block_quantize(a, block, bits)
     new_res = None
     if residual is not None:
         new_res = a - deq
@@ -56,7 +116,7 @@ def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int):
 
 
 def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
-                         owners: torch.Tensor) -> SimpleNamespace:
+                         owners: torch.Tensor, bits: int = 8) -> SimpleNamespace:
     """The whole compressed all-reduce of one parameter over W ranks, piece by piece.
 
     xs[r]: rank r's gradient [n]; residuals[r]: its residual [n] or None; owners: [nb]
@@ -67,13 +127,13 @@ def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | 
     world = len(xs)
     n = xs[0].numel()
     assert owners.numel() == -(-n // block)
-    stage1 = [encode_ef(x, r, block) for x, r in zip(xs, residuals)]
+    stage1 = [encode_ef(x, r, block, bits) for x, r in zip(xs, residuals)]
     total = torch.zeros(n, dtype=torch.float32)
     for scales, codes, _, _ in stage1:  # rank order
         total = total + (codes.float() * scales[:, None]).reshape(-1)[:n]
     mean = total * (torch.tensor(1.0) / torch.tensor(float(world)))  # x * fl(1/W)
-    scales2, codes2, _, nonfinite2 = block_quantize(mean, block)
-    sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]  # int8 codes: no -0.0
+    scales2, codes2, _, nonfinite2 = block_quantize(mean, block, bits)
+    sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]  # integer codes, scale >= 0: no -0.0
     out = torch.full_like(sent, float("nan")) if nonfinite2.any() else sent
     res_after = [s[2] for s in stage1]
     if residuals[0] is not None:
@@ -87,7 +147,7 @@ def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | 
 
 
 def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
-                    owners: torch.Tensor):
+                    owners: torch.Tensor, bits: int = 8):
     """(what every rank decodes [n] float32, the new residuals) of compressed_allreduce."""
-    r = compressed_allreduce(xs, residuals, block, owners)
+    r = compressed_allreduce(xs, residuals, block, owners, bits)
     return r.out, r.res_after

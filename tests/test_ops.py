@@ -15,11 +15,13 @@ import zlib
 import pytest
 import torch
 from gradcomp import layout, ops
-from reference import compressed_allreduce, compressed_mean
+from reference import compressed_allreduce, compressed_mean, pack_codes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKS = [32, 256, 4096]
 WORLDS = [1, 2, 3, 4]
+BITS = [8, 4, 2, 1]
+BIT_IDS = ["int8", "int4", "int2", "sign"]
 HEADER = 16
 
 
@@ -45,14 +47,15 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
                              f"got {got[i].item()!r}, want {want[i].item()!r}")
 
 
-def split_shard(shard: torch.Tensor, slots: int, block: int):
+def split_shard(shard: torch.Tensor, slots: int, block: int, bits: int = 8):
     """A [SB] uint8 shard → (flag word, the 12 other header bytes, scales [S], scale padding
-    bytes, codes [S, B] int8)."""
-    assert shard.numel() == ops.shard_bytes(slots, block)
+    bytes, codes: [S, B] int8 for 8 bits, else the packed [S, B·bits/8] uint8)."""
+    assert shard.numel() == ops.shard_bytes(slots, block, bits)
     codes_off = HEADER + -(-4 * slots // 16) * 16
     flag = int(shard[:4].clone().view(torch.int32)[0])
     scales = shard[HEADER : HEADER + 4 * slots].clone().view(torch.float32)
-    codes = shard[codes_off:].clone().view(torch.int8).view(slots, block)
+    codes = shard[codes_off:].clone()
+    codes = codes.view(torch.int8).view(slots, block) if bits == 8 else codes.view(slots, block * bits // 8)
     return flag, shard[4:HEADER], scales, shard[HEADER + 4 * slots : codes_off], codes
 
 
@@ -67,7 +70,7 @@ def param_slices(numels, block, world):
     return out
 
 
-def exchange(xs, numels, block, world, residuals=None):
+def exchange(xs, numels, block, world, residuals=None, bits=8):
     """Simulated compressed all-reduce. xs[w]: rank w's bucket; residuals[w]: rank w's list of
     per-parameter float32 residuals (updated in place), or None for no error feedback."""
     tables = []
@@ -76,18 +79,18 @@ def exchange(xs, numels, block, world, residuals=None):
         tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world))
     for t in tables[1:]:  # every rank lays the bucket out the same way
         assert torch.equal(t.table[:, :2], tables[0].table[:, :2])
-    S, sb = tables[0].slots, tables[0].shard_bytes()
+    S, sb = tables[0].slots, tables[0].shard_bytes(bits)
 
     def snap():
         return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
 
-    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block) for w in range(world)]
+    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block, bits=bits) for w in range(world)]
     res_enc = snap()
     recvs = [torch.cat([sends[src][w * sb : (w + 1) * sb] for src in range(world)]) for w in range(world)]
-    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block) for w in range(world)]
+    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block, bits=bits) for w in range(world)]
     res_red = snap()
     gathered = torch.cat(slices)
-    outs = [ops.quant_decode(gathered, tables[w].table, world, S, block, torch.full_like(xs[w], 1234.0))
+    outs = [ops.quant_decode(gathered, tables[w].table, world, S, block, torch.full_like(xs[w], 1234.0), bits=bits)
             for w in range(world)]
     return types.SimpleNamespace(tables=tables, slots=S, sb=sb, sends=sends, recvs=recvs, slices=slices,
                                  gathered=gathered, outs=outs, res_enc=res_enc, res_red=res_red)
@@ -98,7 +101,7 @@ def row_index(table: torch.Tensor) -> dict:
     return {int(o): i for i, (o, ln) in enumerate(table[:, :2].tolist()) if ln > 0}
 
 
-def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype):
+def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype, bits=8):
     """Everything bit for bit: payloads, slices, residuals after each pass, decoded output.
 
     The output and residuals are reference.compressed_mean's. Two bucket-level facts it does
@@ -111,16 +114,20 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
     S = ex.slots
     for w in range(world):  # every rank decodes the same bits
         assert_bits_equal(ex.outs[w], ex.outs[0], f"rank {w} output vs rank 0")
-    send_parts = [[split_shard(ex.sends[w][o * ex.sb : (o + 1) * ex.sb], S, block) for o in range(world)]
+    send_parts = [[split_shard(ex.sends[w][o * ex.sb : (o + 1) * ex.sb], S, block, bits) for o in range(world)]
                   for w in range(world)]
-    slice_parts = [split_shard(s, S, block) for s in ex.slices]
+    slice_parts = [split_shard(s, S, block, bits) for s in ex.slices]
+
+    def wire(codes):  # the reference's codes as the payload carries them
+        return codes if bits == 8 else pack_codes(codes[None], bits)[0]
+
     params = [p for p in enumerate(param_slices(numels, block, world)) if p[1][1] > 0]
     expected = {}
     for p, (off, n, owners) in params:
         xs_p = [x[off : off + n] for x in xs]
         res_p = [rr[p] for rr in residuals_before] if residuals_before is not None else [None] * world
-        orc = compressed_allreduce(xs_p, res_p, block, owners)
-        mean, new_res = compressed_mean(xs_p, res_p, block, owners)
+        orc = compressed_allreduce(xs_p, res_p, block, owners, bits)
+        mean, new_res = compressed_mean(xs_p, res_p, block, owners, bits)
         if not orc.nonfinite2.any():
             assert all(torch.equal(a, b) for a, b in zip(orc.res_after, new_res) if a is not None)
         expected[p] = (orc, mean)
@@ -145,11 +152,11 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
             for w in range(world):
                 _, _, scales, _, codes = send_parts[w][o]
                 assert_bits_equal(scales[s], orc.stage1[w][0][j], f"param {p} block {j} scale from rank {w}")
-                assert torch.equal(codes[s], orc.stage1[w][1][j]), f"param {p} block {j} codes from rank {w}"
-                assert not codes[s, ln:].any()
+                assert torch.equal(codes[s], wire(orc.stage1[w][1][j])), f"param {p} block {j} codes from rank {w}"
+                assert not codes[s, ln * bits // 8 + 1 :].any()
             _, _, scales, _, codes = slice_parts[o]
             assert_bits_equal(scales[s], orc.scales2[j], f"param {p} block {j} reduced scale")
-            assert torch.equal(codes[s], orc.codes2[j]), f"param {p} block {j} reduced codes"
+            assert torch.equal(codes[s], wire(orc.codes2[j])), f"param {p} block {j} reduced codes"
 
 
 def rand_residuals(numels, world, g, scale=0.01):
@@ -161,22 +168,23 @@ def clone_res(residuals):
 
 
 # ------------------------------------------------------------------------------ bit-exactness
+@pytest.mark.parametrize("bits", BITS, ids=BIT_IDS)
 @pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("world", WORLDS)
-def test_matches_reference(world, dtype, block, ef):
+def test_matches_reference(world, dtype, block, ef, bits):
     # sizes: several blocks plus a tail, one element, exactly one block, one short of two
     # blocks, an empty parameter, a short one; 9 blocks in all (not a multiple of 2, 3 or 4)
     numels = [3 * block + 7, 1, block, 2 * block - 1, 0, 13]
     mags = [1.0, 3.0, 1e-3, 100.0, 1.0, 1e4]
-    g = gen("reference", world, str(dtype), block, ef)
+    g = gen("reference", world, str(dtype), block, ef, bits)
     xs = [torch.cat([torch.randn(n, generator=g) * m for n, m in zip(numels, mags)]).to(dtype)
           for _ in range(world)]
     residuals = rand_residuals(numels, world, g) if ef else None
     before = clone_res(residuals)
-    ex = exchange(xs, numels, block, world, residuals)
-    check_against_reference(ex, xs, before, numels, block, world, dtype)
+    ex = exchange(xs, numels, block, world, residuals, bits)
+    check_against_reference(ex, xs, before, numels, block, world, dtype, bits)
     assert torch.isfinite(ex.outs[0]).all()
 
 
@@ -574,7 +582,7 @@ BAD_CALLS = {
     "encode block 48": (ValueError, lambda a: _enc(a, block=48)),
     "encode block 16": (ValueError, lambda a: _enc(a, block=16)),
     "encode block 8192": (ValueError, lambda a: _enc(a, block=8192)),
-    "encode bits 4": (ValueError, lambda a: _enc(a, bits=4)),
+    "encode bits 3": (ValueError, lambda a: _enc(a, bits=3)),
     "reduce recv too small": (ValueError, lambda a: _red(a, recv=a.payload[:-1])),
     "reduce float recv": (TypeError, lambda a: _red(a, recv=torch.zeros(a.world * a.sb // 4))),
     "reduce whole table as rows": (ValueError, lambda a: _red(a, my_rows=a.table)),
@@ -591,7 +599,7 @@ BAD_CALLS = {
     "decode int32 table": (TypeError, lambda a: _dec(a, table=a.table.int())),
     "decode short table": (ValueError, lambda a: _dec(a, table=a.table[1:].contiguous())),
     "decode block 16": (ValueError, lambda a: _dec(a, block=16)),
-    "decode bits 4": (ValueError, lambda a: _dec(a, bits=4)),
+    "decode bits 16": (ValueError, lambda a: _dec(a, bits=16)),
     # wrong device ("meta" stands in for a device other than the bucket's on a CPU-only machine)
     "encode bucket on another device": (ValueError, lambda a: _enc(a, bucket=a.bucket.to("meta"))),
     "encode table on another device": (ValueError, lambda a: _enc(a, table=a.table.to("meta"))),

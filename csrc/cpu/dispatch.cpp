@@ -28,7 +28,8 @@ std::atomic<int>& current() {
 }
 
 void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
-  if (bits != 8) throw std::invalid_argument("gradcomp: only 8-bit codes are implemented, got " + std::to_string(bits));
+  if (!codec::is_valid_bits(bits))
+    throw std::invalid_argument("gradcomp: codes are 8, 4, 2 or 1 bits, got " + std::to_string(bits));
   if (block < 32 || block > kMaxBlock || (block & (block - 1)) != 0)
     throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
                                 std::to_string(block));
@@ -63,19 +64,19 @@ bool set_cpu_isa(const char* name) {
 void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
                       int64_t slots, uint8_t* send, int threads) {
   check_args(bits, block, world, slots);
-  GC_DISPATCH(encode, block, dtype, bucket, table, world, slots, send, std::max(threads, 1));
+  GC_DISPATCH(encode, bits, block, dtype, bucket, table, world, slots, send, std::max(threads, 1));
 }
 
 void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
                       int64_t slots, uint8_t* slice, int threads) {
   check_args(bits, block, world, slots);
-  GC_DISPATCH(reduce, block, recv, my_rows, world, slots, slice, std::max(threads, 1));
+  GC_DISPATCH(reduce, bits, block, recv, my_rows, world, slots, slice, std::max(threads, 1));
 }
 
 void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
                       int64_t world, int64_t slots, void* bucket, int threads) {
   check_args(bits, block, world, slots);
-  GC_DISPATCH(decode, block, dtype, gathered, table, world, slots, bucket, std::max(threads, 1));
+  GC_DISPATCH(decode, bits, block, dtype, gathered, table, world, slots, bucket, std::max(threads, 1));
 }
 
 }  // namespace gradcomp

@@ -51,20 +51,31 @@ void zero_unused(uint8_t* shard, int64_t slots) {
 }
 
 // Quantize a[0, len) (zero beyond), whose absmax bits the caller folded into `m` while
-// writing `a` (one pass fewer), into codes[0, B); returns the scale. When `residual` is
-// set, writes the error of each valid element there, times `gain`, added (`accumulate`,
-// pass 2) or stored (pass 1). A non-finite block sends nothing; pass 1 then keeps the old
-// residual where a is finite and clears it where not (the step is poisoned or skipped by
-// GradScaler anyway); pass 2 leaves the residual as pass 1 wrote it.
+// writing `a` (one pass fewer), into the block's packed codes[0, B·Bits/8); returns the
+// scale. When `residual` is set, writes the error of each valid element there, times `gain`,
+// added (`accumulate`, pass 2) or stored (pass 1). A non-finite block sends nothing; pass 1
+// then keeps the old residual where a is finite and clears it where not (the step is
+// poisoned or skipped by GradScaler anyway); pass 2 leaves the residual as pass 1 wrote it.
 // The loops are branch-free over the block so the compiler vectorizes them; every value
 // is the same IEEE operation sequence as codec.h's per-value functions.
 template <int Bits>
-float encode_block(const float* a, uint32_t m, int64_t len, int64_t block, int8_t* codes, float* residual,
+float encode_block(const float* a, uint32_t m, int64_t len, int64_t block, uint8_t* codes, float* residual,
                    bool accumulate, float gain, bool* nonfinite) {
-  const BlockScale bs = block_scale<Bits>(m);
+  BlockScale bs;
+  if constexpr (Bits == 1) {
+    uint64_t sum = 0;
+    if (is_finite(bits_f32(m)) && m != 0) {
+      const int E = fixed_exponent(m);
+      for (int64_t i = 0; i < len; ++i) sum += abs_fixed(a[i], E);
+    }
+    bs = sign_scale(m, sum, len);
+  } else {
+    bs = block_scale<Bits>(m);
+  }
   const float scale = bs.scale, inv = bs.inv;
+  const int64_t code_bytes = block_code_bytes(block, Bits);
   if (!scale_usable(bs)) {
-    std::memset(codes, 0, block);
+    std::memset(codes, 0, code_bytes);
     if (!is_finite(scale)) {
       *nonfinite = true;
       if (residual && !accumulate)
@@ -77,32 +88,45 @@ float encode_block(const float* a, uint32_t m, int64_t len, int64_t block, int8_
     }
     return scale;
   }
+  // 8-bit codes are written in place; narrower ones go through q and are packed after
+  int8_t q_small[Bits == 8 ? 1 : kMaxBlock];
+  int8_t* q = Bits == 8 ? reinterpret_cast<int8_t*>(codes) : q_small;
   if (residual && accumulate) {
     for (int64_t i = 0; i < len; ++i) {
-      const float q = quantize_usable<Bits>(a[i], inv);
-      codes[i] = static_cast<int8_t>(static_cast<int>(q));
-      residual[i] = add_rn(residual[i], mul_rn(gain, sub_rn(a[i], mul_rn(q, scale))));
+      const float qf = quantize_usable<Bits>(a[i], inv);
+      q[i] = static_cast<int8_t>(static_cast<int>(qf));
+      residual[i] = add_rn(residual[i], mul_rn(gain, sub_rn(a[i], mul_rn(qf, scale))));
     }
   } else if (residual) {
     for (int64_t i = 0; i < len; ++i) {
-      const float q = quantize_usable<Bits>(a[i], inv);
-      codes[i] = static_cast<int8_t>(static_cast<int>(q));
-      residual[i] = sub_rn(a[i], mul_rn(q, scale));
+      const float qf = quantize_usable<Bits>(a[i], inv);
+      q[i] = static_cast<int8_t>(static_cast<int>(qf));
+      residual[i] = sub_rn(a[i], mul_rn(qf, scale));
     }
   } else {
-    for (int64_t i = 0; i < len; ++i)
-      codes[i] = static_cast<int8_t>(static_cast<int>(quantize_usable<Bits>(a[i], inv)));
+    for (int64_t i = 0; i < len; ++i) q[i] = static_cast<int8_t>(static_cast<int>(quantize_usable<Bits>(a[i], inv)));
   }
-  std::memset(codes + len, 0, block - len);
+  if constexpr (Bits == 8) {
+    std::memset(codes + len, 0, block - len);
+  } else {
+    for (int64_t i = len; i < block; ++i) q[i] = 0;  // padding: field 0
+    constexpr int per = Quant<Bits>::per_byte;
+    for (int64_t k = 0; k < code_bytes; ++k) {
+      uint32_t byte = 0;
+      for (int j = 0; j < per; ++j) byte |= code_field<Bits>(q[k * per + j]) << (j * Bits);
+      codes[k] = static_cast<uint8_t>(byte);
+    }
+  }
   return scale;
 }
 
-template <DType D>
+template <int Bits, DType D>
 void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int64_t world, int64_t slots, uint8_t* send,
                  int threads) {
   using E = Elem<D>;
   const auto* bucket = static_cast<const typename E::storage*>(bucket_v);
-  const int64_t sb = shard_bytes(slots, block, 8);
+  const int64_t sb = shard_bytes(slots, block, Bits);
+  const int64_t code_bytes = block_code_bytes(block, Bits);
   for (int64_t r = 0; r < world; ++r) zero_unused(send + r * sb, slots);
   const int64_t rows = world * slots;
 #pragma omp parallel num_threads(threads)
@@ -114,7 +138,7 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
       const int64_t* t = table + (owner * slots + slot) * kRowWords;
       uint8_t* shard = send + owner * sb;
       float* scales = reinterpret_cast<float*>(shard + shard_scales_offset());
-      int8_t* codes = reinterpret_cast<int8_t*>(shard + shard_codes_offset(slots)) + slot * block;
+      uint8_t* codes = shard + shard_codes_offset(slots) + slot * code_bytes;
       const int64_t off = t[0], len = t[1];
       float* res = residual_ptr(t);
       uint32_t m = 0;
@@ -130,7 +154,7 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
         }
       }
       bool bad = false;
-      scales[slot] = encode_block<8>(a, m, len, block, codes, res, false, 1.0f, &bad);
+      scales[slot] = encode_block<Bits>(a, m, len, block, codes, res, false, 1.0f, &bad);
       if (bad) {
 #pragma omp atomic
         *flag_ptr(shard) |= 1u;
@@ -139,23 +163,18 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
   }
 }
 
-}  // namespace
-
-void encode(int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world, int64_t slots,
-            uint8_t* send, int threads) {
-  switch (dtype) {
-    case DType::F32:
-      return encode_impl<DType::F32>(block, bucket, table, world, slots, send, threads);
-    case DType::F16:
-      return encode_impl<DType::F16>(block, bucket, table, world, slots, send, threads);
-    case DType::BF16:
-      return encode_impl<DType::BF16>(block, bucket, table, world, slots, send, threads);
-  }
+// Value i of a packed block, dequantized. 8-bit codes are read as int8 directly, so that
+// loop vectorizes as before.
+template <int Bits>
+inline float dequant_at(const uint8_t* codes, int64_t i, float scale) {
+  return dequantize<Bits>(code_at<Bits>(codes, i), scale);
 }
 
-void reduce(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots, uint8_t* slice,
-            int threads) {
-  const int64_t sb = shard_bytes(slots, block, 8);
+template <int Bits>
+void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots,
+                 uint8_t* slice, int threads) {
+  const int64_t sb = shard_bytes(slots, block, Bits);
+  const int64_t code_bytes = block_code_bytes(block, Bits);
   const int64_t codes_off = shard_codes_offset(slots);
   uint32_t incoming = 0;
   for (int64_t src = 0; src < world; ++src) incoming |= flag_of(recv + src * sb);
@@ -178,39 +197,37 @@ void reduce(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t 
       // is not d for d = -0); the first and last ranks' loops also do the zeroing and the
       // averaging and absmax, so `a` is walked once per rank. A NaN scale poisons the block
       // even where its codes are 0 (q·NaN is NaN).
-      auto codes_of = [&](int64_t src) {
-        return reinterpret_cast<const int8_t*>(recv + src * sb + codes_off) + slot * block;
-      };
+      auto codes_of = [&](int64_t src) { return recv + src * sb + codes_off + slot * code_bytes; };
       auto scale_of = [&](int64_t src) {
         return reinterpret_cast<const float*>(recv + src * sb + shard_scales_offset())[slot];
       };
       uint32_t m = 0;
       if (world == 1) {
-        const int8_t* c = codes_of(0);
+        const uint8_t* c = codes_of(0);
         const float sc = scale_of(0);
         for (int64_t i = 0; i < len; ++i) {
-          a[i] = mul_rn(add_rn(0.0f, dequantize<8>(c[i], sc)), inv_w);
+          a[i] = mul_rn(add_rn(0.0f, dequant_at<Bits>(c, i, sc)), inv_w);
           m = absmax_bits_update(m, a[i]);
         }
       } else {
-        const int8_t* c = codes_of(0);
+        const uint8_t* c = codes_of(0);
         float sc = scale_of(0);
-        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequantize<8>(c[i], sc));
+        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequant_at<Bits>(c, i, sc));
         for (int64_t src = 1; src + 1 < world; ++src) {
           c = codes_of(src);
           sc = scale_of(src);
-          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequantize<8>(c[i], sc));
+          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequant_at<Bits>(c, i, sc));
         }
         c = codes_of(world - 1);
         sc = scale_of(world - 1);
         for (int64_t i = 0; i < len; ++i) {
-          a[i] = mul_rn(add_rn(a[i], dequantize<8>(c[i], sc)), inv_w);
+          a[i] = mul_rn(add_rn(a[i], dequant_at<Bits>(c, i, sc)), inv_w);
           m = absmax_bits_update(m, a[i]);
         }
       }
-      int8_t* codes = reinterpret_cast<int8_t*>(slice + codes_off) + slot * block;
+      uint8_t* codes = slice + codes_off + slot * code_bytes;
       bool bad = false;
-      out_scales[slot] = encode_block<8>(a, m, len, block, codes, residual_ptr(t), true, world_f, &bad);
+      out_scales[slot] = encode_block<Bits>(a, m, len, block, codes, residual_ptr(t), true, world_f, &bad);
       if (bad) {
 #pragma omp atomic
         *flag_ptr(slice) |= 1u;
@@ -219,14 +236,13 @@ void reduce(int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t 
   }
 }
 
-namespace {
-
-template <DType D>
+template <int Bits, DType D>
 void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, int64_t world, int64_t slots,
                  void* bucket_v, int threads) {
   using E = Elem<D>;
   auto* bucket = static_cast<typename E::storage*>(bucket_v);
-  const int64_t sb = shard_bytes(slots, block, 8);
+  const int64_t sb = shard_bytes(slots, block, Bits);
+  const int64_t code_bytes = block_code_bytes(block, Bits);
   const int64_t codes_off = shard_codes_offset(slots);
   uint32_t flagged = 0;
   for (int64_t r = 0; r < world; ++r) flagged |= flag_of(gathered + r * sb);
@@ -237,28 +253,80 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
     const int64_t* t = table + (owner * slots + slot) * kRowWords;
     const uint8_t* shard = gathered + owner * sb;
     const float scale = reinterpret_cast<const float*>(shard + shard_scales_offset())[slot];
-    const int8_t* codes = reinterpret_cast<const int8_t*>(shard + codes_off) + slot * block;
+    const uint8_t* codes = shard + codes_off + slot * code_bytes;
     const int64_t off = t[0], len = t[1];
     if (flagged) {
       for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, quiet_nan());
     } else {
-      for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, dequantize<8>(codes[i], scale));
+      for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, dequant_at<Bits>(codes, i, scale));
     }
+  }
+}
+
+template <int Bits>
+void encode_bits(int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world, int64_t slots,
+                 uint8_t* send, int threads) {
+  switch (dtype) {
+    case DType::F32:
+      return encode_impl<Bits, DType::F32>(block, bucket, table, world, slots, send, threads);
+    case DType::F16:
+      return encode_impl<Bits, DType::F16>(block, bucket, table, world, slots, send, threads);
+    case DType::BF16:
+      return encode_impl<Bits, DType::BF16>(block, bucket, table, world, slots, send, threads);
+  }
+}
+
+template <int Bits>
+void decode_bits(int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world,
+                 int64_t slots, void* bucket, int threads) {
+  switch (dtype) {
+    case DType::F32:
+      return decode_impl<Bits, DType::F32>(block, gathered, table, world, slots, bucket, threads);
+    case DType::F16:
+      return decode_impl<Bits, DType::F16>(block, gathered, table, world, slots, bucket, threads);
+    case DType::BF16:
+      return decode_impl<Bits, DType::BF16>(block, gathered, table, world, slots, bucket, threads);
+  }
+}
+
+template <int B>
+struct BitsTag {
+  static constexpr int value = B;
+};
+
+// Calls f(BitsTag<bits>) for a bits value check_args accepted.
+template <class F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 8:
+      return f(BitsTag<8>{});
+    case 4:
+      return f(BitsTag<4>{});
+    case 2:
+      return f(BitsTag<2>{});
+    default:
+      return f(BitsTag<1>{});
   }
 }
 
 }  // namespace
 
-void decode(int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world, int64_t slots,
-            void* bucket, int threads) {
-  switch (dtype) {
-    case DType::F32:
-      return decode_impl<DType::F32>(block, gathered, table, world, slots, bucket, threads);
-    case DType::F16:
-      return decode_impl<DType::F16>(block, gathered, table, world, slots, bucket, threads);
-    case DType::BF16:
-      return decode_impl<DType::BF16>(block, gathered, table, world, slots, bucket, threads);
-  }
+void encode(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
+            int64_t slots, uint8_t* send, int threads) {
+  with_bits(bits,
+            [&](auto b) { encode_bits<decltype(b)::value>(block, dtype, bucket, table, world, slots, send, threads); });
+}
+
+void reduce(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots,
+            uint8_t* slice, int threads) {
+  with_bits(bits, [&](auto b) { reduce_impl<decltype(b)::value>(block, recv, my_rows, world, slots, slice, threads); });
+}
+
+void decode(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world,
+            int64_t slots, void* bucket, int threads) {
+  with_bits(bits, [&](auto b) {
+    decode_bits<decltype(b)::value>(block, dtype, gathered, table, world, slots, bucket, threads);
+  });
 }
 
 }  // namespace GC_CPU_ISA

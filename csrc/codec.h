@@ -256,15 +256,18 @@ GC_HD float exp2_exact(int k) {
 }
 
 // Scale of a sign block from its absmax bits, its fixed-point |a| sum and its valid length:
-// fl(fl(fl(sum) · 2^(E-127)) · 2^-50) / len (each step one rounding; both powers exact).
+// min(fl(fl(fl(fl(sum) / len) · 2^-50) · 2^(E-127)), absmax) — each step one rounding, both
+// powers exact, dividing first so no step overflows; the min only bites near FLT_MAX, where
+// those roundings could carry the mean an ulp past the absmax (and so to Inf).
 // Non-finite absmax -> NaN; a zero mean (all zero, or underflow) -> 0, unusable.
 GC_HD BlockScale sign_scale(uint32_t absmax_bits, uint64_t abs_sum, int64_t len) {
   const float absmax = bits_f32(absmax_bits);
   if (!is_finite(absmax)) return {quiet_nan(), 0.0f};
   if (absmax_bits == 0 || len == 0) return {0.0f, 0.0f};
   const int E = fixed_exponent(absmax_bits);
-  const float sum = mul_rn(mul_rn(u64_to_f32_rn(abs_sum), exp2_exact(E - 127)), exp2_exact(-50));
-  const float mean = div_rn(sum, static_cast<float>(len));
+  const float per_value = div_rn(u64_to_f32_rn(abs_sum), static_cast<float>(len));
+  float mean = mul_rn(mul_rn(per_value, exp2_exact(-50)), exp2_exact(E - 127));
+  if (mean > absmax) mean = absmax;
   if (!(mean > 0.0f)) return {0.0f, 0.0f};
   return {mean, 1.0f};  // inv is unused by the sign quantizer: 1 marks the block usable
 }

@@ -21,8 +21,8 @@ def sign_mean_abs(blocks: torch.Tensor, absmax: torch.Tensor, lengths: torch.Ten
     """The scaled-sign codec's scale: each block's mean |a| over its valid values, the sum
     taken exactly in 64-bit fixed point relative to the block's absmax (each |a| truncated to
     a multiple of 2^(E-177), E the absmax's biased exponent, subnormals counted as exponent 1),
-    then fl(fl(fl(sum) · 2^(E-127)) · 2^-50) / len. Blocks with absmax 0, a zero mean or
-    non-finite values are handled by the caller."""
+    then min(fl(fl(fl(fl(sum) / len) · 2^-50) · 2^(E-127)), absmax). Blocks with absmax 0, a
+    zero mean or non-finite values are handled by the caller."""
     bits = blocks.abs().view(torch.int32).to(torch.int64)
     e = bits >> 23
     m = torch.where(e == 0, bits & 0x7FFFFF, (bits & 0x7FFFFF) | 0x800000)
@@ -32,7 +32,8 @@ def sign_mean_abs(blocks: torch.Tensor, absmax: torch.Tensor, lengths: torch.Ten
     total = fixed.sum(dim=1)  # exact: every term < 2^51, at most 4096 terms
     p1 = torch.pow(torch.tensor(2.0, dtype=torch.float64), (big_e - 127).double()).float()
     p2 = torch.tensor(2.0**-50, dtype=torch.float32)
-    return (total.float() * p1 * p2) / lengths.float()
+    mean = total.float() / lengths.float() * p2 * p1
+    return torch.minimum(mean, absmax)
 
 
 def block_quantize(a: torch.Tensor, block: int, bits: int = 8):

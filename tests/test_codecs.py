@@ -85,3 +85,16 @@ def test_equality_and_hash_by_config():
     assert a != "int8" and a != a.config()
     assert len({gradcomp.Int8(), codecs.parse("INT8"), codecs.parse("int8:ef=1"), codecs.parse("int8:ef=0"),
                 gradcomp.Int8(block_size=32)}) == 3
+
+
+@pytest.mark.parametrize(("cls", "name", "bits"), [(gradcomp.Int4, "int4", 4), (gradcomp.Int2, "int2", 2),
+                                                   (gradcomp.Sign, "sign", 1)])
+def test_low_bit_codecs_and_specs(cls, name, bits):
+    c = cls()
+    assert isinstance(c, codecs.BlockQuantizer) and c.name == name and c.bits == bits
+    assert c.config() == {"codec": name, "block_size": 256, "error_feedback": True}
+    assert codecs.parse(name) == c and type(codecs.parse(name)) is cls
+    assert codecs.parse(f"{name}:block=1024:ef=0") == cls(block_size=1024, error_feedback=False)
+    assert c != gradcomp.Int8() and hash(c) != hash(gradcomp.Int8())
+    with pytest.raises(ValueError, match="valid specs"):
+        codecs.parse(f"{name}:block=48")

@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 from . import _C
-from .codecs import Codec, Int8
+from .codecs import Codec, Int2, Int4, Int8, Sign
 from .hooks import GradcompError, State, comm_hook, register
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["Codec", "GradcompError", "Int8", "State", "build_info", "comm_hook", "cuda_available", "register"]
+__all__ = [
+    "Codec", "GradcompError", "Int2", "Int4", "Int8", "Sign", "State", "build_info", "comm_hook", "cuda_available",
+    "register",
+]
 
 
 def build_info() -> dict:

@@ -1,4 +1,5 @@
-"""Codec classes and the spec grammar ("int8", "int8:block=512", "int8:ef=0")."""
+"""Codec classes and the spec grammar: NAME[:OPTION...], e.g. "int8", "int4:block=512",
+"sign:block=1024", "int2:ef=0"."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import torch
 
 from .ops import BLOCK_SIZES
 
-__all__ = ["Codec", "Int8", "parse", "VALID_SPECS"]
+__all__ = ["Codec", "Int8", "Int4", "Int2", "Sign", "parse", "VALID_SPECS"]
 
-VALID_SPECS = ("int8", "int8:block=<32..4096, power of two>", "int8:ef=<0|1>")
+VALID_SPECS = ("int8", "int4", "int2", "sign", "<codec>:block=<32..4096, power of two>", "<codec>:ef=<0|1>")
 
 
 class Codec:
@@ -32,19 +33,21 @@ class Codec:
         return hash(tuple(sorted(self.config().items())))
 
 
-class Int8(Codec):
-    """Block-wise symmetric absmax quantization to int8 with an fp32 scale per block.
+class BlockQuantizer(Codec):
+    """Block-wise quantization with an fp32 scale per block (the base of Int8, Int4, Int2, Sign).
 
     Args:
         block_size: values per block, a power of two from 32 to 4096. Smaller blocks track
-            local magnitudes better; each block costs 4 bytes of scale (1.6% at 256).
+            local magnitudes better; each block costs 4 bytes of scale (32 bits per block:
+            0.125 bits per value at 256).
         error_feedback: keep what quantization dropped (per parameter, on each rank, in
             float32: 4 bytes per compressed parameter element) and add it to the next step's
             gradient, so the running sum of transmitted gradients tracks the true one.
+
+    On the wire: ``bits + 32 / block_size`` bits per value, plus 16 bytes per shard.
     """
 
-    name = "int8"
-    bits = 8
+    bits = 0
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self, block_size: int = 256, error_feedback: bool = True):
@@ -57,7 +60,37 @@ class Int8(Codec):
         return {"codec": self.name, "block_size": self.block_size, "error_feedback": self.error_feedback}
 
 
-_CODECS = {"int8": Int8}
+class Int8(BlockQuantizer):
+    """Symmetric absmax quantization to int8 codes in [-127, 127]: scale = absmax / 127."""
+
+    name = "int8"
+    bits = 8
+
+
+class Int4(BlockQuantizer):
+    """Symmetric absmax quantization to 4-bit codes in [-7, 7], two per byte."""
+
+    name = "int4"
+    bits = 4
+
+
+class Int2(BlockQuantizer):
+    """Symmetric absmax quantization to 2-bit codes in {-1, 0, 1} (scale = absmax), four per byte."""
+
+    name = "int2"
+    bits = 2
+
+
+class Sign(BlockQuantizer):
+    """Scaled sign (EF-signSGD, 1-bit Adam): one bit per value, -scale for a < 0 and +scale
+    otherwise, scale = the block's mean |a| (summed exactly, so every backend agrees). Use it
+    with error feedback: alone, the sign is a biased estimate."""
+
+    name = "sign"
+    bits = 1
+
+
+_CODECS = {c.name: c for c in (Int8, Int4, Int2, Sign)}
 
 
 def _bad_spec(spec, why: str) -> ValueError:

@@ -17,11 +17,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def make_model(layers: int, width: int, seed: int = 0, dtype=torch.float32) -> nn.Module:
+def make_model(layers: int, width: int, seed: int = 0, dtype=torch.float32, bias: bool = True) -> nn.Module:
     torch.manual_seed(seed)
     mods = []
     for _ in range(layers):
-        mods += [nn.Linear(width, width), nn.Tanh()]
+        mods += [nn.Linear(width, width, bias=bias), nn.Tanh()]
     return nn.Sequential(*mods).to(dtype)
 
 
@@ -73,7 +73,8 @@ def scenario_train(rank, world, args):
     elif args.get("permuted"):
         model, twin = Permuted(layers, width, dtype), Permuted(layers, width, dtype)
     else:
-        model, twin = make_model(layers, width, dtype=dtype), make_model(layers, width, dtype=dtype)
+        bias = args.get("bias", True)
+        model, twin = make_model(layers, width, dtype=dtype, bias=bias), make_model(layers, width, dtype=dtype, bias=bias)
     twin.load_state_dict(model.state_dict())
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused)
     kwargs = args.get("state", {})

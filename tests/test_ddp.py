@@ -38,6 +38,27 @@ def test_replicas_identical_and_close_to_exact_mean(tmp_path, world):
     assert st["codec_seconds"] > 0
 
 
+# per-step accuracy only for int4: int2 and sign send little of each step and catch up through
+# error feedback (its property is tested on the ops, test_low_bit_error_feedback_...)
+@pytest.mark.parametrize(("codec", "min_ratio", "max_rel"), [("int4", 7.5, 0.3), ("int2", 14.0, None),
+                                                         ("sign", 25.0, None)])
+def test_low_bit_codecs_replicas_and_wire_ratio(tmp_path, codec, min_ratio, max_rel):
+    """4 ranks, 8 buckets, parameters much larger than W * block and none exact: every rank
+    gets the same gradient, and the wire ratio is what the format promises (32 / (bits +
+    32/256) less headers and scale padding: 7.76x, 15.06x, 28.4x at most)."""
+    steps = 3
+    outs = _train(tmp_path, 4, steps=steps, codec=codec, width=256, layers=8, bias=False, bucket_cap_mb=0.2)
+    for s in range(steps):
+        for r in range(1, 4):
+            assert torch.equal(outs[0]["grads"][s], outs[r]["grads"][s]), f"rank {r} drifted at step {s}"
+        assert torch.isfinite(outs[0]["grads"][s]).all()
+        if max_rel is not None:
+            assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < max_rel
+    st = outs[0]["stats"]
+    assert st["params_fallback"] == 0 and st["buckets_fallback"] == 0 and st["buckets_compressed"] >= 8 * steps - 7
+    assert st["ratio"] >= min_ratio, st
+
+
 def test_world_size_one_plain_and_forced(tmp_path):
     outs = _train(tmp_path / "plain", 1, steps=3)
     for g, e in zip(outs[0]["grads"], outs[0]["exact"]):

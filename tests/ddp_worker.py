@@ -74,7 +74,7 @@ def scenario_train(rank, world, args):
         model, twin = Permuted(layers, width, dtype), Permuted(layers, width, dtype)
     else:
         bias = args.get("bias", True)
-        model, twin = make_model(layers, width, dtype=dtype, bias=bias), make_model(layers, width, dtype=dtype, bias=bias)
+        model, twin = (make_model(layers, width, dtype=dtype, bias=bias) for _ in range(2))
     twin.load_state_dict(model.state_dict())
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused)
     kwargs = args.get("state", {})
@@ -97,6 +97,7 @@ def scenario_train(rank, world, args):
         twin_opt.zero_grad(set_to_none=False)
         ((twin(x) - y) ** 2).mean().backward()
         exact = flat_grads(twin)
+        out.setdefault("local", []).append(exact.clone())
         dist.all_reduce(exact)
         exact /= world
         out["grads"].append(flat_grads(model))

@@ -98,3 +98,15 @@ def test_low_bit_codecs_and_specs(cls, name, bits):
     assert c != gradcomp.Int8() and hash(c) != hash(gradcomp.Int8())
     with pytest.raises(ValueError, match="valid specs"):
         codecs.parse(f"{name}:block=48")
+
+
+@pytest.mark.parametrize(("name", "cls", "wire"), [("fp16", gradcomp.Fp16, torch.float16),
+                                                   ("bf16", gradcomp.Bf16, torch.bfloat16)])
+def test_cast_codecs(name, cls, wire):
+    c = codecs.parse(name)
+    assert type(c) is cls and c == cls() and c.config() == {"codec": name}
+    assert c.wire_dtype == wire and c.dtypes == (torch.float32,) and not c.error_feedback
+    assert c != codecs.parse("int8")
+    for bad in (f"{name}:block=256", f"{name}:ef=1"):
+        with pytest.raises(ValueError, match="takes no options"):
+            codecs.parse(bad)

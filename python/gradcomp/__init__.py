@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 from . import _C
-from .codecs import Codec, Int2, Int4, Int8, Sign
+from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, Sign
 from .hooks import GradcompError, State, comm_hook, register
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
-    "Codec", "GradcompError", "Int2", "Int4", "Int8", "Sign", "State", "build_info", "comm_hook", "cuda_available",
-    "register",
+    "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "Sign", "State",
+    "build_info", "comm_hook", "cuda_available", "register",
 ]
 
 

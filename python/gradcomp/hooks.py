@@ -50,6 +50,7 @@ class _Plan:
     params_compressed: int
     params_fallback: int
     residuals: list  # the residual tensors whose addresses the table holds: kept alive with it
+    cast_dtype: torch.dtype | None = None  # Cast codecs: the whole bucket travels in this dtype
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -179,7 +180,9 @@ class State:
 
     # ------------------------------------------------------------------ per-parameter decisions
     def _compressible(self, p: torch.Tensor) -> bool:
-        return p.numel() >= self.min_numel and p.dtype in self.codec.dtypes
+        """Whether a parameter gets blocks of a block quantizer (Cast codecs have none)."""
+        return (isinstance(self.codec, codecs.BlockQuantizer) and p.numel() >= self.min_numel
+                and p.dtype in self.codec.dtypes)
 
     def _ordinals(self, params) -> tuple[int, ...]:
         """Ordinals of a bucket's parameters, numbering the new ones. Called at every hook call,
@@ -223,6 +226,12 @@ class State:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
+        if isinstance(self.codec, codecs.Cast):
+            cast = buf.dtype in self.codec.dtypes
+            plan = _Plan(None, None, None, None, len(params) if cast else 0, 0 if cast else len(params), [],
+                         self.codec.wire_dtype if cast else None)
+            self._plans[key] = plan
+            return plan
         block = self.codec.block_size
         spans, fallback, residuals, offset = [], [], [], 0
         for o, p in zip(ordinals, params):
@@ -258,7 +267,15 @@ class State:
             s["buckets_fallback"] += 1
             return buf
         s["bytes_uncompressed"] += ring_allreduce_bytes(buf.numel() * es, world)
-        if plan is None or plan.table is None:
+        if plan is not None and plan.cast_dtype is not None:
+            buf.div_(world)  # in float32: the sum of W wire values cannot overflow where the mean would not
+            wire = buf.to(plan.cast_dtype)
+            dist.all_reduce(wire, group=group)
+            buf.copy_(wire)
+            s["bytes_sent"] += ring_allreduce_bytes(wire.numel() * wire.element_size(), world)
+            s["buckets_compressed"] += 1
+            s["params_compressed"] += plan.params_compressed
+        elif plan is None or plan.table is None:
             start_exact_allreduce(buf, world, group).wait()
             s["bytes_sent"] += ring_allreduce_bytes(buf.numel() * es, world)
             s["buckets_fallback"] += 1

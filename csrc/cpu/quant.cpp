@@ -263,35 +263,13 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
   }
 }
 
-template <int Bits>
-void encode_bits(int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world, int64_t slots,
-                 uint8_t* send, int threads) {
-  switch (dtype) {
-    case DType::F32:
-      return encode_impl<Bits, DType::F32>(block, bucket, table, world, slots, send, threads);
-    case DType::F16:
-      return encode_impl<Bits, DType::F16>(block, bucket, table, world, slots, send, threads);
-    case DType::BF16:
-      return encode_impl<Bits, DType::BF16>(block, bucket, table, world, slots, send, threads);
-  }
-}
-
-template <int Bits>
-void decode_bits(int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world,
-                 int64_t slots, void* bucket, int threads) {
-  switch (dtype) {
-    case DType::F32:
-      return decode_impl<Bits, DType::F32>(block, gathered, table, world, slots, bucket, threads);
-    case DType::F16:
-      return decode_impl<Bits, DType::F16>(block, gathered, table, world, slots, bucket, threads);
-    case DType::BF16:
-      return decode_impl<Bits, DType::BF16>(block, gathered, table, world, slots, bucket, threads);
-  }
-}
-
 template <int B>
 struct BitsTag {
   static constexpr int value = B;
+};
+template <DType D>
+struct DTypeTag {
+  static constexpr DType value = D;
 };
 
 // Calls f(BitsTag<bits>) for a bits value check_args accepted.
@@ -309,12 +287,28 @@ void with_bits(int bits, F&& f) {
   }
 }
 
+// Calls f(BitsTag<bits>, DTypeTag<dtype>).
+template <class F>
+void with_bits_dtype(int bits, DType dtype, F&& f) {
+  with_bits(bits, [&](auto b) {
+    switch (dtype) {
+      case DType::F32:
+        return f(b, DTypeTag<DType::F32>{});
+      case DType::F16:
+        return f(b, DTypeTag<DType::F16>{});
+      case DType::BF16:
+        return f(b, DTypeTag<DType::BF16>{});
+    }
+  });
+}
+
 }  // namespace
 
 void encode(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
             int64_t slots, uint8_t* send, int threads) {
-  with_bits(bits,
-            [&](auto b) { encode_bits<decltype(b)::value>(block, dtype, bucket, table, world, slots, send, threads); });
+  with_bits_dtype(bits, dtype, [&](auto b, auto d) {
+    encode_impl<decltype(b)::value, decltype(d)::value>(block, bucket, table, world, slots, send, threads);
+  });
 }
 
 void reduce(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots,
@@ -324,8 +318,8 @@ void reduce(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows
 
 void decode(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world,
             int64_t slots, void* bucket, int threads) {
-  with_bits(bits, [&](auto b) {
-    decode_bits<decltype(b)::value>(block, dtype, gathered, table, world, slots, bucket, threads);
+  with_bits_dtype(bits, dtype, [&](auto b, auto d) {
+    decode_impl<decltype(b)::value, decltype(d)::value>(block, gathered, table, world, slots, bucket, threads);
   });
 }
 

@@ -250,10 +250,8 @@ GC_HD float u64_to_f32_rn(uint64_t v) {
 #endif
 }
 
-// 2^k for k in [-149, 127], exact.
-GC_HD float exp2_exact(int k) {
-  return k >= -126 ? bits_f32(static_cast<uint32_t>(k + 127) << 23) : bits_f32(1u << (k + 149));
-}
+// 2^k for k in [-126, 127] (the normal range: E - 127 and -50 here), exact.
+GC_HD float exp2_exact(int k) { return bits_f32(static_cast<uint32_t>(k + 127) << 23); }
 
 // Scale of a sign block from its absmax bits, its fixed-point |a| sum and its valid length:
 // min(fl(fl(fl(fl(sum) / len) · 2^-50) · 2^(E-127)), absmax) — each step one rounding, both

@@ -28,17 +28,13 @@ using namespace codec;
 
 inline float* residual_ptr(const int64_t* row) { return reinterpret_cast<float*>(static_cast<intptr_t>(row[2])); }
 
-// Touches [p, p + bytes) ahead of use. A rank's blocks are every W-th block of a parameter,
-// so its residual rows are short runs in separate pages, where hardware prefetchers (which
-// stop at page boundaries) start cold at every row: prefetching the next row hides that.
-inline void prefetch_range(const void* p, int64_t bytes, bool for_write) {
+// Prefetches [p, p + bytes) for writing. A rank's reduce rows are every W-th block of a
+// parameter, so its residual rows are short runs in separate pages, where hardware
+// prefetchers (which stop at page boundaries) start cold at every row: prefetching the next
+// row hides that.
+inline void prefetch_for_write(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) {
-    if (for_write)
-      __builtin_prefetch(c + i, 1, 3);
-    else
-      __builtin_prefetch(c + i, 0, 3);
-  }
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 1, 3);
 }
 
 inline uint32_t* flag_ptr(uint8_t* shard) { return reinterpret_cast<uint32_t*>(shard); }
@@ -191,39 +187,24 @@ void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int
       const int64_t len = t[1];
       if (slot + 1 < slots) {
         const int64_t* next = t + kRowWords;
-        if (float* r = residual_ptr(next)) prefetch_range(r, next[1] * 4, true);
+        if (float* r = residual_ptr(next)) prefetch_for_write(r, next[1] * 4);
       }
-      // Rank order: the sum is the same everywhere. It starts from +0 as the CUDA pass does (0 + d
-      // is not d for d = -0); the first and last ranks' loops also do the zeroing and the
-      // averaging and absmax, so `a` is walked once per rank. A NaN scale poisons the block
-      // even where its codes are 0 (q·NaN is NaN).
-      auto codes_of = [&](int64_t src) { return recv + src * sb + codes_off + slot * code_bytes; };
-      auto scale_of = [&](int64_t src) {
-        return reinterpret_cast<const float*>(recv + src * sb + shard_scales_offset())[slot];
-      };
-      uint32_t m = 0;
-      if (world == 1) {
-        const uint8_t* c = codes_of(0);
-        const float sc = scale_of(0);
-        for (int64_t i = 0; i < len; ++i) {
-          a[i] = mul_rn(add_rn(0.0f, dequant_at<Bits>(c, i, sc)), inv_w);
-          m = absmax_bits_update(m, a[i]);
-        }
-      } else {
-        const uint8_t* c = codes_of(0);
-        float sc = scale_of(0);
-        for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequant_at<Bits>(c, i, sc));
-        for (int64_t src = 1; src + 1 < world; ++src) {
-          c = codes_of(src);
-          sc = scale_of(src);
+      // Rank order: the sum is the same everywhere. It starts from +0 as the CUDA pass does
+      // (0 + d is not d for d = -0). A NaN scale poisons the block even where its codes are 0
+      // (q·NaN is NaN).
+      for (int64_t src = 0; src < world; ++src) {
+        const uint8_t* c = recv + src * sb + codes_off + slot * code_bytes;
+        const float sc = reinterpret_cast<const float*>(recv + src * sb + shard_scales_offset())[slot];
+        if (src == 0) {
+          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequant_at<Bits>(c, i, sc));
+        } else {
           for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequant_at<Bits>(c, i, sc));
         }
-        c = codes_of(world - 1);
-        sc = scale_of(world - 1);
-        for (int64_t i = 0; i < len; ++i) {
-          a[i] = mul_rn(add_rn(a[i], dequant_at<Bits>(c, i, sc)), inv_w);
-          m = absmax_bits_update(m, a[i]);
-        }
+      }
+      uint32_t m = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        a[i] = mul_rn(a[i], inv_w);
+        m = absmax_bits_update(m, a[i]);
       }
       uint8_t* codes = slice + codes_off + slot * code_bytes;
       bool bad = false;

@@ -93,25 +93,24 @@ class Sign(BlockQuantizer):
 
 class Cast(Codec):
     """Cast, all-reduce, cast back (PyTorch's fp16/bf16 hooks, also on Gloo). A float32
-    bucket is divided by the world size in float32 first (so the sum cannot overflow where
-    the mean would not), cast to ``wire_dtype``, all-reduced and cast back; buckets of any
-    other dtype are reduced as they are. Every parameter of a float32 bucket is cast:
-    ``min_numel`` does not apply. No error feedback: the cast error is not carried."""
+    bucket is divided by the world size in float32 before the cast (in one pass), all-reduced
+    in ``wire_dtype`` and cast back; buckets of any other dtype are reduced as they are. Every
+    parameter of a float32 bucket is cast: ``min_numel`` does not apply. No error feedback:
+    the cast error is not carried."""
 
     wire_dtype = torch.float16
     dtypes = (torch.float32,)
     error_feedback = False
-
-    def __init__(self):
-        pass
 
     def config(self) -> dict:
         return {"codec": self.name}
 
 
 class Fp16(Cast):
-    """Gradients travel as float16 (2 bytes a value; 2x fewer than float32). Values beyond
-    65504 after the division by the world size become Inf: the step is skipped by GradScaler."""
+    """Gradients travel as float16 (2 bytes a value; 2x fewer than float32). The wire carries
+    x / W, whose partial sums never exceed the largest |x| of any rank: nothing overflows
+    while every rank's gradient is within 65504; beyond that a value may become Inf (and
+    GradScaler skips the step)."""
 
     name = "fp16"
     wire_dtype = torch.float16

@@ -268,8 +268,10 @@ class State:
             return buf
         s["bytes_uncompressed"] += ring_allreduce_bytes(buf.numel() * es, world)
         if plan is not None and plan.cast_dtype is not None:
-            buf.div_(world)  # in float32: the sum of W wire values cannot overflow where the mean would not
-            wire = buf.to(plan.cast_dtype)
+            # divided in float32 and cast in one pass: partial sums of the W values x/W stay
+            # within the largest |x|: no overflow while every rank's gradient fits the wire dtype
+            wire = torch.empty_like(buf, dtype=plan.cast_dtype)
+            torch.div(buf, world, out=wire)
             dist.all_reduce(wire, group=group)
             buf.copy_(wire)
             s["bytes_sent"] += ring_allreduce_bytes(wire.numel() * wire.element_size(), world)

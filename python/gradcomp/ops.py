@@ -15,8 +15,9 @@ Shapes (W world size, S block slots per shard, B block size, SB shard bytes):
 
 Payload tensors must start on a 16-byte boundary (the kernels load them in 16-byte words;
 torch's allocations always do, a view at an odd offset may not). On CPU the table's offsets
-and lengths are checked against the bucket before a pass; a CUDA table is not (that would
-cost a host sync): build tables with ``gradcomp.layout.build_table``. Residual addresses are
+and lengths are checked against the bucket before a pass (``check_bounds=False`` skips that
+for a table ``gradcomp.layout.build_table`` made, as the hook does every step); a CUDA table
+is not (that would cost a host sync). Residual addresses are
 trusted on both backends.
 """
 
@@ -83,11 +84,12 @@ def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) 
                 getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
 
 
-def _check_table(table, name: str, rows: int, block: int, device, numel: int | None = None) -> None:
+def _check_table(table, name: str, rows: int, block: int, device, numel: int | None = None,
+                 check_bounds: bool = True) -> None:
     """Shape and dtype always; on CPU also that each row's [offset, offset + length) lies in
     the bucket and its length in [0, block], so a bad table raises instead of corrupting memory."""
     _check_tensor(table, name, dtypes=(torch.int64,), device=device, shape=(rows, 3))
-    if table.device.type != "cpu" or rows == 0:
+    if not check_bounds or table.device.type != "cpu" or rows == 0:
         return
     off, length = table[:, 0], table[:, 1]
     bad = (length < 0) | (length > block)
@@ -100,14 +102,14 @@ def _check_table(table, name: str, rows: int, block: int, device, numel: int | N
 
 
 def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int, *,
-                 bits: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
+                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
     """Pass 1: ``a = bucket + residual``, block-wise codes into each owner's shard, residual
     updated in place (through the table's addresses). Returns the ``[W * SB]`` payload."""
     _check_block(block, bits)
     _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
     if bucket.dim() != 1:
         raise ValueError("gradcomp: bucket must be one-dimensional")
-    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel())
+    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel(), check_bounds)
     sb = shard_bytes(slots, block, bits)
     if out is None:
         out = torch.empty(world * sb, dtype=torch.uint8, device=bucket.device)
@@ -119,13 +121,13 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
 
 
 def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: int, block: int, *,
-                 bits: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
+                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
     """Pass 2: decode the W shards received for my slots, sum in rank order, multiply by 1/W,
     re-encode into my ``[SB]`` slice; the re-encoding error times W goes into my residual."""
     _check_block(block, bits)
     sb = shard_bytes(slots, block, bits)
     _check_tensor(recv, "recv", dtypes=(torch.uint8,), numel=world * sb, aligned=True)
-    _check_table(my_rows, "my_rows", slots, block, recv.device)
+    _check_table(my_rows, "my_rows", slots, block, recv.device, check_bounds=check_bounds)
     if out is None:
         out = torch.empty(sb, dtype=torch.uint8, device=recv.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb, aligned=True)
@@ -135,7 +137,7 @@ def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: i
 
 
 def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int,
-                 bucket: torch.Tensor, *, bits: int = 8) -> torch.Tensor:
+                 bucket: torch.Tensor, *, bits: int = 8, check_bounds: bool = True) -> torch.Tensor:
     """Pass 3: decode every rank's reduced shard into ``bucket`` (in place, only the
     elements the table names). A flagged payload writes NaN there. Returns ``bucket``."""
     _check_block(block, bits)
@@ -145,7 +147,7 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
         raise ValueError("gradcomp: bucket must be one-dimensional")
     _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb,
                   aligned=True)
-    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel())
+    _check_table(table, "table", world * slots, block, bucket.device, bucket.numel(), check_bounds)
     args = (bits, block, DTYPE_CODES[bucket.dtype], gathered.data_ptr(), table.data_ptr(), world, slots,
             bucket.data_ptr())
     _launch("quant_decode", bucket.device, args, args)

@@ -22,6 +22,11 @@ DType to_dtype(int code) {
   return static_cast<DType>(code);
 }
 
+// (seed, step, rank, stochastic) from Python: codec.h's Rounding.
+codec::Rounding to_rounding(uint64_t seed, uint64_t step, uint32_t rank, bool stochastic) {
+  return codec::Rounding{seed, step, rank, stochastic ? 1u : 0u};
+}
+
 std::string compiler_name() {
 #if defined(__clang__)
   return std::string("clang ") + __clang_version__;
@@ -67,18 +72,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "quant_encode_cpu",
-      [](int bits, int64_t block, int dtype, intptr_t bucket, intptr_t table, int64_t world, int64_t slots,
-         intptr_t send, int threads) {
-        quant_encode_cpu(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world, slots,
-                         ptr<uint8_t>(send), threads);
+      [](int bits, int64_t block, int dtype, int residual_dtype, intptr_t bucket, intptr_t table, int64_t world,
+         int64_t slots, intptr_t send, uint64_t seed, uint64_t step, uint32_t rank, bool stochastic, int threads) {
+        quant_encode_cpu(bits, block, to_dtype(dtype), to_dtype(residual_dtype), ptr<const void>(bucket),
+                         ptr<const int64_t>(table), world, slots, ptr<uint8_t>(send),
+                         to_rounding(seed, step, rank, stochastic), threads);
       },
       release());
   m.def(
       "quant_reduce_cpu",
-      [](int bits, int64_t block, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots, intptr_t slice,
-         int threads) {
-        quant_reduce_cpu(bits, block, ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows), world, slots,
-                         ptr<uint8_t>(slice), threads);
+      [](int bits, int64_t block, int residual_dtype, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots,
+         intptr_t slice, uint64_t seed, uint64_t step, uint32_t rank, bool stochastic, int threads) {
+        quant_reduce_cpu(bits, block, to_dtype(residual_dtype), ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows),
+                         world, slots, ptr<uint8_t>(slice), to_rounding(seed, step, rank, stochastic), threads);
       },
       release());
   m.def(
@@ -92,18 +98,20 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "quant_encode_cuda",
-      [](int bits, int64_t block, int dtype, intptr_t bucket, intptr_t table, int64_t world, int64_t slots,
-         intptr_t send, int device, intptr_t stream) {
-        quant_encode_cuda(bits, block, to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), world,
-                          slots, ptr<uint8_t>(send), device, stream);
+      [](int bits, int64_t block, int dtype, int residual_dtype, intptr_t bucket, intptr_t table, int64_t world,
+         int64_t slots, intptr_t send, uint64_t seed, uint64_t step, uint32_t rank, bool stochastic, int device,
+         intptr_t stream) {
+        quant_encode_cuda(bits, block, to_dtype(dtype), to_dtype(residual_dtype), ptr<const void>(bucket),
+                          ptr<const int64_t>(table), world, slots, ptr<uint8_t>(send),
+                          to_rounding(seed, step, rank, stochastic), device, stream);
       },
       release());
   m.def(
       "quant_reduce_cuda",
-      [](int bits, int64_t block, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots, intptr_t slice,
-         int device, intptr_t stream) {
-        quant_reduce_cuda(bits, block, ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows), world, slots,
-                          ptr<uint8_t>(slice), device, stream);
+      [](int bits, int64_t block, int residual_dtype, intptr_t recv, intptr_t my_rows, int64_t world, int64_t slots,
+         intptr_t slice, uint64_t seed, uint64_t step, uint32_t rank, bool stochastic, int device, intptr_t stream) {
+        quant_reduce_cuda(bits, block, to_dtype(residual_dtype), ptr<const uint8_t>(recv), ptr<const int64_t>(my_rows),
+                          world, slots, ptr<uint8_t>(slice), to_rounding(seed, step, rank, stochastic), device, stream);
       },
       release());
   m.def(

@@ -29,6 +29,16 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 #endif
 
 namespace codec {
+
+// How a pass rounds its codes (see "stochastic rounding" below). Outside the ABI namespace:
+// the same type in every instruction-set build.
+struct Rounding {
+  uint64_t seed;        // agreed by every rank
+  uint64_t step;        // the hook's step counter
+  uint32_t rank;        // the rank that encodes
+  uint32_t stochastic;  // 0: round to nearest even (the other fields are unused)
+};
+
 inline namespace GC_CODEC_ABI {
 
 // ---------------------------------------------------------------- pinned float ops
@@ -238,8 +248,10 @@ GC_HD uint64_t abs_fixed(float v, int absmax_exp) {
   const int e = static_cast<int>(b >> 23);
   const uint64_t m = e == 0 ? (b & 0x7fffffu) : ((b & 0x7fffffu) | 0x800000u);
   const int shift = (e == 0 ? 1 : e) + 27 - absmax_exp;  // <= 27
-  if (shift >= 0) return m << shift;
-  return shift > -64 ? m >> -shift : 0u;
+  // both shifts in range and a select, no branch: the CPU sum loop vectorizes
+  const uint64_t left = m << (shift > 0 ? shift : 0);
+  const uint64_t right = m >> (shift < 0 ? (shift > -64 ? -shift : 63) : 0);
+  return shift >= 0 ? left : (shift > -64 ? right : 0u);
 }
 
 GC_HD float u64_to_f32_rn(uint64_t v) {
@@ -284,6 +296,80 @@ GC_HD float quantize_usable(float a, float inv) {
     const float v = round_half_even(mul_rn(a, inv));
     return v > lim ? lim : (v < -lim ? -lim : v);
   }
+}
+
+// ---------------------------------------------------------------- stochastic rounding
+// Rounding of a pass: to nearest even, or stochastically (unbiased: a value v between
+// integers f and f + 1 becomes f + 1 with probability v - f). The random numbers are a pure
+// function of (seed, rank, stage, step, parameter ordinal, element offset in the parameter):
+// the same on every backend and in a resumed run, independent across ranks (the same
+// stream on every rank would correlate their errors and defeat averaging), and unchanged by
+// DDP's bucket layout.
+
+// Stages of the pipeline that draw: the first encoding, and the reducing rank's re-encoding.
+constexpr uint32_t kStageEncode = 1;
+constexpr uint32_t kStageReduce = 2;
+
+// splitmix64's finalizer and the "lowbias32" integer hash: bijective mixers with full
+// avalanche, integer-only (so every compiler and the GPU give the same bits).
+GC_HD uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+GC_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// A table row's noise word (row[3]): parameter ordinal << 40 | element offset in the
+// parameter of the block's first value. Blocks start at multiples of B (a power of two) in
+// their parameter, so a block's low 32 offset bits never wrap: the per-value counter is the
+// low word plus the value's index, and the high offset bits go into the block's key.
+constexpr int kNoiseOffsetBits = 40;
+
+GC_HD uint64_t noise_word(uint64_t ordinal, uint64_t offset_in_param) {
+  return (ordinal << kNoiseOffsetBits) | offset_in_param;
+}
+
+// The key of one block's random stream (once per block).
+GC_HD uint64_t noise_key(const Rounding& r, uint32_t stage, uint64_t row_word) {
+  uint64_t k = mix64(r.seed ^ 0x9e3779b97f4a7c15ull);
+  k = mix64(k ^ r.step);
+  k = mix64(k ^ ((static_cast<uint64_t>(r.rank) << 8) | stage));
+  return mix64(k ^ (row_word >> 32));
+}
+
+// Uniform in [0, 1) on a grid of 2^-24 for value i of a block (two 32-bit rounds: cheap,
+// and vectorizable on the CPU). Distinct i give distinct draws under one key.
+GC_HD float noise_uniform(uint64_t key, uint64_t row_word, int64_t i) {
+  const uint32_t counter = static_cast<uint32_t>(row_word) + static_cast<uint32_t>(i);
+  const uint32_t h = mix32(mix32(counter ^ static_cast<uint32_t>(key)) ^ static_cast<uint32_t>(key >> 32));
+  // exact: an integer below 2^24 (converted as a signed one, which vectorizes on the CPU) times 2^-24
+  return mul_rn(static_cast<float>(static_cast<int32_t>(h >> 8)), 5.9604644775390625e-08f);
+}
+
+// Code of one value of a usable block, rounded stochastically with draw u in [0, 1):
+// v = a · inv, f = floor(v) (exact, from round_half_even), q = f + (u < v - f), clamped to
+// [-qmax, qmax]. E[q] = v up to the 2^-24 grid of u and the rounding of v - f (exact for
+// |v| >= 1; within 2^-24 of 1 otherwise).
+template <int Bits>
+GC_HD float quantize_stochastic_usable(float a, float inv, float u) {
+  static_assert(Bits != 1, "the scaled sign has no stochastic rounding");
+  const float lim = Quant<Bits>::qmax_f;
+  // selects between constants, not between operations, so the CPU loop if-converts and
+  // vectorizes; r (hence f) is never -0, so adding or subtracting 0 changes no bit
+  const float v = mul_rn(a, inv);
+  const float r = round_half_even(v);
+  const float f = sub_rn(r, r > v ? 1.0f : 0.0f);
+  const float q = add_rn(f, u < sub_rn(v, f) ? 1.0f : 0.0f);
+  return q > lim ? lim : (q < -lim ? -lim : q);
 }
 
 // ---------------------------------------------------------------- packing
@@ -360,11 +446,13 @@ GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
   return shard_codes_offset(slots) + slots * block_code_bytes(block, bits);
 }
 
-// One row of a bucket's block table (int64[3]): where a block of the payload comes from.
+// One row of a bucket's block table (int64[4]): where a block of the payload comes from.
 //   [0] element offset of the block in the bucket
 //   [1] valid elements (0 for a padding slot; < B for the last block of a parameter)
-//   [2] address of the block's first fp32 residual element, 0 without error feedback
-constexpr int kRowWords = 3;
+//   [2] address of the block's first residual element (fp32 or bf16, as the pass is told),
+//       0 without error feedback
+//   [3] the block's noise word (noise_word: parameter ordinal, offset in the parameter)
+constexpr int kRowWords = 4;
 
 }  // namespace GC_CODEC_ABI
 }  // namespace codec

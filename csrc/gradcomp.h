@@ -3,7 +3,8 @@
 //
 // Shapes (W = world size, S = block slots per shard, B = block size, SB = shard bytes):
 //   bucket      [n] elements of DType
-//   table       [W * S, 3] int64 rows (codec.h: offset, valid length, residual address)
+//   table       [W * S, 4] int64 rows (codec.h: offset, valid length, residual address,
+//               noise word)
 //   send / recv [W * SB] uint8: shard r goes to / came from rank r
 //   slice       [SB] uint8: this rank's reduced shard
 //   gathered    [W * SB] uint8: every rank's reduced shard, in rank order
@@ -17,29 +18,31 @@
 namespace gradcomp {
 
 // ---- CPU backend (threads: how many threads to use; the caller passes torch's count)
+// residual_dtype: F32 or BF16, the element type the table's residual addresses point to.
+// rounding: to nearest, or stochastic (codec.h; not for bits 1).
 
 // Pass 1: a = x + residual; per-block scale and codes into each owner's shard; residual = a - sent.
-void quant_encode_cpu(int bits, int64_t block, DType dtype,
+void quant_encode_cpu(int bits, int64_t block, DType dtype, DType residual_dtype,
                       const void* bucket,    // [n] dtype
-                      const int64_t* table,  // [W * S, 3]
+                      const int64_t* table,  // [W * S, 4]
                       int64_t world, int64_t slots,
                       uint8_t* send,  // [W * SB]
-                      int threads);
+                      codec::Rounding rounding, int threads);
 
 // Pass 2: decode the W shards received for my slots, sum in rank order, multiply by 1/W,
 // re-encode; the re-encoding error, times W, is added to my residual (rows' addresses).
-void quant_reduce_cpu(int bits, int64_t block,
+void quant_reduce_cpu(int bits, int64_t block, DType residual_dtype,
                       const uint8_t* recv,     // [W * SB]
-                      const int64_t* my_rows,  // [S, 3]: the table rows of the slots I own
+                      const int64_t* my_rows,  // [S, 4]: the table rows of the slots I own
                       int64_t world, int64_t slots,
                       uint8_t* slice,  // [SB]
-                      int threads);
+                      codec::Rounding rounding, int threads);
 
 // Pass 3: decode every rank's reduced shard into the bucket (NaN everywhere the codec
 // wrote if any shard is flagged non-finite).
 void quant_decode_cpu(int bits, int64_t block, DType dtype,
                       const uint8_t* gathered,  // [W * SB]
-                      const int64_t* table,     // [W * S, 3]
+                      const int64_t* table,     // [W * S, 4]
                       int64_t world, int64_t slots,
                       void* bucket,  // [n] dtype
                       int threads);
@@ -51,10 +54,12 @@ int cuda_device_count();     // 0 when no driver or no device
 std::string cuda_archs();    // the architectures really compiled, e.g. "75,80,90"
 int cuda_runtime_version();  // CUDART_VERSION the backend was built with, 0 if none
 
-void quant_encode_cuda(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
-                       int64_t slots, uint8_t* send, int device, intptr_t stream);
-void quant_reduce_cuda(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
-                       int64_t slots, uint8_t* slice, int device, intptr_t stream);
+void quant_encode_cuda(int bits, int64_t block, DType dtype, DType residual_dtype, const void* bucket,
+                       const int64_t* table, int64_t world, int64_t slots, uint8_t* send, codec::Rounding rounding,
+                       int device, intptr_t stream);
+void quant_reduce_cuda(int bits, int64_t block, DType residual_dtype, const uint8_t* recv, const int64_t* my_rows,
+                       int64_t world, int64_t slots, uint8_t* slice, codec::Rounding rounding, int device,
+                       intptr_t stream);
 void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
                        int64_t world, int64_t slots, void* bucket, int device, intptr_t stream);
 

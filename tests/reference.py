@@ -1,4 +1,4 @@
-"""Pure-torch reference of gradcomp's int8 codec and compressed all-reduce: the oracle the
+"""Pure-torch reference of gradcomp's block codecs and compressed all-reduce: the oracle the
 tests hold the compiled backends to. Written from the math (DESIGN.md, codec.h's
 comments), not from the kernels: element-wise torch ops, each one IEEE-rounded float32
 operation, so the compiled backends must match it bit for bit.
@@ -36,11 +36,57 @@ def sign_mean_abs(blocks: torch.Tensor, absmax: torch.Tensor, lengths: torch.Ten
     return torch.minimum(mean, absmax)
 
 
-def block_quantize(a: torch.Tensor, block: int, bits: int = 8):
+M32, M64 = (1 << 32) - 1, (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int (exact 64-bit arithmetic)."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x · c mod 2^32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The "lowbias32" hash, element-wise on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def noise(seed: int, step: int, rank: int, stage: int, ordinal: int, nb: int, block: int) -> torch.Tensor:
+    """Stochastic rounding's draws for one parameter's nb blocks: [nb, block] float32 in
+    [0, 1). Block j's key hashes (seed, step, rank, stage) and its noise word's high half
+    (word = ordinal << 40 | j·block); value i's draw hashes the low half plus i with the key,
+    keeps 24 bits and scales them by 2^-24. Stage 1: the first encoding, 2: the re-encoding."""
+    out = torch.empty(nb, block, dtype=torch.float32)
+    i = torch.arange(block, dtype=torch.int64)
+    for j in range(nb):
+        word = (ordinal << 40) + j * block
+        k = mix64(seed ^ 0x9E3779B97F4A7C15)
+        k = mix64(k ^ step)
+        k = mix64(k ^ ((rank << 8) | stage))
+        k = mix64(k ^ (word >> 32))
+        counter = ((word & M32) + i) & M32
+        h = mix32(mix32(counter ^ (k & M32)) ^ (k >> 32))
+        out[j] = (h >> 8).float() * 2.0**-24
+    return out
+
+
+def block_quantize(a: torch.Tensor, block: int, bits: int = 8, draws: torch.Tensor | None = None):
     """a: [n] float32 (one parameter's values). Returns (scales [nb], codes [nb, block]
     int8, dequantized [n], nonfinite [nb] bool), blocks padded with zeros. bits 8, 4, 2:
     absmax quantization to [-qmax, qmax]; bits 1: scaled sign (code -1 for a < 0, else +1;
-    scale = the block's mean |a|)."""
+    scale = the block's mean |a|). ``draws`` [nb, block] in [0, 1): stochastic rounding,
+    v = a · qmax/absmax goes up to floor(v) + 1 where draw < v - floor(v), else to floor(v)."""
     n = a.numel()
     nb = -(-n // block)
     padded = torch.zeros(nb * block, dtype=torch.float32)
@@ -69,7 +115,12 @@ def block_quantize(a: torch.Tensor, block: int, bits: int = 8):
     overflow = ~torch.isfinite(scales * torch.tensor(QMAX)) & usable
     scales = torch.where(overflow, torch.nextafter(scales, torch.zeros_like(scales)), scales)
     safe_inv = torch.where(usable, inv, torch.zeros_like(inv))
-    q = torch.round(blocks * safe_inv[:, None]).clamp(-QMAX, QMAX)  # torch.round: half to even
+    v = blocks * safe_inv[:, None]
+    if draws is None:
+        q = torch.round(v).clamp(-QMAX, QMAX)  # torch.round: half to even
+    else:
+        f = torch.floor(v)
+        q = torch.where(draws < v - f, f + 1, f).clamp(-QMAX, QMAX)
     q = torch.where(usable[:, None], q, torch.zeros_like(q))
     deq = (q * scales[:, None]).reshape(-1)[:n]
     deq = torch.where(usable.repeat_interleave(block)[:n], deq, torch.zeros_like(deq))
@@ -100,40 +151,55 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(field >= (1 << (bits - 1)), field - (1 << bits), field).to(torch.int8)
 
 
-def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int, bits: int = 8):
-    """Pass 1 for one parameter. x: [n] any float dtype; residual: [n] float32 or None.
+def encode_ef(x: torch.Tensor, residual: torch.Tensor | None, block: int, bits: int = 8,
+              draws: torch.Tensor | None = None):
+    """Pass 1 for one parameter. x: [n] any float dtype; residual: [n] float32 or bfloat16
+    (kept in its dtype: the new residual is rounded to it), or None; draws: block_quantize's.
     Returns (scales, codes, new_residual or None, nonfinite)."""
     a = x.float()
     if residual is not None:
-        a = a + residual
-    scales, codes, deq, nonfinite = block_quantize(a, block, bits)
+        a = a + residual.float()
+    scales, codes, deq, nonfinite = block_quantize(a, block, bits, draws)
     new_res = None
     if residual is not None:
-        new_res = a - deq
+        new_res = (a - deq).to(residual.dtype)
         bad_block = nonfinite.repeat_interleave(block)[: a.numel()]
         # a non-finite block keeps the old residual where a is finite and clears it where not
-        new_res = torch.where(bad_block, torch.where(torch.isfinite(a), residual, torch.zeros_like(a)), new_res)
+        new_res = torch.where(bad_block, torch.where(torch.isfinite(a), residual, torch.zeros_like(residual)),
+                              new_res)
     return scales, codes, new_res, nonfinite
 
 
 def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
-                         owners: torch.Tensor, bits: int = 8) -> SimpleNamespace:
+                         owners: torch.Tensor, bits: int = 8, rounding: dict | None = None) -> SimpleNamespace:
     """The whole compressed all-reduce of one parameter over W ranks, piece by piece.
 
     xs[r]: rank r's gradient [n]; residuals[r]: its residual [n] or None; owners: [nb]
     owner rank of each block. Returns stage1 (per rank: scales, codes, residual, nonfinite),
     mean (the rank-order sum times fl(1/W)), its stage-2 scales2 / codes2 / nonfinite2, out
     (what every rank decodes: NaN everywhere if any block is non-finite) and res_after (the
-    second encoding's error, times W, added to the owner's residual for finite blocks)."""
+    second encoding's error, times W, added to the owner's residual for finite blocks).
+
+    ``rounding``: None for rounding to nearest, or {"seed", "step", "ordinal"} for stochastic
+    rounding: rank r draws noise(seed, step, r, 1, ordinal) to encode, and block j's owner
+    draws its row of noise(seed, step, owner, 2, ordinal) to re-encode."""
     world = len(xs)
     n = xs[0].numel()
-    assert owners.numel() == -(-n // block)
-    stage1 = [encode_ef(x, r, block, bits) for x, r in zip(xs, residuals)]
+    nb = owners.numel()
+    assert nb == -(-n // block)
+    draws1 = [None] * world
+    draws2 = None
+    if rounding is not None:
+        key = (rounding["seed"], rounding["step"])
+        draws1 = [noise(*key, r, 1, rounding["ordinal"], nb, block) for r in range(world)]
+        by_rank = [noise(*key, r, 2, rounding["ordinal"], nb, block) for r in range(world)]
+        draws2 = torch.stack([by_rank[int(owners[j])][j] for j in range(nb)]) if nb else None
+    stage1 = [encode_ef(x, r, block, bits, d) for x, r, d in zip(xs, residuals, draws1)]
     total = torch.zeros(n, dtype=torch.float32)
     for scales, codes, _, _ in stage1:  # rank order
         total = total + (codes.float() * scales[:, None]).reshape(-1)[:n]
     mean = total * (torch.tensor(1.0) / torch.tensor(float(world)))  # x * fl(1/W)
-    scales2, codes2, _, nonfinite2 = block_quantize(mean, block, bits)
+    scales2, codes2, _, nonfinite2 = block_quantize(mean, block, bits, draws2)
     sent = (codes2.float() * scales2[:, None]).reshape(-1)[:n]  # integer codes, scale >= 0: no -0.0
     out = torch.full_like(sent, float("nan")) if nonfinite2.any() else sent
     res_after = [s[2] for s in stage1]
@@ -141,14 +207,15 @@ def compressed_allreduce(xs: list[torch.Tensor], residuals: list[torch.Tensor | 
         err = mean - sent  # masked to finite blocks below
         elem_owner = owners.repeat_interleave(block)[:n]
         finite = (~nonfinite2).repeat_interleave(block)[:n]
-        res_after = [torch.where((elem_owner == r) & finite, res_after[r] + torch.tensor(float(world)) * err,
+        res_after = [torch.where((elem_owner == r) & finite,
+                                 (res_after[r].float() + torch.tensor(float(world)) * err).to(res_after[r].dtype),
                                  res_after[r]) for r in range(world)]
     return SimpleNamespace(stage1=stage1, mean=mean, scales2=scales2, codes2=codes2, nonfinite2=nonfinite2,
                            out=out, res_after=res_after)
 
 
 def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None], block: int,
-                    owners: torch.Tensor, bits: int = 8):
+                    owners: torch.Tensor, bits: int = 8, rounding: dict | None = None):
     """(what every rank decodes [n] float32, the new residuals) of compressed_allreduce."""
-    r = compressed_allreduce(xs, residuals, block, owners, bits)
+    r = compressed_allreduce(xs, residuals, block, owners, bits, rounding)
     return r.out, r.res_after

@@ -12,25 +12,33 @@ from reference import compressed_mean
 pytestmark = pytest.mark.cuda
 
 
-def _exchange(xs, numels, block, world, device, ef=True, seed=0):
-    """Runs the three passes for W simulated ranks on ``device``; returns every buffer and
-    residual on the CPU for comparison."""
+def _exchange(xs, numels, block, world, device, ef=True, seed=0, *, bits=8, residual_dtype=torch.float32,
+              stochastic=False, noise_seed=0, step=0, ordinals=None, res_offset=0):
+    """Runs the three passes for W simulated ranks on ``device`` (rank w encodes and reduces
+    as rank w); returns every buffer and residual on the CPU for comparison. ``res_offset``
+    starts each residual that many elements into its allocation (misaligned: no vector
+    loads)."""
     g = torch.Generator().manual_seed(seed)
-    res = [[(torch.randn(n, generator=g) * 0.01).to(device) if ef else None for n in numels] for _ in range(world)]
+    res = [[(torch.randn(res_offset + n, generator=g) * 0.01).to(residual_dtype).to(device)[res_offset:]
+            if ef else None for n in numels] for _ in range(world)]
+    itemsize = torch.empty(0, dtype=residual_dtype).element_size()
     tables = []
     for w in range(world):
         addrs = [r.data_ptr() for r in res[w]] if ef else None
-        t = layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world)
+        t = layout.build_table(layout.contiguous_spans(numels, block, addrs, ordinals), block, world,
+                               residual_itemsize=itemsize)
         tables.append((t, t.table.to(device)))
-    slots, sb = tables[0][0].slots, tables[0][0].shard_bytes()
+    slots, sb = tables[0][0].slots, tables[0][0].shard_bytes(bits)
+    kw = dict(bits=bits, residual_dtype=residual_dtype, stochastic=stochastic, seed=noise_seed, step=step)
     xs = [x.to(device) for x in xs]
-    sends = [ops.quant_encode(xs[w], tables[w][1], world, slots, block) for w in range(world)]
+    sends = [ops.quant_encode(xs[w], tables[w][1], world, slots, block, rank=w, **kw) for w in range(world)]
     res_after_encode = [[r.cpu().clone() for r in rr] if ef else [] for rr in res]
     recvs = [torch.cat([sends[s][w * sb:(w + 1) * sb] for s in range(world)]) for w in range(world)]
-    slices = [ops.quant_reduce(recvs[w], tables[w][1][w * slots:(w + 1) * slots], world, slots, block)
+    slices = [ops.quant_reduce(recvs[w], tables[w][1][w * slots:(w + 1) * slots], world, slots, block, rank=w, **kw)
               for w in range(world)]
     gathered = torch.cat(slices)
-    outs = [ops.quant_decode(gathered, tables[w][1], world, slots, block, xs[w].clone()) for w in range(world)]
+    outs = [ops.quant_decode(gathered, tables[w][1], world, slots, block, xs[w].clone(), bits=bits)
+            for w in range(world)]
     torch.cuda.synchronize() if device.type == "cuda" else None
     return {
         "send": [s.cpu() for s in sends],
@@ -46,6 +54,29 @@ def _same(a, b):
         return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
             torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
     return torch.equal(a, b)
+
+
+def _assert_same(cpu, gpu, what=""):
+    """Payloads, slices and outputs equal (NaN where NaN), residuals equal bit for bit."""
+    for key in ("send", "slices", "out"):
+        for a, b in zip(cpu[key], gpu[key]):
+            assert _same(a, b), (key, what)
+    for key in ("res_encode", "res_final"):
+        for ra, rb in zip(cpu[key], gpu[key]):
+            for a, b in zip(ra, rb):
+                assert torch.equal(_bits_of(a), _bits_of(b)), (key, what)
+
+
+def _bits_of(r):
+    """A residual's bit patterns (torch.equal alone takes -0 for +0)."""
+    return r.view(torch.int16 if r.element_size() == 2 else torch.int32)
+
+
+def _inputs(numels, world, dtype, seed):
+    """Per-rank buckets spanning magnitudes 1e-30 .. 1e4."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(numels)
+    return [(torch.randn(n, generator=g) * torch.logspace(-30, 30, n).clamp(max=1e4)).to(dtype) for _ in range(world)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -188,3 +219,128 @@ def test_cuda_rejects_misaligned_payloads_and_keeps_the_current_device():
     before = torch.cuda.current_device()
     ops.quant_encode(bucket, tdev, world, table.slots, block)
     assert torch.cuda.current_device() == before
+
+
+# ---- codes of 8, 4, 2 and 1 bits, stochastic rounding, bfloat16 residuals
+# Blocks 32 and 64 give lanes fields narrower than a byte (shared words), 512 keeps values in
+# registers, 1024 and 4096 read them again. With bits 2 or 1, block 32 or 64 and an odd slot
+# count (world 3 here), shard bytes are no multiple of 16: shards after the first start only
+# 4- or 8-byte aligned.
+BLOCKS = [32, 64, 128, 512, 1024, 4096]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("world", [1, 3])
+def test_cuda_every_bit_width_matches_cpu(bits, block, world):
+    numels = [1, 1000, block, 3 * block + 7, 20_000]
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = _inputs(numels, world, dtype, bits * 1000 + block + world)
+        cpu = _exchange(xs, numels, block, world, torch.device("cpu"), bits=bits)
+        gpu = _exchange(xs, numels, block, world, torch.device("cuda"), bits=bits)
+        _assert_same(cpu, gpu, (bits, dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("world", [1, 3])
+def test_cuda_stochastic_rounding_matches_cpu(bits, block, world):
+    """The draws are keyed by (seed, step, rank, pass, ordinal, offset): both backends draw
+    the same, and a new step draws anew."""
+    numels = [1, 1000, block, 3 * block + 7, 20_000]
+    ordinals = [0, 3, 7, 1 << 20, 5]  # the high offset bits and the ordinal go into the key
+    xs = _inputs(numels, world, torch.float32, bits * 1000 + block + world + 1)
+    runs = {}
+    for step in (0, 1):
+        kw = dict(bits=bits, stochastic=True, noise_seed=1234, step=step, ordinals=ordinals)
+        cpu = _exchange(xs, numels, block, world, torch.device("cpu"), **kw)
+        gpu = _exchange(xs, numels, block, world, torch.device("cuda"), **kw)
+        _assert_same(cpu, gpu, (bits, step))
+        runs[step] = gpu
+    nearest = _exchange(xs, numels, block, world, torch.device("cuda"), bits=bits, ordinals=ordinals)
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0]["send"], nearest["send"]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0]["send"], runs[1]["send"]))
+
+
+@pytest.mark.parametrize("bits,stochastic", [(8, False), (8, True), (4, False), (4, True), (2, True), (1, False)])
+@pytest.mark.parametrize("block", [32, 256, 2048])
+@pytest.mark.parametrize("res_offset", [0, 1])
+def test_cuda_bf16_residuals_match_cpu(bits, stochastic, block, res_offset):
+    """bfloat16 residuals (rounded to nearest even on every store), with and without vector
+    access (res_offset 1 misaligns every residual row)."""
+    numels = [1, 1000, block, 3 * block + 7, 20_000]
+    world = 3
+    for dtype in (torch.float32, torch.float16):
+        xs = _inputs(numels, world, dtype, bits * 100 + block + res_offset)
+        kw = dict(bits=bits, residual_dtype=torch.bfloat16, stochastic=stochastic, noise_seed=7, step=3,
+                  res_offset=res_offset)
+        cpu = _exchange(xs, numels, block, world, torch.device("cpu"), **kw)
+        gpu = _exchange(xs, numels, block, world, torch.device("cuda"), **kw)
+        _assert_same(cpu, gpu, (bits, dtype))
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1])
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cuda_nonfinite_narrow_codes_match_cpu(bits, residual_dtype, bad):
+    numels = [5000, 700]
+    xs = [torch.randn(sum(numels)) for _ in range(3)]
+    xs[1][4321] = bad
+    kw = dict(bits=bits, residual_dtype=residual_dtype)
+    cpu = _exchange(xs, numels, 64, 3, torch.device("cpu"), **kw)
+    gpu = _exchange(xs, numels, 64, 3, torch.device("cuda"), **kw)
+    _assert_same(cpu, gpu, bits)
+    assert all(torch.isnan(o).all() for o in gpu["out"])
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1])
+def test_cuda_extreme_magnitudes_narrow_codes_match_cpu(bits):
+    """As test_cuda_extreme_magnitudes_match_cpu, for the narrow codes and both residual
+    types; stochastic rounding where the codec has it."""
+    fmax = torch.finfo(torch.float32).max
+    numels = [256, 256, 256, 300]
+    x = torch.cat([torch.randn(256) * 1e-40, torch.zeros(256), torch.randn(256), torch.randn(300)])
+    x[600] = fmax
+    x[601] = -fmax / 3
+    xs = [x, -x.flip(0)]
+    for residual_dtype in (torch.float32, torch.bfloat16):
+        for stochastic in (False, True) if bits != 1 else (False,):
+            kw = dict(bits=bits, residual_dtype=residual_dtype, stochastic=stochastic, noise_seed=99)
+            cpu = _exchange(xs, numels, 256, 2, torch.device("cpu"), **kw)
+            gpu = _exchange(xs, numels, 256, 2, torch.device("cuda"), **kw)
+            _assert_same(cpu, gpu, (residual_dtype, stochastic))
+            for rr in gpu["res_final"]:
+                assert all(torch.isfinite(r.float()).all() for r in rr)
+
+
+def test_cuda_core_rejects_what_it_cannot_do():
+    """The CUDA entry points check their own arguments (not only ops.py): no stochastic
+    scaled sign, residuals only float32 or bfloat16, codes of 8, 4, 2 or 1 bits."""
+    from gradcomp import _C
+
+    dev = torch.device("cuda", 0)
+    block, world = 32, 1
+    table = layout.build_table(layout.contiguous_spans([100], block), block, world)
+    tdev = table.table.to(dev)
+    bucket = torch.randn(100, device=dev)
+    send = torch.zeros(world * table.shard_bytes(8), dtype=torch.uint8, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+
+    def encode(bits, residual_code, stochastic):
+        _C.quant_encode_cuda(bits, block, 0, residual_code, bucket.data_ptr(), tdev.data_ptr(), world, table.slots,
+                             send.data_ptr(), 0, 0, 0, stochastic, 0, stream)
+
+    def reduce(bits, residual_code, stochastic):
+        _C.quant_reduce_cuda(bits, block, residual_code, send.data_ptr(), tdev.data_ptr(), world, table.slots,
+                             send.data_ptr(), 0, 0, 0, stochastic, 0, stream)
+
+    for fn in (encode, reduce):
+        with pytest.raises(ValueError, match="scaled sign"):
+            fn(1, 0, True)
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            fn(8, 1, False)
+        with pytest.raises(ValueError, match="8, 4, 2 or 1 bits"):
+            fn(3, 0, False)
+    encode(4, 2, True)  # accepted
+    torch.cuda.synchronize()
+

@@ -33,7 +33,7 @@ def blocks_of(spans, block):
     return out
 
 
-def check_table(bt, spans, block, world):
+def check_table(bt, spans, block, world, itemsize=4):
     table = bt.table
     assert table.dtype == torch.int64 and table.is_contiguous()
     assert bt.world == world and bt.block == block
@@ -44,14 +44,14 @@ def check_table(bt, spans, block, world):
         counts[(spans[i].first_block + j) % world] += 1
     S = max(counts) if want else 0
     assert bt.slots == S
-    assert tuple(table.shape) == (world * S, 3)
+    assert tuple(table.shape) == (world * S, 4)
     by_offset = {off: key for key, (off, _, _) in want.items()}
     assert len(by_offset) == len(want)
     seen = set()
-    for row, (off, ln, addr) in enumerate(table.tolist()):
+    for row, (off, ln, addr, word) in enumerate(table.tolist()):
         owner, slot = divmod(row, S)
         if slot >= counts[owner]:  # padding rows are all zero and come after the real ones
-            assert (off, ln, addr) == (0, 0, 0), f"padding row {row} = {(off, ln, addr)}"
+            assert (off, ln, addr, word) == (0, 0, 0, 0), f"padding row {row} = {(off, ln, addr, word)}"
             continue
         assert ln > 0, f"row {row}: real rows are slot-contiguous from slot 0"
         key = by_offset[off]
@@ -61,15 +61,17 @@ def check_table(bt, spans, block, world):
         assert owner == (spans[i].first_block + j) % world, f"block {key} owned by {owner}"
         _, want_len, base = want[key]
         assert ln == want_len
-        assert addr == (base + j * block * 4 if base else 0), f"block {key}: residual address {addr}"
+        assert addr == (base + j * block * itemsize if base else 0), f"block {key}: residual address {addr}"
+        # the noise word: parameter ordinal, then the block's offset in its parameter
+        assert word >> 40 == spans[i].ordinal and word & ((1 << 40) - 1) == j * block, f"block {key}: word {word}"
     assert seen == set(want), f"missing blocks: {sorted(set(want) - seen)[:5]}"
     assert int(table[:, 1].sum()) == bt.numel
     for r in range(world):
         rows = bt.rows_of(r)
-        assert rows.is_contiguous() and tuple(rows.shape) == (S, 3)
+        assert rows.is_contiguous() and tuple(rows.shape) == (S, 4)
         assert torch.equal(rows, table[r * S : (r + 1) * S])
         # within a shard the blocks keep the bucket's order
-        offs = [o for o, ln, _ in rows.tolist() if ln > 0]
+        offs = [o for o, ln, _, _ in rows.tolist() if ln > 0]
         assert offs == sorted(offs)
 
 
@@ -84,11 +86,13 @@ def test_build_table_contiguous(world, block, ef):
     # contiguous_spans: packed offsets, first blocks numbered from 0
     off = first = 0
     for i, (s, n) in enumerate(zip(spans, numels)):
-        assert (s.offset, s.numel, s.first_block) == (off, n, first)
+        assert (s.offset, s.numel, s.first_block, s.ordinal) == (off, n, first, i)
         assert s.residual_addr == (addrs[i] if ef else 0)
         off += n
         first += layout.num_blocks(n, block)
     check_table(layout.build_table(spans, block, world), spans, block, world)
+    if ef:  # bfloat16 residuals: blocks step through them 2 bytes an element
+        check_table(layout.build_table(spans, block, world, residual_itemsize=2), spans, block, world, itemsize=2)
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -100,7 +104,8 @@ def test_build_table_with_gaps_and_arbitrary_first_blocks(world):
     spans, off, first = [], r.randint(0, 50), r.randint(0, 1000)
     for _ in range(15):
         n = r.choice([1, 31, 32, 33, r.randint(1, 400)])
-        spans.append(layout.Span(off, n, first, r.randrange(1, 1 << 30) * 8 if r.random() < 0.5 else 0))
+        spans.append(layout.Span(off, n, first, r.randrange(1, 1 << 30) * 8 if r.random() < 0.5 else 0,
+                                 r.randrange(0, 1 << 20)))
         off += n + r.randint(0, 40)
         first += layout.num_blocks(n, block) + r.randint(0, 5)
     check_table(layout.build_table(spans, block, world), spans, block, world)
@@ -110,12 +115,12 @@ def test_build_table_with_gaps_and_arbitrary_first_blocks(world):
 def test_empty_and_zero_size_spans(world):
     for spans in ([], [layout.Span(0, 0, 0)], [layout.Span(0, 0, 0, 4096), layout.Span(0, 0, 0)]):
         bt = layout.build_table(spans, 256, world)
-        assert bt.slots == 0 and tuple(bt.table.shape) == (0, 3) and bt.numel == 0
+        assert bt.slots == 0 and tuple(bt.table.shape) == (0, 4) and bt.numel == 0
         for r in range(world):
-            assert tuple(bt.rows_of(r).shape) == (0, 3)
+            assert tuple(bt.rows_of(r).shape) == (0, 4)
     bt = layout.build_table([layout.Span(0, 0, 0), layout.Span(0, 1, 0, 64)], 256, world)
     check_table(bt, [layout.Span(0, 0, 0), layout.Span(0, 1, 0, 64)], 256, world)
-    assert bt.slots == 1 and bt.table[0].tolist() == [0, 1, 64]
+    assert bt.slots == 1 and bt.table[0].tolist() == [0, 1, 64, 0]
 
 
 def test_slots_is_max_owner_count():
@@ -147,7 +152,7 @@ def test_relayout_keeps_owners(world, block):
     model = layout.contiguous_spans(numels, block)  # first_block = model-wide block index
 
     def owners(spans_by_param: dict) -> dict:
-        """(parameter, block j) → owner rank, read back from a table's rows."""
+        """(parameter, block j) → (owner rank, noise word), read back from a table's rows."""
         out = {}
         spans = list(spans_by_param.items())
         bt = layout.build_table([s for _, s in spans], block, world)
@@ -155,9 +160,9 @@ def test_relayout_keeps_owners(world, block):
         for p, s in spans:
             for j in range(layout.num_blocks(s.numel, block)):
                 offset_to[s.offset + j * block] = (p, j)
-        for row, (off, ln, _) in enumerate(bt.table.tolist()):
+        for row, (off, ln, _, word) in enumerate(bt.table.tolist()):
             if ln:
-                out[offset_to[off]] = row // bt.slots
+                out[offset_to[off]] = (row // bt.slots, word)
         return out
 
     one_bucket = owners(dict(enumerate(model)))
@@ -168,10 +173,11 @@ def test_relayout_keeps_owners(world, block):
     for bucket in (order[:5], order[5:9], order[9:]):
         spans, off = {}, 0
         for p in bucket:
-            spans[p] = layout.Span(off, numels[p], model[p].first_block)
+            spans[p] = layout.Span(off, numels[p], model[p].first_block, 0, p)
             off += numels[p]
         relaid.update(owners(spans))
     assert relaid == one_bucket
     assert set(one_bucket) == {(p, j) for p, n in enumerate(numels) for j in range(layout.num_blocks(n, block))}
-    for (p, j), o in one_bucket.items():
+    for (p, j), (o, word) in one_bucket.items():
         assert o == (model[p].first_block + j) % world
+        assert word == (p << 40) + j * block  # the draws follow the parameter, not the bucket

@@ -70,13 +70,17 @@ def param_slices(numels, block, world):
     return out
 
 
-def exchange(xs, numels, block, world, residuals=None, bits=8):
+def exchange(xs, numels, block, world, residuals=None, bits=8, rounding=None):
     """Simulated compressed all-reduce. xs[w]: rank w's bucket; residuals[w]: rank w's list of
-    per-parameter float32 residuals (updated in place), or None for no error feedback."""
+    per-parameter residuals, all float32 or all bfloat16 (updated in place), or None for no
+    error feedback; rounding: None (to nearest) or {"seed", "step"} for stochastic rounding
+    (parameter ordinals are their indices in ``numels``)."""
     tables = []
+    res_dtype = residuals[0][0].dtype if residuals is not None and residuals[0] else torch.float32
     for w in range(world):
         addrs = [r.data_ptr() for r in residuals[w]] if residuals is not None else None
-        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world))
+        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world,
+                                         res_dtype.itemsize))
     for t in tables[1:]:  # every rank lays the bucket out the same way
         assert torch.equal(t.table[:, :2], tables[0].table[:, :2])
     S, sb = tables[0].slots, tables[0].shard_bytes(bits)
@@ -84,10 +88,13 @@ def exchange(xs, numels, block, world, residuals=None, bits=8):
     def snap():
         return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
 
-    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block, bits=bits) for w in range(world)]
+    kw = [{"residual_dtype": res_dtype, "stochastic": rounding is not None, "rank": w,
+           **(rounding or {})} for w in range(world)]
+    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block, bits=bits, **kw[w]) for w in range(world)]
     res_enc = snap()
     recvs = [torch.cat([sends[src][w * sb : (w + 1) * sb] for src in range(world)]) for w in range(world)]
-    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block, bits=bits) for w in range(world)]
+    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block, bits=bits, **kw[w])
+              for w in range(world)]
     res_red = snap()
     gathered = torch.cat(slices)
     outs = [ops.quant_decode(gathered, tables[w].table, world, S, block, torch.full_like(xs[w], 1234.0), bits=bits)
@@ -101,7 +108,7 @@ def row_index(table: torch.Tensor) -> dict:
     return {int(o): i for i, (o, ln) in enumerate(table[:, :2].tolist()) if ln > 0}
 
 
-def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype, bits=8):
+def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype, bits=8, rounding=None):
     """Everything bit for bit: payloads, slices, residuals after each pass, decoded output.
 
     The output and residuals are reference.compressed_mean's. Two bucket-level facts it does
@@ -126,8 +133,9 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
     for p, (off, n, owners) in params:
         xs_p = [x[off : off + n] for x in xs]
         res_p = [rr[p] for rr in residuals_before] if residuals_before is not None else [None] * world
-        orc = compressed_allreduce(xs_p, res_p, block, owners, bits)
-        mean, new_res = compressed_mean(xs_p, res_p, block, owners, bits)
+        rnd = None if rounding is None else {**rounding, "ordinal": p}
+        orc = compressed_allreduce(xs_p, res_p, block, owners, bits, rnd)
+        mean, new_res = compressed_mean(xs_p, res_p, block, owners, bits, rnd)
         if not orc.nonfinite2.any():
             assert all(torch.equal(a, b) for a, b in zip(orc.res_after, new_res) if a is not None)
         expected[p] = (orc, mean)
@@ -186,6 +194,123 @@ def test_matches_reference(world, dtype, block, ef, bits):
     ex = exchange(xs, numels, block, world, residuals, bits)
     check_against_reference(ex, xs, before, numels, block, world, dtype, bits)
     assert torch.isfinite(ex.outs[0]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=["int8", "int4", "int2"])
+@pytest.mark.parametrize("ef", [True, False], ids=["ef", "no_ef"])
+@pytest.mark.parametrize("block", [32, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("world", WORLDS)
+def test_stochastic_rounding_matches_reference(world, dtype, block, ef, bits):
+    numels = [3 * block + 7, 1, 0, 2 * block - 1, 13]
+    g = gen("stochastic", world, str(dtype), block, ef, bits)
+    xs = [(torch.randn(sum(numels), generator=g) * 3).to(dtype) for _ in range(world)]
+    residuals = rand_residuals(numels, world, g) if ef else None
+    before = clone_res(residuals)
+    seed = int(torch.randint(0, 1 << 62, (1,), generator=g)) * 2 + 1
+    rounding = {"seed": seed, "step": 1 << 40 | 17}
+    ex = exchange(xs, numels, block, world, residuals, bits, rounding)
+    check_against_reference(ex, xs, before, numels, block, world, dtype, bits, rounding)
+    # the draws matter: rounding to nearest gives other codes
+    near = exchange(xs, numels, block, world, clone_res(before), bits)
+    assert not torch.equal(near.sends[0], ex.sends[0])
+
+
+@pytest.mark.parametrize(("bits", "stochastic"), [(8, False), (4, False), (2, False), (1, False), (8, True),
+                                                (4, True), (2, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("world", WORLDS)
+def test_bf16_residuals_match_reference(world, dtype, stochastic, bits):
+    block = 64
+    numels = [3 * block + 7, 1, 2 * block - 1, 13]
+    g = gen("bf16-residual", world, str(dtype), stochastic, bits)
+    xs = [(torch.randn(sum(numels), generator=g) * 2).to(dtype) for _ in range(world)]
+    residuals = [[r.to(torch.bfloat16) for r in rr] for rr in rand_residuals(numels, world, g, scale=0.1)]
+    before = clone_res(residuals)
+    rounding = {"seed": 12345, "step": 3} if stochastic else None
+    ex = exchange(xs, numels, block, world, residuals, bits, rounding)
+    check_against_reference(ex, xs, before, numels, block, world, dtype, bits, rounding)
+    assert all(r.dtype == torch.bfloat16 for rr in residuals for r in rr)
+    # the bf16 residuals really were read and written: a float32 run from the same values differs
+    f32 = [[r.float() for r in rr] for rr in before]
+    ex32 = exchange(xs, numels, block, world, f32, bits, rounding)
+    assert torch.equal(ex32.sends[0], ex.sends[0])  # the same values in: the same codes out
+    assert any(not torch.equal(a.float(), b) for a, b in zip(residuals[0], f32[0]))
+
+
+def _encode_decode(x, block, bits, **rounding):
+    """One rank's stage-1 codes of x (one parameter, no error feedback), decoded: [n] float32."""
+    table = layout.build_table(layout.contiguous_spans([x.numel()], block), block, 1)
+    send = ops.quant_encode(x, table.table, 1, table.slots, block, bits=bits, **rounding)
+    return ops.quant_decode(send, table.table, 1, table.slots, block, torch.empty_like(x), bits=bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=["int8", "int4", "int2"])
+def test_stochastic_rounding_is_unbiased(bits):
+    """Mean of many draws → the value itself, within a 6-sigma bound per element (sigma from
+    the Bernoulli variance frac·(1 - frac)·scale² / N), where rounding to nearest is off by a
+    third of a step: the test would catch a biased rounding."""
+    block, draws = 256, 1500
+    qmax = (1 << (bits - 1)) - 1
+    g = gen("unbiased", bits)
+    x = torch.rand(4 * block, generator=g) * 2 - 1
+    x[::block] = 1.0  # each block's absmax is 1: scale 1/qmax, inv exactly qmax
+    x[1::block] = (torch.floor(x[1::block] * qmax) + 1 / 3) / qmax  # a third of a step above a code
+    x[2::block] = 0.5 * 2.0 / qmax if qmax > 1 else 0.5  # exactly between two codes
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for step in range(draws):
+        total += _encode_decode(x, block, bits, stochastic=True, seed=99, step=step).double()
+    mean = total / draws
+    scale = 1.0 / qmax
+    v = x.double() * qmax
+    frac = v - torch.floor(v)
+    sigma = scale * torch.sqrt(frac * (1 - frac) / draws)
+    err = (mean - x.double()).abs()
+    bound = 6 * sigma + 2.0**-22 * scale
+    assert (err <= bound).all(), f"{int((err > bound).sum())} elements biased; worst {float((err - bound).max())}"
+    near = _encode_decode(x, block, bits).double()
+    assert ((near - x.double()).abs() > bound)[1::block].all()  # nearest is biased where the test looks
+    # every draw is one of the two neighbouring codes
+    one = _encode_decode(x, block, bits, stochastic=True, seed=99, step=7)
+    scale32 = torch.tensor(1.0) / qmax
+    q = torch.round(one / scale32)
+    assert torch.equal(q * scale32, one) and ((q.double() - v).abs() < 1).all()
+
+
+def test_stochastic_draws_depend_on_seed_step_and_rank_only():
+    block, bits = 256, 4
+    g = gen("draw-keys")
+    x = torch.randn(5 * block, generator=g)
+    base = _encode_decode(x, block, bits, stochastic=True, seed=5, step=2, rank=0)
+    assert torch.equal(base, _encode_decode(x, block, bits, stochastic=True, seed=5, step=2, rank=0))  # reproducible
+    for other in ({"seed": 6, "step": 2, "rank": 0}, {"seed": 5, "step": 3, "rank": 0},
+                  {"seed": 5, "step": 2, "rank": 1}):
+        assert not torch.equal(base, _encode_decode(x, block, bits, stochastic=True, **other)), other
+    # ranks draw independently: their rounding errors are uncorrelated
+    errs = [_encode_decode(x, block, bits, stochastic=True, seed=5, step=2, rank=r) - x for r in (0, 1)]
+    corr = torch.corrcoef(torch.stack(errs))[0, 1]
+    assert abs(float(corr)) < 0.06, f"rank 0 and rank 1 rounding errors correlate: {float(corr)}"
+
+
+def test_stochastic_full_pipeline_is_unbiased():
+    """Through encode, reduce (a second stochastic rounding by the owner) and decode at W=2:
+    the mean over steps approaches the true mean of the two ranks' values."""
+    block, bits, world, steps = 64, 2, 2, 400
+    g = gen("pipeline-unbiased")
+    numels = [4 * block]
+    xs = [torch.randn(numels[0], generator=g) for _ in range(world)]
+    total = torch.zeros(numels[0], dtype=torch.float64)
+    for step in range(steps):
+        total += exchange(xs, numels, block, world, None, bits, {"seed": 3, "step": step}).outs[0].double()
+    mean = total / steps
+    true = (xs[0].double() + xs[1].double()) / 2
+    # per element, each rounding moves by at most one step (absmax of a block of the sum of
+    # two ranks, over qmax = 1); the variance of a mean of `steps` draws is below step² / steps
+    step_size = max(float(x.abs().max()) for x in xs) * 2
+    sigma = step_size / steps**0.5
+    assert float((mean - true).abs().max()) < 5 * sigma
+    near = exchange(xs, numels, block, world, None, bits).outs[0].double()
+    assert float((near - true).abs().mean()) > 3 * float((mean - true).abs().mean())
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -600,6 +725,15 @@ BAD_CALLS = {
     "decode short table": (ValueError, lambda a: _dec(a, table=a.table[1:].contiguous())),
     "decode block 16": (ValueError, lambda a: _dec(a, block=16)),
     "decode bits 16": (ValueError, lambda a: _dec(a, bits=16)),
+    "encode float16 residuals": (TypeError, lambda a: _enc(a, residual_dtype=torch.float16)),
+    "reduce float64 residuals": (TypeError, lambda a: _red(a, residual_dtype=torch.float64)),
+    "encode stochastic sign": (ValueError, lambda a: _enc(a, bits=1, stochastic=True)),
+    "reduce stochastic sign": (ValueError, lambda a: _red(a, bits=1, stochastic=True)),
+    "encode negative seed": (ValueError, lambda a: _enc(a, stochastic=True, seed=-1)),
+    "encode seed past 64 bits": (ValueError, lambda a: _enc(a, stochastic=True, seed=1 << 64)),
+    "encode float step": (ValueError, lambda a: _enc(a, stochastic=True, step=1.5)),
+    "reduce rank past 32 bits": (ValueError, lambda a: _red(a, stochastic=True, rank=1 << 32)),
+    "encode 3-word table": (ValueError, lambda a: _enc(a, table=a.table[:, :3].contiguous())),
     # wrong device ("meta" stands in for a device other than the bucket's on a CPU-only machine)
     "encode bucket on another device": (ValueError, lambda a: _enc(a, bucket=a.bucket.to("meta"))),
     "encode table on another device": (ValueError, lambda a: _enc(a, table=a.table.to("meta"))),
@@ -705,7 +839,10 @@ def test_accuracy_against_exact_mean(world, block):
 
 # ------------------------------------------------------------------------------ instruction sets
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cpu_instruction_sets_give_the_same_bytes(dtype):
+@pytest.mark.parametrize(("bits", "stochastic", "rdtype"), [(8, False, torch.float32), (4, True, torch.float32),
+                                                          (2, False, torch.bfloat16), (1, False, torch.float32),
+                                                          (8, True, torch.bfloat16)])
+def test_cpu_instruction_sets_give_the_same_bytes(dtype, bits, stochastic, rdtype):
     """The CPU kernels are built per instruction set and chosen at run time; each must
     produce the same payloads, residuals and outputs (and so the reference's)."""
     from gradcomp import _C
@@ -714,14 +851,16 @@ def test_cpu_instruction_sets_give_the_same_bytes(dtype):
     _C.set_cpu_isa("auto")
     assert "baseline" in isas
     world, block, numels = 3, 256, [1000, 1, 256, 4097, 30_000]
-    g = gen("isa", str(dtype))
+    g = gen("isa", str(dtype), bits, stochastic, str(rdtype))
     xs = [(torch.randn(sum(numels), generator=g) * 10).to(dtype) for _ in range(world)]
+    res0 = [[r.to(rdtype) for r in rr] for rr in rand_residuals(numels, world, g, scale=0.5)]
+    rounding = {"seed": 77, "step": 5} if stochastic else None
     runs = []
     try:
         for isa in isas:
             assert _C.set_cpu_isa(isa) and _C.cpu_isa() == isa
-            residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
-            ex = exchange(xs, numels, block, world, residuals)
+            residuals = clone_res(res0)
+            ex = exchange(xs, numels, block, world, residuals, bits, rounding)
             runs.append((ex, residuals))
     finally:
         _C.set_cpu_isa("auto")

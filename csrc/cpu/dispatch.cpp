@@ -27,13 +27,18 @@ std::atomic<int>& current() {
   return isa;
 }
 
-void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
+void check_args(int bits, int64_t block, int64_t world, int64_t slots, DType residual = DType::F32,
+                bool stochastic = false) {
   if (!codec::is_valid_bits(bits))
     throw std::invalid_argument("gradcomp: codes are 8, 4, 2 or 1 bits, got " + std::to_string(bits));
   if (block < 32 || block > kMaxBlock || (block & (block - 1)) != 0)
     throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
                                 std::to_string(block));
   if (world < 1 || slots < 0) throw std::invalid_argument("gradcomp: bad world size or slot count");
+  if (residual != DType::F32 && residual != DType::BF16)
+    throw std::invalid_argument("gradcomp: residuals are float32 or bfloat16");
+  if (stochastic && bits == 1)
+    throw std::invalid_argument("gradcomp: the scaled sign (bits 1) has no stochastic rounding");
 }
 
 }  // namespace
@@ -61,16 +66,18 @@ bool set_cpu_isa(const char* name) {
 #define GC_DISPATCH(fn, ...) isa_baseline::fn(__VA_ARGS__)
 #endif
 
-void quant_encode_cpu(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,
-                      int64_t slots, uint8_t* send, int threads) {
-  check_args(bits, block, world, slots);
-  GC_DISPATCH(encode, bits, block, dtype, bucket, table, world, slots, send, std::max(threads, 1));
+void quant_encode_cpu(int bits, int64_t block, DType dtype, DType residual_dtype, const void* bucket,
+                      const int64_t* table, int64_t world, int64_t slots, uint8_t* send, codec::Rounding rounding,
+                      int threads) {
+  check_args(bits, block, world, slots, residual_dtype, rounding.stochastic != 0);
+  GC_DISPATCH(encode, bits, block, dtype, residual_dtype, bucket, table, world, slots, send, rounding,
+              std::max(threads, 1));
 }
 
-void quant_reduce_cpu(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world,
-                      int64_t slots, uint8_t* slice, int threads) {
-  check_args(bits, block, world, slots);
-  GC_DISPATCH(reduce, bits, block, recv, my_rows, world, slots, slice, std::max(threads, 1));
+void quant_reduce_cpu(int bits, int64_t block, DType residual_dtype, const uint8_t* recv, const int64_t* my_rows,
+                      int64_t world, int64_t slots, uint8_t* slice, codec::Rounding rounding, int threads) {
+  check_args(bits, block, world, slots, residual_dtype, rounding.stochastic != 0);
+  GC_DISPATCH(reduce, bits, block, residual_dtype, recv, my_rows, world, slots, slice, rounding, std::max(threads, 1));
 }
 
 void quant_decode_cpu(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,

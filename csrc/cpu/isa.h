@@ -10,17 +10,17 @@ namespace gradcomp {
 
 constexpr int64_t kMaxBlock = 4096;
 
-#define GC_DECLARE_CPU_KERNELS(ns)                                                                                \
-  namespace ns {                                                                                                  \
-  /* bucket [n] dtype; table [W * S, 3]; send [W * SB] */                                                         \
-  void encode(int bits, int64_t block, DType dtype, const void* bucket, const int64_t* table, int64_t world,      \
-              int64_t slots, uint8_t* send, int threads);                                                         \
-  /* recv [W * SB]; my_rows [S, 3]; slice [SB] */                                                                 \
-  void reduce(int bits, int64_t block, const uint8_t* recv, const int64_t* my_rows, int64_t world, int64_t slots, \
-              uint8_t* slice, int threads);                                                                       \
-  /* gathered [W * SB]; table [W * S, 3]; bucket [n] dtype */                                                     \
-  void decode(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world, \
-              int64_t slots, void* bucket, int threads);                                                          \
+#define GC_DECLARE_CPU_KERNELS(ns)                                                                                 \
+  namespace ns {                                                                                                   \
+  /* bucket [n] dtype; table [W * S, 4]; send [W * SB] */                                                          \
+  void encode(int bits, int64_t block, DType dtype, DType residual, const void* bucket, const int64_t* table,      \
+              int64_t world, int64_t slots, uint8_t* send, const codec::Rounding& rounding, int threads);          \
+  /* recv [W * SB]; my_rows [S, 4]; slice [SB] */                                                                  \
+  void reduce(int bits, int64_t block, DType residual, const uint8_t* recv, const int64_t* my_rows, int64_t world, \
+              int64_t slots, uint8_t* slice, const codec::Rounding& rounding, int threads);                        \
+  /* gathered [W * SB]; table [W * S, 4]; bucket [n] dtype */                                                      \
+  void decode(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table, int64_t world,  \
+              int64_t slots, void* bucket, int threads);                                                           \
   }
 
 GC_DECLARE_CPU_KERNELS(isa_baseline)

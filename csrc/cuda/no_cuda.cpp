@@ -16,10 +16,12 @@ int cuda_device_count() { return 0; }
 std::string cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }
 
-void quant_encode_cuda(int, int64_t, DType, const void*, const int64_t*, int64_t, int64_t, uint8_t*, int, intptr_t) {
+void quant_encode_cuda(int, int64_t, DType, DType, const void*, const int64_t*, int64_t, int64_t, uint8_t*,
+                       codec::Rounding, int, intptr_t) {
   no_cuda();
 }
-void quant_reduce_cuda(int, int64_t, const uint8_t*, const int64_t*, int64_t, int64_t, uint8_t*, int, intptr_t) {
+void quant_reduce_cuda(int, int64_t, DType, const uint8_t*, const int64_t*, int64_t, int64_t, uint8_t*, codec::Rounding,
+                       int, intptr_t) {
   no_cuda();
 }
 void quant_decode_cuda(int, int64_t, DType, const uint8_t*, const int64_t*, int64_t, int64_t, void*, int, intptr_t) {

@@ -15,6 +15,9 @@ import torch
 
 from . import ops
 
+ROW_WORDS = 4  # codec.h's kRowWords
+NOISE_OFFSET_BITS = 40  # codec.h's kNoiseOffsetBits
+
 
 @dataclass(frozen=True)
 class Span:
@@ -23,21 +26,22 @@ class Span:
     offset: int  # element offset in the bucket
     numel: int
     first_block: int  # model-wide index of the parameter's first block (decides owners)
-    residual_addr: int = 0  # address of its float32 residual, 0 without error feedback
+    residual_addr: int = 0  # address of its residual (float32 or bfloat16), 0 without error feedback
+    ordinal: int = 0  # model-wide parameter ordinal: keys its stochastic-rounding draws
 
 
 @dataclass
 class BlockTable:
     """The payload layout of one bucket: which block goes to which rank and slot."""
 
-    table: torch.Tensor  # [W * S, 3] int64 (CPU): offset, valid length, residual address
+    table: torch.Tensor  # [W * S, 4] int64 (CPU): offset, valid length, residual address, noise word
     world: int
     slots: int  # S: block slots per shard (the most any rank owns in this bucket)
     block: int
     numel: int  # compressed elements (without padding)
 
     def rows_of(self, rank: int) -> torch.Tensor:
-        """The ``[S, 3]`` rows of the slots ``rank`` owns (a contiguous view)."""
+        """The ``[S, 4]`` rows of the slots ``rank`` owns (a contiguous view)."""
         return self.table[rank * self.slots : (rank + 1) * self.slots]
 
     def shard_bytes(self, bits: int = 8) -> int:
@@ -48,16 +52,20 @@ def num_blocks(numel: int, block: int) -> int:
     return -(-numel // block)
 
 
-def build_table(spans: list[Span], block: int, world: int) -> BlockTable:
+def build_table(spans: list[Span], block: int, world: int, residual_itemsize: int = 4) -> BlockTable:
     """Lays the spans' blocks out in W shards of S slots each.
 
     Within a shard, blocks keep the order of the spans and of the blocks in them, so the
     layout is the same on every rank that sees the same bucket. Slots past a rank's count
-    are padding rows (length 0) that encode to zero.
+    are padding rows (length 0) that encode to zero. ``residual_itemsize``: bytes of one
+    residual element (4 for float32, 2 for bfloat16). A row's noise word is the parameter's
+    ordinal << 40 | the block's element offset in the parameter (codec.h's noise_word).
     """
     if world < 1:
         raise ValueError(f"gradcomp: world size must be >= 1, got {world}")
-    offs, lens, addrs, owners = [], [], [], []
+    if residual_itemsize not in (2, 4):
+        raise ValueError(f"gradcomp: residual_itemsize must be 2 or 4, got {residual_itemsize}")
+    offs, lens, addrs, owners, words = [], [], [], [], []
     for s in spans:
         nb = num_blocks(s.numel, block)
         if nb == 0:
@@ -65,33 +73,40 @@ def build_table(spans: list[Span], block: int, world: int) -> BlockTable:
         j = torch.arange(nb, dtype=torch.int64)
         offs.append(s.offset + j * block)
         lens.append(torch.clamp(s.numel - j * block, max=block))
-        addrs.append(s.residual_addr + j * (block * 4) if s.residual_addr else torch.zeros(nb, dtype=torch.int64))
+        addrs.append(s.residual_addr + j * (block * residual_itemsize) if s.residual_addr
+                     else torch.zeros(nb, dtype=torch.int64))
         owners.append((s.first_block + j) % world)
+        if s.numel >= 1 << NOISE_OFFSET_BITS or not 0 <= s.ordinal < 1 << (63 - NOISE_OFFSET_BITS):
+            raise ValueError(f"gradcomp: parameter {s.ordinal} ({s.numel} elements) is out of the noise word's range")
+        words.append((s.ordinal << NOISE_OFFSET_BITS) + j * block)
     numel = sum(s.numel for s in spans)
     if not offs:
-        return BlockTable(torch.zeros(0, 3, dtype=torch.int64), world, 0, block, numel)
-    off, ln, addr, owner = (torch.cat(x) for x in (offs, lens, addrs, owners))
+        return BlockTable(torch.zeros(0, ROW_WORDS, dtype=torch.int64), world, 0, block, numel)
+    off, ln, addr, owner, word = (torch.cat(x) for x in (offs, lens, addrs, owners, words))
     order = torch.argsort(owner, stable=True)
     counts = torch.bincount(owner, minlength=world)
     slots = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
     sorted_owner = owner[order]
     slot = torch.arange(order.numel(), dtype=torch.int64) - starts[sorted_owner]
-    table = torch.zeros(world * slots, 3, dtype=torch.int64)
+    table = torch.zeros(world * slots, ROW_WORDS, dtype=torch.int64)
     dest = sorted_owner * slots + slot
     table[dest, 0] = off[order]
     table[dest, 1] = ln[order]
     table[dest, 2] = addr[order]
+    table[dest, 3] = word[order]
     return BlockTable(table, world, slots, block, numel)
 
 
-def contiguous_spans(numels: list[int], block: int, residual_addrs: list[int] | None = None) -> list[Span]:
-    """Spans of parameters packed one after another in a bucket, numbered from block 0
-    (what a model whose only bucket holds exactly these parameters would get)."""
+def contiguous_spans(numels: list[int], block: int, residual_addrs: list[int] | None = None,
+                     ordinals: list[int] | None = None) -> list[Span]:
+    """Spans of parameters packed one after another in a bucket, numbered from block 0 and
+    (unless ``ordinals`` says otherwise) from ordinal 0 (what a model whose only bucket holds
+    exactly these parameters would get)."""
     spans, offset, first = [], 0, 0
     for i, n in enumerate(numels):
         addr = residual_addrs[i] if residual_addrs else 0
-        spans.append(Span(offset, n, first, addr))
+        spans.append(Span(offset, n, first, addr, ordinals[i] if ordinals is not None else i))
         offset += n
         first += num_blocks(n, block)
     return spans

@@ -7,18 +7,27 @@ allocator owns the memory), reads the current CUDA stream at each call, and pass
 
 Shapes (W world size, S block slots per shard, B block size, SB shard bytes):
     bucket    [n]          float32 / float16 / bfloat16
-    table     [W * S, 3]   int64 rows: element offset, valid length, residual address
-                           (the address of the block's first float32 residual element on
-                           the bucket's device, or 0 for no error feedback)
+    table     [W * S, 4]   int64 rows: element offset, valid length, residual address
+                           (the address of the block's first residual element, of
+                           ``residual_dtype``, on the bucket's device, or 0 for no error
+                           feedback), noise word (parameter ordinal << 40 | the block's
+                           offset in its parameter: keys stochastic rounding)
     payload   [W * SB]     uint8 (send, recv, gathered)
     slice     [SB]         uint8
 
-Payload tensors must start on a 16-byte boundary (the kernels load them in 16-byte words;
-torch's allocations always do, a view at an odd offset may not). On CPU the table's offsets
+Payload tensors must start on a 16-byte boundary (torch's allocations always do, a view at
+an odd offset may not). The kernels then rely on every shard starting 4-byte aligned, which
+the format guarantees: a shard's size is a multiple of 4 (of 16 unless narrow codes of small
+blocks leave an odd number of words). On CPU the table's offsets
 and lengths are checked against the bucket before a pass (``check_bounds=False`` skips that
 for a table ``gradcomp.layout.build_table`` made, as the hook does every step); a CUDA table
 is not (that would cost a host sync). Residual addresses are
 trusted on both backends.
+
+Rounding: to nearest even by default; ``stochastic=True`` rounds each code up or down at
+random with the probabilities that make it unbiased, drawing from a counter-based hash of
+(``seed``, ``rank``, pass, ``step``, the row's noise word, the value's index): pass the
+seed every rank agreed on, the step, and the encoding rank's own number.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from . import _C
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
 CODE_BITS = (8, 4, 2, 1)  # 1: scaled sign
+RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
+ROW_WORDS = 4
 PAYLOAD_ALIGN = 16
 _cuda_compiled: bool | None = None
 
@@ -88,7 +99,7 @@ def _check_table(table, name: str, rows: int, block: int, device, numel: int | N
                  check_bounds: bool = True) -> None:
     """Shape and dtype always; on CPU also that each row's [offset, offset + length) lies in
     the bucket and its length in [0, block], so a bad table raises instead of corrupting memory."""
-    _check_tensor(table, name, dtypes=(torch.int64,), device=device, shape=(rows, 3))
+    _check_tensor(table, name, dtypes=(torch.int64,), device=device, shape=(rows, ROW_WORDS))
     if not check_bounds or table.device.type != "cpu" or rows == 0:
         return
     off, length = table[:, 0], table[:, 1]
@@ -101,11 +112,26 @@ def _check_table(table, name: str, rows: int, block: int, device, numel: int | N
                          f"in a bucket of {numel} elements")
 
 
+def _rounding(bits: int, residual_dtype, stochastic: bool, seed: int, step: int, rank: int) -> tuple:
+    """(residual dtype code, seed, step, rank, stochastic) for the core, checked."""
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise TypeError(f"gradcomp: residual_dtype must be torch.float32 or torch.bfloat16, got {residual_dtype}")
+    if stochastic and bits == 1:
+        raise ValueError("gradcomp: the scaled sign (bits=1) has no stochastic rounding")
+    for name, v, hi in (("seed", seed, 1 << 64), ("step", step, 1 << 64), ("rank", rank, 1 << 32)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+            raise ValueError(f"gradcomp: {name} must be an int in [0, {hi}), got {v!r}")
+    return DTYPE_CODES[residual_dtype], seed, step, rank, bool(stochastic)
+
+
 def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: int, block: int, *,
-                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
+                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True,
+                 residual_dtype: torch.dtype = torch.float32, stochastic: bool = False, seed: int = 0,
+                 step: int = 0, rank: int = 0) -> torch.Tensor:
     """Pass 1: ``a = bucket + residual``, block-wise codes into each owner's shard, residual
     updated in place (through the table's addresses). Returns the ``[W * SB]`` payload."""
     _check_block(block, bits)
+    res_code, seed, step, rank, stochastic = _rounding(bits, residual_dtype, stochastic, seed, step, rank)
     _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
     if bucket.dim() != 1:
         raise ValueError("gradcomp: bucket must be one-dimensional")
@@ -114,24 +140,28 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
     if out is None:
         out = torch.empty(world * sb, dtype=torch.uint8, device=bucket.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb, aligned=True)
-    args = (bits, block, DTYPE_CODES[bucket.dtype], bucket.data_ptr(), table.data_ptr(), world, slots,
-            out.data_ptr())
+    args = (bits, block, DTYPE_CODES[bucket.dtype], res_code, bucket.data_ptr(), table.data_ptr(), world, slots,
+            out.data_ptr(), seed, step, rank, stochastic)
     _launch("quant_encode", bucket.device, args, args)
     return out
 
 
 def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: int, block: int, *,
-                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
+                 bits: int = 8, out: torch.Tensor | None = None, check_bounds: bool = True,
+                 residual_dtype: torch.dtype = torch.float32, stochastic: bool = False, seed: int = 0,
+                 step: int = 0, rank: int = 0) -> torch.Tensor:
     """Pass 2: decode the W shards received for my slots, sum in rank order, multiply by 1/W,
     re-encode into my ``[SB]`` slice; the re-encoding error times W goes into my residual."""
     _check_block(block, bits)
+    res_code, seed, step, rank, stochastic = _rounding(bits, residual_dtype, stochastic, seed, step, rank)
     sb = shard_bytes(slots, block, bits)
     _check_tensor(recv, "recv", dtypes=(torch.uint8,), numel=world * sb, aligned=True)
     _check_table(my_rows, "my_rows", slots, block, recv.device, check_bounds=check_bounds)
     if out is None:
         out = torch.empty(sb, dtype=torch.uint8, device=recv.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb, aligned=True)
-    args = (bits, block, recv.data_ptr(), my_rows.data_ptr(), world, slots, out.data_ptr())
+    args = (bits, block, res_code, recv.data_ptr(), my_rows.data_ptr(), world, slots, out.data_ptr(), seed, step,
+            rank, stochastic)
     _launch("quant_reduce", recv.device, args, args)
     return out
 

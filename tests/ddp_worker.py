@@ -77,7 +77,7 @@ def scenario_train(rank, world, args):
         model, twin = (make_model(layers, width, dtype=dtype, bias=bias) for _ in range(2))
     twin.load_state_dict(model.state_dict())
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused)
-    kwargs = args.get("state", {})
+    kwargs = {**args.get("state", {}), **args.get("state_per_rank", {}).get(str(rank), {})}
     codec = args.get("codec_per_rank", {}).get(str(rank), args.get("codec", "int8"))
     if args.get("style") == "torch":
         state = gradcomp.State(codec=codec, **kwargs)
@@ -109,9 +109,10 @@ def scenario_train(rank, world, args):
     out["ordinals"] = [state._ordinal_of.get(id(p), -1) for p in model.parameters()]
     out["residuals"] = {o: r.clone() for o, r in state._residuals.items()}
     out["step"] = state.step
+    out["seed"] = state.seed
     clone = pickle.loads(pickle.dumps(state))
     out["pickled"] = {"step": clone.step, "stats": clone.stats, "residuals": clone._residuals,
-                      "config": clone.config(), "process_group": clone.process_group}
+                      "config": clone.config(), "process_group": clone.process_group, "seed": clone.seed}
     return out
 
 

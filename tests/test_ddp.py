@@ -176,6 +176,45 @@ def test_config_mismatch_fails_fast_on_every_rank(tmp_path):
         assert "ranks disagree on the hook configuration" in log
 
 
+@pytest.mark.parametrize(("codec", "seed"), [("int4:stochastic:residual=bf16", None), ("int8:stochastic", 7),
+                                           ("sign:residual=bf16", None)])
+def test_stochastic_and_bf16_residuals_in_ddp(tmp_path, codec, seed):
+    """4 ranks, many buckets: replicas stay bit-identical with stochastic rounding (each rank
+    draws its own noise, the decoded result is the same everywhere); every rank adopts rank
+    0's seed, or the one given; bf16 residuals are kept in bf16 (half the memory) and travel
+    in a pickled State with the seed."""
+    steps = 4
+    state = {} if seed is None else {"seed": seed}
+    outs = _train(tmp_path, 4, steps=steps, codec=codec, width=128, layers=6, bias=False, bucket_cap_mb=0.05,
+                  state=state)
+    for s in range(steps):
+        for r in range(1, 4):
+            assert torch.equal(outs[0]["grads"][s], outs[r]["grads"][s]), f"rank {r} drifted at step {s}"
+        assert torch.isfinite(outs[0]["grads"][s]).all()
+    seeds = {o["seed"] for o in outs}
+    assert len(seeds) == 1 and isinstance(outs[0]["seed"], int)
+    if seed is not None:
+        assert seeds == {seed}
+    want = torch.bfloat16 if "bf16" in codec else torch.float32
+    for o in outs:
+        assert o["residuals"] and all(r.dtype == want for r in o["residuals"].values())
+        assert o["pickled"]["seed"] == o["seed"]
+        assert all(r.dtype == want for r in o["pickled"]["residuals"].values())
+    # each rank keeps its own residuals
+    assert not torch.equal(outs[0]["residuals"][0].float(), outs[1]["residuals"][0].float())
+    st = outs[0]["stats"]
+    assert st["buckets_compressed"] >= 4 * steps and st["params_fallback"] == 0
+
+
+def test_different_explicit_seeds_fail_the_config_check(tmp_path):
+    res = run_ranks("train", 2, tmp_path, timeout=60, steps=2, codec="int4:stochastic",
+                    state_per_rank={"0": {"seed": 1}, "1": {"seed": 2}})
+    assert not res.timed_out
+    assert all(rc != 0 for rc in res.returncodes)
+    for log in res.logs:
+        assert "ranks disagree on the hook configuration" in log
+
+
 def test_many_buckets_fixed_order_where_chained_hooks_fail(tmp_path):
     """4 ranks, >= 8 buckets, 50 steps. Ours completes; PyTorch's PowerSGD hook and a naive
     hook that launches its second collective from a future callback fail or hang (killed)."""
@@ -222,3 +261,19 @@ def test_state_rejects_bad_arguments():
         gradcomp.State("int8", min_numel=0)
     with pytest.raises(ValueError, match="timeout"):
         gradcomp.State("int8", timeout=5)
+    for seed in (-1, 1 << 63, 1.0, "1", True):
+        with pytest.raises(ValueError, match="seed"):
+            gradcomp.State("int4:stochastic", seed=seed)
+
+
+def test_state_seed_pickles_and_is_part_of_the_config():
+    state = gradcomp.State("int4:stochastic", seed=(1 << 63) - 1)
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.seed == state.seed and clone.config() == state.config()
+    assert gradcomp.State("int4:stochastic", seed=1).config() != gradcomp.State("int4:stochastic", seed=2).config()
+    # a State pickled before seeds existed loads with seed None (drawn at the first hook call)
+    d = state.__getstate__()
+    del d["seed"]
+    old = gradcomp.State.__new__(gradcomp.State)
+    old.__setstate__(d)
+    assert old.seed is None

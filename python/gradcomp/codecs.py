@@ -1,5 +1,5 @@
 """Codec classes and the spec grammar: NAME[:OPTION...], e.g. "int8", "int4:block=512",
-"sign:block=1024", "int2:ef=0"."""
+"sign:block=1024", "int2:ef=0", "int4:stochastic", "int8:residual=bf16"."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from .ops import BLOCK_SIZES
 __all__ = ["Codec", "BlockQuantizer", "Cast", "Int8", "Int4", "Int2", "Sign", "Fp16", "Bf16", "parse", "VALID_SPECS"]
 
 VALID_SPECS = ("int8", "int4", "int2", "sign", "<int8|int4|int2|sign>:block=<32..4096, power of two>",
-               "<int8|int4|int2|sign>:ef=<0|1>", "fp16", "bf16")
+               "<int8|int4|int2|sign>:ef=<0|1>", "<int8|int4|int2|sign>:residual=<fp32|bf16>",
+               "<int8|int4|int2>:stochastic", "fp16", "bf16")
+
+_RESIDUAL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 class Codec:
@@ -41,9 +44,20 @@ class BlockQuantizer(Codec):
         block_size: values per block, a power of two from 32 to 4096. Smaller blocks track
             local magnitudes better; each block costs 4 bytes of scale (32 bits per block:
             0.125 bits per value at 256).
-        error_feedback: keep what quantization dropped (per parameter, on each rank, in
-            float32: 4 bytes per compressed parameter element) and add it to the next step's
-            gradient, so the running sum of transmitted gradients tracks the true one.
+        error_feedback: keep what quantization dropped (per parameter, on each rank) and add
+            it to the next step's gradient, so the running sum of transmitted gradients
+            tracks the true one.
+        stochastic: round each code up or down at random, with the probabilities that make
+            it unbiased (E[code] = value / scale), instead of to nearest. The draws come from
+            a counter-based hash of (seed, rank, pass, step, parameter, offset): reproducible,
+            independent across ranks, the same on CPU and CUDA. Not for Sign.
+        residual_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, the error-feedback
+            buffer's element type. bfloat16 halves its memory and rounds what it carries to
+            8 significant bits.
+
+    Memory on each rank, per element of a compressed parameter: 4 bytes of residual with
+    error feedback in float32, 2 in bfloat16, none without error feedback (plus the payload
+    buffers of the bucket in flight: about 3 · (bits/8 + 4/block_size) bytes per value).
 
     On the wire: ``bits + 32 / block_size`` bits per value, plus 16 bytes per shard.
     """
@@ -51,14 +65,33 @@ class BlockQuantizer(Codec):
     bits = 0
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
-    def __init__(self, block_size: int = 256, error_feedback: bool = True):
+    def __init__(self, block_size: int = 256, error_feedback: bool = True, stochastic: bool = False,
+                 residual_dtype: torch.dtype = torch.float32):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
             raise ValueError(f"gradcomp: block_size must be a power of two in [32, 4096], got {block_size!r}")
+        if isinstance(residual_dtype, str):  # "fp32" / "bf16", as config() and the spec name them
+            residual_dtype = {v: k for k, v in _RESIDUAL_NAMES.items()}.get(residual_dtype, residual_dtype)
+        if residual_dtype not in _RESIDUAL_NAMES:
+            raise ValueError(f"gradcomp: residual_dtype must be torch.float32 or torch.bfloat16, "
+                             f"got {residual_dtype!r}")
+        if stochastic and self.bits == 1:
+            raise ValueError("gradcomp: Sign has no stochastic rounding (its codes are signs; "
+                             "use error feedback)")
         self.block_size = block_size
         self.error_feedback = bool(error_feedback)
+        self.stochastic = bool(stochastic)
+        self.residual_dtype = residual_dtype
 
     def config(self) -> dict:
-        return {"codec": self.name, "block_size": self.block_size, "error_feedback": self.error_feedback}
+        return {"codec": self.name, "block_size": self.block_size, "error_feedback": self.error_feedback,
+                "stochastic": self.stochastic, "residual_dtype": _RESIDUAL_NAMES[self.residual_dtype]}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(block_size={self.block_size}, error_feedback={self.error_feedback}, "
+                f"stochastic={self.stochastic}, residual_dtype={self.residual_dtype})")
+
+    def __setstate__(self, d):  # objects pickled before stochastic / residual_dtype existed
+        self.__dict__.update({"stochastic": False, "residual_dtype": torch.float32, **d})
 
 
 class Int8(BlockQuantizer):
@@ -143,9 +176,12 @@ def parse(spec) -> Codec:
         raise _bad_spec(spec, f"{name} takes no options")
     kwargs = {}
     for opt in opts:
+        if opt == "stochastic":
+            kwargs["stochastic"] = True
+            continue
         key, eq, value = opt.partition("=")
         if not eq:
-            raise _bad_spec(spec, f"option {opt!r} is not key=value")
+            raise _bad_spec(spec, f"option {opt!r} is not key=value or 'stochastic'")
         if key == "block":
             if not value.isdigit():
                 raise _bad_spec(spec, f"block={value!r} is not an integer")
@@ -154,6 +190,11 @@ def parse(spec) -> Codec:
             if value not in ("0", "1"):
                 raise _bad_spec(spec, f"ef={value!r} is not 0 or 1")
             kwargs["error_feedback"] = value == "1"
+        elif key == "residual":
+            dtypes = {v: k for k, v in _RESIDUAL_NAMES.items()}
+            if value not in dtypes:
+                raise _bad_spec(spec, f"residual={value!r} is not fp32 or bf16")
+            kwargs["residual_dtype"] = dtypes[value]
         else:
             raise _bad_spec(spec, f"unknown option {key!r}")
     try:

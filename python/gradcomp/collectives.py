@@ -30,11 +30,15 @@ def ring_allreduce_bytes(nbytes: int, world: int) -> float:
 
 
 def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: torch.Tensor,
-                         my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8) -> tuple[int, float]:
+                         my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8, *,
+                         residual_dtype: torch.dtype = torch.float32, stochastic: bool = False, seed: int = 0,
+                         step: int = 0) -> tuple[int, float]:
     """Scatter-reduce / all-gather of ``bucket``'s compressed blocks, averaged over the
     group, written back into ``bucket`` in place. Returns (bytes this rank sent, seconds
     spent in the codec passes — measured on CPU only, where they run synchronously; 0 on
-    CUDA, where timing them would need a host sync).
+    CUDA, where timing them would need a host sync). ``residual_dtype`` is the element type
+    the table's residual addresses point to; ``stochastic``, ``seed`` and ``step`` choose the
+    rounding (ops.py).
 
     1. encode with error feedback, each block into its owner's shard;
     2. ``all_to_all_single`` of the shards;
@@ -45,12 +49,14 @@ def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: tor
     timed = bucket.device.type == "cpu"
     t0 = time.perf_counter()
     # the table came from layout.build_table: its bounds hold by construction
-    send = ops.quant_encode(bucket, table_dev, world, slots, block, bits=bits, check_bounds=False)
+    rounding = {"residual_dtype": residual_dtype, "stochastic": stochastic, "seed": seed, "step": step,
+                "rank": rank}
+    send = ops.quant_encode(bucket, table_dev, world, slots, block, bits=bits, check_bounds=False, **rounding)
     codec_s = time.perf_counter() - t0
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     t0 = time.perf_counter()
-    reduced = ops.quant_reduce(recv, my_rows_dev, world, slots, block, bits=bits, check_bounds=False)
+    reduced = ops.quant_reduce(recv, my_rows_dev, world, slots, block, bits=bits, check_bounds=False, **rounding)
     codec_s += time.perf_counter() - t0
     gathered = torch.empty_like(send)
     all_gather_single(gathered, reduced, group)

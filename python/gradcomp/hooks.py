@@ -15,6 +15,7 @@ host never waits for the device.
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ class State:
         force_compression: compress even at world size 1 (by default nothing is compressed
             there: there is nothing to send). For tests, e.g. NCCL on a one-GPU machine.
         timeout: timeout of the private Gloo group (how long a rank waits for a peer).
+        seed: the seed of stochastic rounding's draws, an int in [0, 2**63). None (default):
+            rank 0 draws one at the first hook call and every rank adopts it. Either way
+            ``state.seed`` then holds it, and a pickled State carries it, so a resumed run
+            draws the same numbers. A seed given explicitly must be the same on every rank.
 
     ``stats`` counts steps, buckets and parameters compressed or reduced exactly, the bytes
     this rank put on the wire (ring accounting: 2(W-1)/W of a plain all-reduce's buffer,
@@ -98,14 +103,14 @@ class State:
     """
 
     __slots__ = (
-        "codec", "process_group", "min_numel", "start_step", "force_compression", "timeout",
+        "codec", "process_group", "min_numel", "start_step", "force_compression", "timeout", "seed",
         "step", "stats", "_residuals", "_ordinal_of", "_pinned_params", "_first_block", "_next_block",
         "_plans", "_worker", "_private_group", "_checked", "_side_streams", "_logged",
     )
 
     def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
                  start_step: int = 0, force_compression: bool = False,
-                 timeout: timedelta = DEFAULT_TIMEOUT):
+                 timeout: timedelta = DEFAULT_TIMEOUT, seed: int | None = None):
         self.codec = codecs.parse(codec)
         if not isinstance(min_numel, int) or min_numel < 1:
             raise ValueError(f"gradcomp: min_numel must be a positive int, got {min_numel!r}")
@@ -113,6 +118,9 @@ class State:
             raise ValueError(f"gradcomp: start_step must be a non-negative int, got {start_step!r}")
         if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
             raise ValueError(f"gradcomp: timeout must be a positive datetime.timedelta, got {timeout!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+            raise ValueError(f"gradcomp: seed must be None or an int in [0, 2**63), got {seed!r}")
+        self.seed = seed
         self.process_group = process_group
         self.min_numel = min_numel
         self.start_step = start_step
@@ -120,7 +128,7 @@ class State:
         self.timeout = timeout
         self.step = 0
         self.stats = _new_stats()
-        self._residuals: dict[int, torch.Tensor] = {}  # parameter ordinal -> float32 residual
+        self._residuals: dict[int, torch.Tensor] = {}  # parameter ordinal -> residual (codec's residual_dtype)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -141,7 +149,8 @@ class State:
         # PowerSGDState drops its group); residuals travel, keyed by parameter ordinal.
         return {
             "codec": self.codec, "min_numel": self.min_numel, "start_step": self.start_step,
-            "force_compression": self.force_compression, "timeout": self.timeout, "step": self.step,
+            "force_compression": self.force_compression, "timeout": self.timeout, "seed": self.seed,
+            "step": self.step,
             "stats": dict(self.stats), "residuals": dict(self._residuals),
         }
 
@@ -152,6 +161,7 @@ class State:
         self.start_step = d["start_step"]
         self.force_compression = d["force_compression"]
         self.timeout = d["timeout"]
+        self.seed = d.get("seed")
         self.step = d["step"]
         self.stats = d["stats"]
         self._residuals = d["residuals"]
@@ -165,7 +175,7 @@ class State:
     def config(self) -> dict:
         """Everything every rank must agree on (checked at the first hook call)."""
         return {**self.codec.config(), "min_numel": self.min_numel, "start_step": self.start_step,
-                "force_compression": self.force_compression}
+                "force_compression": self.force_compression, "seed": self.seed}
 
     def _config_hash(self) -> int:
         blob = json.dumps(self.config(), sort_keys=True).encode()
@@ -205,18 +215,20 @@ class State:
         return o
 
     def _residual(self, ordinal: int, p: torch.Tensor) -> torch.Tensor:
-        """The parameter's float32 residual on its device, made (zero) on first use. A residual
-        carried in from elsewhere (a pickled State) is moved and made contiguous float32 here,
-        once; cached plans hold residual addresses, so any replacement drops them."""
+        """The parameter's residual (of the codec's residual_dtype) on its device, made (zero)
+        on first use. A residual carried in from elsewhere (a pickled State) is moved, cast and
+        made contiguous here, once; cached plans hold residual addresses, so any replacement
+        drops them."""
+        dtype = self.codec.residual_dtype
         r = self._residuals.get(ordinal)
         if r is None:
-            r = self._residuals[ordinal] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            r = self._residuals[ordinal] = torch.zeros(p.numel(), dtype=dtype, device=p.device)
             return r
         if r.numel() != p.numel():
             raise GradcompError(f"gradcomp: the residual of parameter {ordinal} has {r.numel()} elements but the "
                                 f"parameter has {p.numel()}: this State was saved from another model")
-        if r.device != p.device or r.dtype != torch.float32 or not r.is_contiguous() or r.dim() != 1:
-            r = self._residuals[ordinal] = r.detach().to(p.device, torch.float32).contiguous().reshape(-1)
+        if r.device != p.device or r.dtype != dtype or not r.is_contiguous() or r.dim() != 1:
+            r = self._residuals[ordinal] = r.detach().to(p.device, dtype).contiguous().reshape(-1)
             self._plans.clear()
         return r
 
@@ -241,7 +253,7 @@ class State:
                 if self.codec.error_feedback:
                     residuals.append(self._residual(o, p))
                     addr = residuals[-1].data_ptr()
-                spans.append(Span(offset, n, self._first_block[o], addr))
+                spans.append(Span(offset, n, self._first_block[o], addr, o))
             elif n:
                 fallback.append(torch.arange(offset, offset + n, dtype=torch.int64))
             offset += n
@@ -250,7 +262,7 @@ class State:
                                 f"parameters {offset}; is this a DDP GradBucket?")
         table = table_dev = rows_dev = None
         if spans:
-            table = build_table(spans, block, world)
+            table = build_table(spans, block, world, self.codec.residual_dtype.itemsize)
             table_dev = _to_device(table.table, buf.device)
             rows_dev = table_dev[rank * table.slots : (rank + 1) * table.slots]
         fb_index = _to_device(torch.cat(fallback), buf.device) if fallback else None
@@ -259,8 +271,10 @@ class State:
         return plan
 
     # ------------------------------------------------------------------ the reduction of one bucket
-    def _reduce(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int) -> torch.Tensor:
-        """Averages ``buf`` over the group in place; ``plan`` None means plainly."""
+    def _reduce(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int,
+                step: int = 0) -> torch.Tensor:
+        """Averages ``buf`` over the group in place; ``plan`` None means plainly. ``step`` keys
+        stochastic rounding's draws."""
         es = buf.element_size()
         s = self.stats
         if world == 1 and plan is None:  # nothing to average, nothing forced: no collective at all
@@ -289,8 +303,10 @@ class State:
                 fb = buf.index_select(0, plan.fallback_index)
                 work = start_exact_allreduce(fb, world, group)
                 s["bytes_sent"] += ring_allreduce_bytes(fb.numel() * es, world)
+            c = self.codec
             sent, codec_s = quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev, rank, group,
-                                                 self.codec.bits)
+                                                 c.bits, residual_dtype=c.residual_dtype, stochastic=c.stochastic,
+                                                 seed=self.seed or 0, step=step)
             s["bytes_sent"] += sent
             s["codec_seconds"] += codec_s
             if work is not None:
@@ -303,16 +319,20 @@ class State:
         return buf
 
     def _check_config(self, group, device: torch.device) -> None:
-        """At the first hook call: every rank must run the same configuration."""
+        """At the first hook call: every rank must run the same configuration; the ranks adopt
+        rank 0's seed (its own, or one it drew)."""
         world = dist.get_world_size(group)
-        mine = torch.tensor([self._config_hash()], dtype=torch.int64, device=device)
-        every = torch.empty(world, dtype=torch.int64, device=device)
+        proposal = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        mine = torch.tensor([self._config_hash(), proposal], dtype=torch.int64, device=device)
+        every = torch.empty(2 * world, dtype=torch.int64, device=device)
         all_gather_single(every, mine, group)
-        hashes = every.tolist()  # a one-time sync, allowed at the first call
+        gathered = every.tolist()  # a one-time sync, allowed at the first call
+        hashes = gathered[0::2]
         if len(set(hashes)) != 1:
             differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
             raise GradcompError(f"gradcomp: ranks disagree on the hook configuration (ranks {differ} differ from "
                                 f"rank 0); this rank runs {self.config()}")
+        self.seed = gathered[1]
 
     def _log_once(self, world: int) -> None:
         if not self._logged:
@@ -372,7 +392,7 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
     state._log_once(world)
 
     if buf.device.type == "cuda":
-        return _run_on_side_stream(state, buf, plan, group, world, rank, what)
+        return _run_on_side_stream(state, buf, plan, group, world, rank, what, step)
 
     if world == 1 and plan is None:  # no collective: no worker thread, no private group
         fut = torch.futures.Future()
@@ -390,14 +410,14 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
         if not state._checked:
             state._check_config(state._private_group, torch.device("cpu"))
             state._checked = True
-        return state._reduce(buf, plan, state._private_group, world, rank)
+        return state._reduce(buf, plan, state._private_group, world, rank, step)
 
     fut = torch.futures.Future()
     state._worker.submit(job, fut, what)
     return fut
 
 
-def _run_on_side_stream(state: State, buf, plan, group, world, rank, what) -> torch.futures.Future:
+def _run_on_side_stream(state: State, buf, plan, group, world, rank, what, step) -> torch.futures.Future:
     dev = buf.device
     side = state._side_streams.get(dev)
     if side is None:
@@ -408,7 +428,7 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what) -> to
             if not state._checked:
                 state._check_config(group, dev)
                 state._checked = True
-            state._reduce(buf, plan, group, world, rank)
+            state._reduce(buf, plan, group, world, rank, step)
             fut = torch.futures.Future(devices=[dev])
             fut.set_result(buf)  # completes on the side stream: waiters sync to it, not the host
     except GradcompError:

@@ -234,8 +234,7 @@ void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int
   const float world_f = static_cast<float>(world), inv_w = inv_world(world);
 #pragma omp parallel num_threads(threads)
   {
-    float a[kMaxBlock], u[kMaxBlock];
-    const float* q = nullptr;  // dequant_at's unpacked codes: unused for 8 bits
+    float a[kMaxBlock], u[kMaxBlock], q[Bits == 8 ? 1 : kMaxBlock];
 #pragma omp for schedule(static)
     for (int64_t slot = 0; slot < slots; ++slot) {
       const int64_t* t = my_rows + slot * kRowWords;
@@ -250,23 +249,11 @@ void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int
       for (int64_t src = 0; src < world; ++src) {
         const uint8_t* c = recv + src * sb + codes_off + slot * code_bytes;
         const float sc = reinterpret_cast<const float*>(recv + src * sb + shard_scales_offset())[slot];
-        if constexpr (Bits == 8) {
-          if (src == 0) {
-            for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequant_at<Bits>(c, q, i, sc));
-          } else {
-            for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequant_at<Bits>(c, q, i, sc));
-          }
-        } else {  // a byte's codes from the table, dequantized and added in one go (past len: unused)
-          constexpr int per = Quant<Bits>::per_byte;
-          const UnpackTable<Bits>& lut = unpack_table<Bits>();
-          const int64_t bytes = (len + per - 1) / per;
-          if (src == 0) {
-            for (int64_t k = 0; k < bytes; ++k)
-              for (int j = 0; j < per; ++j) a[k * per + j] = add_rn(0.0f, mul_rn(lut.codes[c[k]][j], sc));
-          } else {
-            for (int64_t k = 0; k < bytes; ++k)
-              for (int j = 0; j < per; ++j) a[k * per + j] = add_rn(a[k * per + j], mul_rn(lut.codes[c[k]][j], sc));
-          }
+        if constexpr (Bits != 8) unpack_block<Bits>(c, len, q);
+        if (src == 0) {
+          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(0.0f, dequant_at<Bits>(c, q, i, sc));
+        } else {
+          for (int64_t i = 0; i < len; ++i) a[i] = add_rn(a[i], dequant_at<Bits>(c, q, i, sc));
         }
       }
       uint32_t m = 0;

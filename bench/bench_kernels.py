@@ -1,21 +1,26 @@
 """Kernel benchmark of gradcomp's three fused passes, against a copy and against torch ops.
 
-For each bucket size N (one float32 parameter of N elements, error feedback on), times
+For each codec and bucket size N (one float32 parameter of N elements, error feedback on),
+times
 
-  encode  ops.quant_encode   a = x + r; block absmax, scale, round to int8 into the owner's
-                             shard; residual r = a - q·scale written back
+  encode  ops.quant_encode   a = x + r; block absmax, scale, round to codes (int8, packed
+                             int4/int2, or signs) into the owner's shard; residual
+                             r = a - q·scale written back
   reduce  ops.quant_reduce   one rank's pass 2 at world size W: decode the W shards received
                              for its slots, sum in rank order, / W, re-encode into its slice,
                              W × the re-encoding error added to its residual
   decode  ops.quant_decode   all W reduced shards into a float32 bucket
 
 and, in the same run, (a) a plain copy moving the same number of bytes (CPU: uint8
-``dst.copy_(src)``, CUDA: a device-to-device copy) and (b) the same algorithm written with
-plain torch ops. Bytes moved per element of each pass are counted from what the kernel
-must read and write (see BYTES below); GB/s = bytes moved / median time.
+``dst.copy_(src)``, CUDA: a device-to-device copy) and (b), for int8, the same algorithm
+written with plain torch ops (the other codecs are compared with the copy only). Bytes
+moved per element of each pass are counted from what the kernel must read and write (see
+BYTES below: they depend on the code width and the residual's dtype); GB/s = bytes moved /
+median time.
 
     python bench/bench_kernels.py [--device cpu|cuda] [--sizes 1e6,3e6,1e7,3e7] [--block 256]
-                                  [--world 4] [--repeat N] [--out bench/results/kernels-<device>.json]
+                                  [--world 4] [--codecs int8,int4,...] [--repeat N]
+                                  [--out bench/results/kernels-<device>.json]
 
 Inputs are rotated over several sets (at least 2, enough that the sets together exceed
 twice the last-level cache), so a pass does not find its inputs in cache from the previous
@@ -44,17 +49,19 @@ HEADER = 16  # codec.h kHeaderBytes
 QMAX = 127.0
 RANK = 0  # the rank whose pass 2 is timed (rank 0 owns the most blocks when they do not divide evenly)
 
-# Bytes each pass moves per element (B = block size, W = world size), as the kernel has to:
+# Bytes each pass moves per element (B = block size, W = world size, c = bits/8 bytes of code,
+# R = residual element bytes: 4 for float32, 2 for bfloat16), as the kernel has to:
 BYTES = {
-    "encode": ("read x (4) + read residual (4) + write residual (4) + write code (1) + write scale (4/B)",
-               lambda B, W: 13 + 4 / B),
-    "reduce": ("per element of my slice: read W codes (W) + read W scales (4W/B) + write code (1) "
-               "+ write scale (4/B) + read+write residual (8)",
-               lambda B, W: W + 4 * W / B + 1 + 4 / B + 8),
-    "decode": ("read code (1) + read scale (4/B) + write float32 (4)",
-               lambda B, W: 5 + 4 / B),
+    "encode": ("read x (4) + read residual (R) + write residual (R) + write code (c) + write scale (4/B)",
+               lambda B, W, c, R: 4 + 2 * R + c + 4 / B),
+    "reduce": ("per element of my slice: read W codes (W·c) + read W scales (4W/B) + write code (c) "
+               "+ write scale (4/B) + read+write residual (2R)",
+               lambda B, W, c, R: W * c + 4 * W / B + c + 4 / B + 2 * R),
+    "decode": ("read code (c) + read scale (4/B) + write float32 (4)",
+               lambda B, W, c, R: c + 4 / B + 4),
 }
 PASSES = ("encode", "reduce", "decode")
+DEFAULT_CODECS = "int8,int4,int2,sign,int4:stochastic,int8:residual=bf16"
 
 GOALS = {
     "cpu": "each pass >= 5x the torch-op version and >= 50% of copy bandwidth",
@@ -242,34 +249,41 @@ def torch_decode(scales_v, codes_v, y, W, S, B):
 
 # ------------------------------------------------------------------------------ one size
 def bench_size(N: int, B: int, W: int, dev: torch.device, timer: Timer, cache: int,
-               check: bool) -> list[dict]:
+               check: bool, codec) -> list[dict]:
+    """Rows of one size for one codec (a gradcomp BlockQuantizer; its block size is B)."""
+    bits, rdtype = codec.bits, codec.residual_dtype
+    c, R = bits / 8, rdtype.itemsize
+    rounding = {"bits": bits, "residual_dtype": rdtype, "stochastic": codec.stochastic, "seed": 1}
+    # the torch-op twin (and the bitwise check) exist for int8, nearest, float32 residuals
+    twin = bits == 8 and not codec.stochastic and rdtype == torch.float32
     nb = -(-N // B)
     S = -(-nb // W)
     Np = S * W * B  # padded length for the torch-op versions (views of whole blocks)
-    sb = ops.shard_bytes(S, B)
+    sb = ops.shard_bytes(S, B, bits)
     qmax = torch.full((), QMAX, device=dev)  # a device tensor: true division on CUDA too
     world_t = torch.full((), float(W), device=dev)
 
     def table_for(residual: torch.Tensor | None) -> layout.BlockTable:
         addrs = [residual.data_ptr()] if residual is not None else None
-        return layout.build_table(layout.contiguous_spans([N], B, addrs), B, W)
+        return layout.build_table(layout.contiguous_spans([N], B, addrs), B, W, R)
 
     noef = table_for(None)
     assert noef.slots == S
     slice_elems = int(noef.rows_of(RANK)[:, 1].sum())
     elems = {"encode": N, "reduce": slice_elems, "decode": N}
-    footprint = {p: BYTES[p][1](B, W) * elems[p] for p in PASSES}
+    footprint = {p: BYTES[p][1](B, W, c, R) * elems[p] for p in PASSES}
     nsets = num_sets(int(min(footprint.values())), cache)
     noef_table = noef.table.to(dev)
 
-    def rand(n, scale=1.0):
-        t = torch.zeros(Np, device=dev)
+    def rand(n, scale=1.0, dtype=torch.float32):
+        t = torch.zeros(Np, device=dev, dtype=dtype)
         t[:n] = torch.randn(n, device=dev) * scale
         return t
 
     sets = []
     for _ in range(nsets):
-        st = {"x": rand(N), "r": rand(N, 0.01), "r_red": rand(N, 0.01), "y": torch.zeros(Np, device=dev)}
+        st = {"x": rand(N), "r": rand(N, 0.01, rdtype), "r_red": rand(N, 0.01, rdtype),
+              "y": torch.zeros(Np, device=dev)}
         st["xN"], st["yN"] = st["x"][:N], st["y"][:N]
         st["tbl_keep"] = table_for(st["r"])
         st["table"] = st["tbl_keep"].table.to(dev)
@@ -277,29 +291,31 @@ def bench_size(N: int, B: int, W: int, dev: torch.device, timer: Timer, cache: i
         st["my_rows"] = st["rows_keep"].rows_of(RANK).to(dev)
         st["send"] = torch.zeros(W * sb, dtype=torch.uint8, device=dev)
         st["send_t"] = torch.zeros(W * sb, dtype=torch.uint8, device=dev)
-        ops.quant_encode(st["xN"], st["table"], W, S, B, out=st["send"])  # a valid payload to decode
+        ops.quant_encode(st["xN"], st["table"], W, S, B, out=st["send"], **rounding)  # a valid payload to decode
         # What rank RANK receives: its shard of W other ranks' payloads (their residuals do not
         # change the codes' layout, so the senders encode without error feedback).
         parts = []
         for src in range(W):
             xs = torch.randn(N, device=dev) * (1.0 + 0.25 * src)
-            parts.append(ops.quant_encode(xs, noef_table, W, S, B)[RANK * sb:(RANK + 1) * sb])
+            parts.append(ops.quant_encode(xs, noef_table, W, S, B, **rounding)[RANK * sb:(RANK + 1) * sb])
         st["recv"] = torch.cat(parts)
         del parts, xs
         st["slice"] = torch.zeros(sb, dtype=torch.uint8, device=dev)
         st["slice_t"] = torch.zeros(sb, dtype=torch.uint8, device=dev)
-        st["send_t_v"] = shard_views(st["send_t"], W, S, B)
-        st["send_v"] = shard_views(st["send"], W, S, B)
-        st["recv_v"] = shard_views(st["recv"], W, S, B)
-        st["slice_t_v"] = tuple(v[0] for v in shard_views(st["slice_t"], 1, S, B))
-        st["r_mine"] = st["r_red"].view(S, W, B)[:, RANK]
+        if twin:
+            st["send_t_v"] = shard_views(st["send_t"], W, S, B)
+            st["send_v"] = shard_views(st["send"], W, S, B)
+            st["recv_v"] = shard_views(st["recv"], W, S, B)
+            st["slice_t_v"] = tuple(v[0] for v in shard_views(st["slice_t"], 1, S, B))
+            st["r_mine"] = st["r_red"].view(S, W, B)[:, RANK]
         sets.append(st)
 
     ours = {
-        "encode": lambda k: ops.quant_encode(sets[k]["xN"], sets[k]["table"], W, S, B, out=sets[k]["send"]),
+        "encode": lambda k: ops.quant_encode(sets[k]["xN"], sets[k]["table"], W, S, B, out=sets[k]["send"],
+                                             step=k, **rounding),
         "reduce": lambda k: ops.quant_reduce(sets[k]["recv"], sets[k]["my_rows"], W, S, B,
-                                             out=sets[k]["slice"]),
-        "decode": lambda k: ops.quant_decode(sets[k]["send"], sets[k]["table"], W, S, B, sets[k]["yN"]),
+                                             out=sets[k]["slice"], step=k, **rounding),
+        "decode": lambda k: ops.quant_decode(sets[k]["send"], sets[k]["table"], W, S, B, sets[k]["yN"], bits=bits),
     }
     theirs = {
         "encode": lambda k: torch_encode(sets[k]["x"], sets[k]["r"], W, S, B, qmax, *sets[k]["send_t_v"]),
@@ -308,29 +324,32 @@ def bench_size(N: int, B: int, W: int, dev: torch.device, timer: Timer, cache: i
         "decode": lambda k: torch_decode(*sets[k]["send_v"], sets[k]["y"], W, S, B),
     }
 
-    agree = check_agreement(sets[0], N, B, W, S, sb, dev, qmax, world_t, table_for) if check else {}
+    agree = check_agreement(sets[0], N, B, W, S, sb, dev, qmax, world_t, table_for) if check and twin else {}
 
     rows = []
     for p in PASSES:
-        nbytes = BYTES[p][1](B, W) * elems[p]
+        nbytes = BYTES[p][1](B, W, c, R) * elems[p]
         snap = cpu_snapshot()
         t_ours = timer(ours[p], nsets)
         t_copy = copy_times(nbytes, dev, timer, cache)
-        t_torch = timer(theirs[p], nsets)
+        t_torch = timer(theirs[p], nsets) if twin else []
         load = other_load(snap, cpu_snapshot())
-        ms, copy_ms, torch_ms = (statistics.median(t) for t in (t_ours, t_copy, t_torch))
+        ms, copy_ms = statistics.median(t_ours), statistics.median(t_copy)
+        torch_ms = statistics.median(t_torch) if twin else None
         gbps = nbytes / (ms * 1e-3) / 1e9
         copy_gbps = nbytes / (copy_ms * 1e-3) / 1e9
         rows.append({
-            "N": N, "pass": p, "elements": elems[p], "bytes_per_elem": BYTES[p][1](B, W), "bytes": nbytes,
+            "codec": codec_name(codec), "N": N, "pass": p, "elements": elems[p],
+            "bytes_per_elem": BYTES[p][1](B, W, c, R), "bytes": nbytes,
             "sets": nsets, "ms": ms, "gbps": gbps, "copy_ms": copy_ms, "copy_gbps": copy_gbps,
-            "pct_of_copy": 100.0 * gbps / copy_gbps, "torch_ms": torch_ms, "speedup": torch_ms / ms,
+            "pct_of_copy": 100.0 * gbps / copy_gbps, "torch_ms": torch_ms,
+            "speedup": torch_ms / ms if twin else None,
             "agrees_with_torch_ops": agree.get(p),
             # CPU share other processes used while this row was measured (host side)
             "other_cpu_load": load,
             # others used > 15% of the CPU, or a median over 1.5x its fastest call
             "noisy": (dev.type == "cpu" and load is not None and load > 0.15)
-            or any(statistics.median(t) > max(1.5 * min(t), 0.02) for t in (t_ours, t_copy, t_torch)),
+            or any(statistics.median(t) > max(1.5 * min(t), 0.02) for t in (t_ours, t_copy, t_torch) if t),
             "times_ms": t_ours, "copy_times_ms": t_copy, "torch_times_ms": t_torch,
         })
     if dev.type == "cuda":
@@ -383,20 +402,28 @@ def fmt_n(n: int) -> str:
     return f"{m}e{int(e)}"
 
 
+def codec_name(codec) -> str:
+    """The spec naming a benchmarked codec (without the block size, a column of its own)."""
+    name = codec.name + (":stochastic" if codec.stochastic else "")
+    return name + (":residual=bf16" if codec.residual_dtype == torch.bfloat16 else "")
+
+
 def goal_check(rows, dev_type: str) -> list[str]:
+    """The goal's verdict per row: CPU rows without a torch twin are held to the copy half."""
     lines = []
     for r in rows:
         if dev_type == "cpu":
-            ok = r["speedup"] >= 5 and r["pct_of_copy"] >= 50
-            lines.append(f"{fmt_n(r['N'])} {r['pass']}: {'meets' if ok else 'MISSES'} "
-                         f"(speed-up {r['speedup']:.1f}x, {r['pct_of_copy']:.0f}% of copy)")
+            ok = (r["speedup"] is None or r["speedup"] >= 5) and r["pct_of_copy"] >= 50
+            vs = f"speed-up {r['speedup']:.1f}x, " if r["speedup"] is not None else ""
+            lines.append(f"{r['codec']} {fmt_n(r['N'])} {r['pass']}: {'meets' if ok else 'MISSES'} "
+                         f"({vs}{r['pct_of_copy']:.0f}% of copy)")
             r["meets_goal"] = ok
         else:
             if r["N"] < 1e7:
                 r["meets_goal"] = None
                 continue
             ok = r["pct_of_copy"] >= 90
-            lines.append(f"{fmt_n(r['N'])} {r['pass']}: {'meets' if ok else 'MISSES'} "
+            lines.append(f"{r['codec']} {fmt_n(r['N'])} {r['pass']}: {'meets' if ok else 'MISSES'} "
                          f"({r['pct_of_copy']:.0f}% of copy)")
             r["meets_goal"] = ok
     return lines
@@ -409,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1e6,3e6,1e7,3e7", help="bucket sizes in elements, comma-separated")
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--codecs", default=DEFAULT_CODECS,
+                    help=f"comma-separated block-codec specs (default {DEFAULT_CODECS}); --block sets the block")
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed calls per measurement (default: cpu 20, cuda 50)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -418,6 +447,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
+    codecs = []
+    for spec in args.codecs.split(","):
+        c = gradcomp.codecs.parse(f"{spec.strip()}:block={args.block}")
+        if not isinstance(c, gradcomp.codecs.BlockQuantizer):
+            sys.exit(f"bench_kernels: {spec!r} is not a block codec")
+        codecs.append(c)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench_kernels: --device cuda, but torch sees no CUDA device")
@@ -447,8 +482,8 @@ def main(argv=None) -> int:
                    "CUDA events per call, calls queued behind torch.cuda._sleep (GPU time, no launch gaps)"),
         "copy_baseline": ("uint8 dst.copy_(src) of bytes/2 (moves bytes)" if dev.type == "cpu" else
                           "device-to-device uint8 dst.copy_(src) of bytes/2 (moves bytes)"),
-        "bytes_per_elem": {p: {"formula": BYTES[p][0], "value": BYTES[p][1](args.block, args.world)}
-                           for p in PASSES},
+        "bytes_per_elem_formula": {p: BYTES[p][0] for p in PASSES},
+        "codecs": [codec_name(c) for c in codecs],
         "goal": GOALS[dev.type],
         "argv": sys.argv[1:],
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -460,17 +495,20 @@ def main(argv=None) -> int:
     print(f"# {meta['device_name']} | torch {torch.__version__} | threads {meta['torch_num_threads']} | "
           f"block {args.block} | world {args.world} | repeat {repeat} (median)")
     for p in PASSES:
-        print(f"# {p}: {meta['bytes_per_elem'][p]['value']:.3f} B/elem = {BYTES[p][0]}")
-    print(f"{'N':>7} {'pass':<6} {'ms':>9} {'GB/s':>7} {'copy GB/s':>9} {'% copy':>6} "
+        print(f"# {p}: {BYTES[p][0]}")
+    print(f"{'codec':<22} {'N':>7} {'pass':<6} {'B/elem':>6} {'ms':>9} {'GB/s':>7} {'copy GB/s':>9} {'% copy':>6} "
           f"{'torch ms':>9} {'speed-up':>8}")
     rows = []
-    for n in sizes:
-        for r in bench_size(n, args.block, args.world, dev, timer, cache, not args.no_check):
-            rows.append(r)
-            flag = "" if r["agrees_with_torch_ops"] in (True, None) else "  (torch-op result differs!)"
-            flag += "  (noisy)" if r["noisy"] else ""
-            print(f"{fmt_n(r['N']):>7} {r['pass']:<6} {r['ms']:9.3f} {r['gbps']:7.1f} {r['copy_gbps']:9.1f} "
-                  f"{r['pct_of_copy']:5.0f}% {r['torch_ms']:9.3f} {r['speedup']:7.1f}x{flag}", flush=True)
+    for codec in codecs:
+        for n in sizes:
+            for r in bench_size(n, args.block, args.world, dev, timer, cache, not args.no_check, codec):
+                rows.append(r)
+                flag = "" if r["agrees_with_torch_ops"] in (True, None) else "  (torch-op result differs!)"
+                flag += "  (noisy)" if r["noisy"] else ""
+                vs = (f"{r['torch_ms']:9.3f} {r['speedup']:7.1f}x" if r["speedup"] is not None
+                      else f"{'-':>9} {'-':>8}")
+                print(f"{r['codec']:<22} {fmt_n(r['N']):>7} {r['pass']:<6} {r['bytes_per_elem']:6.2f} {r['ms']:9.3f} "
+                      f"{r['gbps']:7.1f} {r['copy_gbps']:9.1f} {r['pct_of_copy']:5.0f}% {vs}{flag}", flush=True)
     if any(r["noisy"] for r in rows):
         print("# (noisy): other processes used > 15% of the CPU during the row, or a median was over 1.5x "
               "its fastest call: rerun on an idle machine")

@@ -136,6 +136,16 @@ def nccl_world1():
     dist.destroy_process_group()
 
 
+def _extreme_inputs():
+    """(numels, two ranks' buckets): subnormals, an all-zero block, normal values, FLT_MAX."""
+    fmax = torch.finfo(torch.float32).max
+    numels = [256, 256, 256, 300]
+    x = torch.cat([torch.randn(256) * 1e-40, torch.zeros(256), torch.randn(256), torch.randn(300)])
+    x[600] = fmax
+    x[601] = -fmax / 3
+    return numels, [x, -x.flip(0)]
+
+
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode")
 def test_nccl_hook_world_size_one_forced(nccl_world1):
     """The whole hook on NCCL: the gradient equals the reference's compressed mean of the
@@ -186,12 +196,7 @@ def test_nccl_hook_world_size_one_forced(nccl_world1):
 def test_cuda_extreme_magnitudes_match_cpu():
     """FLT_MAX (scale steps one ulp down), subnormals (scale underflows: codes 0, residual
     keeps the value), an all-zero block, and 16-bit buckets at their own extremes."""
-    fmax = torch.finfo(torch.float32).max
-    numels = [256, 256, 256, 300]
-    x = torch.cat([torch.randn(256) * 1e-40, torch.zeros(256), torch.randn(256), torch.randn(300)])
-    x[600] = fmax
-    x[601] = -fmax / 3
-    xs = [x, -x.flip(0)]
+    numels, xs = _extreme_inputs()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xd = [v.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype) for v in xs]
         cpu = _exchange(xd, numels, 256, 2, torch.device("cpu"))
@@ -297,12 +302,7 @@ def test_cuda_nonfinite_narrow_codes_match_cpu(bits, residual_dtype, bad):
 def test_cuda_extreme_magnitudes_narrow_codes_match_cpu(bits):
     """As test_cuda_extreme_magnitudes_match_cpu, for the narrow codes and both residual
     types; stochastic rounding where the codec has it."""
-    fmax = torch.finfo(torch.float32).max
-    numels = [256, 256, 256, 300]
-    x = torch.cat([torch.randn(256) * 1e-40, torch.zeros(256), torch.randn(256), torch.randn(300)])
-    x[600] = fmax
-    x[601] = -fmax / 3
-    xs = [x, -x.flip(0)]
+    numels, xs = _extreme_inputs()
     for residual_dtype in (torch.float32, torch.bfloat16):
         for stochastic in (False, True) if bits != 1 else (False,):
             kw = dict(bits=bits, residual_dtype=residual_dtype, stochastic=stochastic, noise_seed=99)

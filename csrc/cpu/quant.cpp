@@ -103,32 +103,45 @@ float encode_block(const float* a, uint32_t m, int64_t len, int64_t block, const
     }
     return scale;
   }
-  // q: the codes as floats (8-bit ones are then written in place, narrower ones packed)
-  float q[kMaxBlock];
-  if constexpr (Bits != 1) {
-    if (u) {
-      for (int64_t i = 0; i < len; ++i) q[i] = quantize_stochastic_usable<Bits>(a[i], inv, u[i]);
+  // One loop computes each code and its residual (the block is read once more, not twice);
+  // 8-bit codes are written in place, narrower ones go through q and are packed after.
+  // `code(i)` is the rounding, chosen once per block so the loop stays branch-free.
+  int8_t q_small[Bits == 8 ? 1 : kMaxBlock];
+  int8_t* q = Bits == 8 ? reinterpret_cast<int8_t*>(codes) : q_small;
+  auto quantize_all = [&](auto code) {
+    if (residual && accumulate) {
+      for (int64_t i = 0; i < len; ++i) {
+        const float qf = code(i);
+        q[i] = static_cast<int8_t>(static_cast<int>(qf));
+        ER::store(residual, i, add_rn(ER::load(residual, i), mul_rn(gain, sub_rn(a[i], mul_rn(qf, scale)))));
+      }
+    } else if (residual) {
+      for (int64_t i = 0; i < len; ++i) {
+        const float qf = code(i);
+        q[i] = static_cast<int8_t>(static_cast<int>(qf));
+        ER::store(residual, i, sub_rn(a[i], mul_rn(qf, scale)));
+      }
     } else {
-      for (int64_t i = 0; i < len; ++i) q[i] = quantize_usable<Bits>(a[i], inv);
+      for (int64_t i = 0; i < len; ++i) q[i] = static_cast<int8_t>(static_cast<int>(code(i)));
     }
+  };
+  auto nearest = [&](int64_t i) { return quantize_usable<Bits>(a[i], inv); };
+  if constexpr (Bits != 1) {
+    if (u)
+      quantize_all([&](int64_t i) { return quantize_stochastic_usable<Bits>(a[i], inv, u[i]); });
+    else
+      quantize_all(nearest);
   } else {
-    for (int64_t i = 0; i < len; ++i) q[i] = quantize_usable<Bits>(a[i], inv);
-  }
-  if (residual && accumulate) {
-    for (int64_t i = 0; i < len; ++i)
-      ER::store(residual, i, add_rn(ER::load(residual, i), mul_rn(gain, sub_rn(a[i], mul_rn(q[i], scale)))));
-  } else if (residual) {
-    for (int64_t i = 0; i < len; ++i) ER::store(residual, i, sub_rn(a[i], mul_rn(q[i], scale)));
+    quantize_all(nearest);
   }
   if constexpr (Bits == 8) {
-    for (int64_t i = 0; i < len; ++i) codes[i] = static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>(q[i])));
     std::memset(codes + len, 0, block - len);
   } else {
-    for (int64_t i = len; i < block; ++i) q[i] = 0.0f;  // padding: field 0
+    for (int64_t i = len; i < block; ++i) q[i] = 0;  // padding: field 0
     constexpr int per = Quant<Bits>::per_byte;
     for (int64_t k = 0; k < code_bytes; ++k) {
       uint32_t byte = 0;
-      for (int j = 0; j < per; ++j) byte |= code_field<Bits>(static_cast<int>(q[k * per + j])) << (j * Bits);
+      for (int j = 0; j < per; ++j) byte |= code_field<Bits>(q[k * per + j]) << (j * Bits);
       codes[k] = static_cast<uint8_t>(byte);
     }
   }

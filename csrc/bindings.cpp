@@ -123,5 +123,74 @@ PYBIND11_MODULE(_C, m) {
       },
       release());
 
+  // ---- top-k and random-k (wire: the values' dtype code)
+  m.def(
+      "topk_encode_cpu",
+      [](int dtype, int wire, bool approx, intptr_t bucket, intptr_t table, int64_t rows, int64_t pairs,
+         intptr_t payload, int threads) {
+        topk_encode_cpu(to_dtype(dtype), to_dtype(wire), approx, ptr<const void>(bucket), ptr<const int64_t>(table),
+                        rows, pairs, ptr<uint8_t>(payload), threads);
+      },
+      release());
+  m.def(
+      "topk_decode_cpu",
+      [](int dtype, int wire, intptr_t gathered, intptr_t table, int64_t rows, int64_t pairs, int64_t world,
+         intptr_t bucket, int threads) {
+        return topk_decode_cpu(to_dtype(dtype), to_dtype(wire), ptr<const uint8_t>(gathered), ptr<const int64_t>(table),
+                               rows, pairs, world, ptr<void>(bucket), threads);
+      },
+      release());
+  m.def(
+      "randomk_encode_cpu",
+      [](int dtype, intptr_t bucket, intptr_t table, int64_t rows, int64_t pairs, uint64_t seed, uint64_t step,
+         intptr_t payload, int threads) {
+        randomk_encode_cpu(to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), rows, pairs, seed, step,
+                           ptr<float>(payload), threads);
+      },
+      release());
+  m.def(
+      "randomk_decode_cpu",
+      [](int dtype, intptr_t reduced, intptr_t table, int64_t rows, int64_t world, uint64_t seed, uint64_t step,
+         intptr_t bucket, int threads) {
+        randomk_decode_cpu(to_dtype(dtype), ptr<const float>(reduced), ptr<const int64_t>(table), rows, world, seed,
+                           step, ptr<void>(bucket), threads);
+      },
+      release());
+  m.def("topk_workspace_bytes", &topk_workspace_bytes);
+  m.def(
+      "topk_encode_cuda",
+      [](int dtype, int wire, bool approx, intptr_t bucket, intptr_t table, int64_t rows, int64_t tiles, int64_t pairs,
+         intptr_t payload, intptr_t workspace, int device, intptr_t stream) {
+        topk_encode_cuda(to_dtype(dtype), to_dtype(wire), approx, ptr<const void>(bucket), ptr<const int64_t>(table),
+                         rows, tiles, pairs, ptr<uint8_t>(payload), ptr<void>(workspace), device, stream);
+      },
+      release());
+  m.def(
+      "topk_decode_cuda",
+      [](int dtype, int wire, intptr_t gathered, intptr_t table, int64_t rows, int64_t pairs, int64_t world,
+         intptr_t bucket, intptr_t scratch, intptr_t status, int device, intptr_t stream) {
+        topk_decode_cuda(to_dtype(dtype), to_dtype(wire), ptr<const uint8_t>(gathered), ptr<const int64_t>(table), rows,
+                         pairs, world, ptr<void>(bucket), ptr<float>(scratch), ptr<int32_t>(status), device, stream);
+      },
+      release());
+  m.def(
+      "randomk_encode_cuda",
+      [](int dtype, intptr_t bucket, intptr_t table, int64_t rows, int64_t pairs, uint64_t seed, uint64_t step,
+         intptr_t payload, int device, intptr_t stream) {
+        randomk_encode_cuda(to_dtype(dtype), ptr<const void>(bucket), ptr<const int64_t>(table), rows, pairs, seed,
+                            step, ptr<float>(payload), device, stream);
+      },
+      release());
+  m.def(
+      "randomk_decode_cuda",
+      [](int dtype, intptr_t reduced, intptr_t table, int64_t rows, int64_t world, uint64_t seed, uint64_t step,
+         intptr_t bucket, int device, intptr_t stream) {
+        randomk_decode_cuda(to_dtype(dtype), ptr<const float>(reduced), ptr<const int64_t>(table), rows, world, seed,
+                            step, ptr<void>(bucket), device, stream);
+      },
+      release());
+  m.def("topk_payload_bytes",
+        [](int64_t pairs, int value_bytes) { return codec::topk_payload_bytes(pairs, value_bytes); });
+
   m.def("shard_bytes", [](int64_t slots, int64_t block, int bits) { return codec::shard_bytes(slots, block, bits); });
 }

@@ -454,6 +454,126 @@ GC_HD int64_t shard_bytes(int64_t slots, int64_t block, int bits) {
 //   [3] the block's noise word (noise_word: parameter ordinal, offset in the parameter)
 constexpr int kRowWords = 4;
 
+// ---------------------------------------------------------------- sparsification
+// Top-k and random-k send, for each compressed parameter p of n_p values, exactly
+// k_p = ceil(ratio · n_p) (int32 index, value) pairs: sizes never depend on the data.
+//
+// A sparse table row (int64[8]) says where a parameter lives and where its pairs go:
+//   [0] element offset in the bucket     [1] n_p (elements, < 2^31)
+//   [2] address of its float32 residual, 0 without error feedback
+//   [3] k_p                              [4] its first pair (sum of k over earlier rows)
+//   [5] parameter ordinal (keys random-k's draws)
+//   [6] its first tile (sum of tiles over earlier rows; tiles of kSparseTile elements
+//       are the units of parallel work)  [7] 0
+constexpr int kSparseRowWords = 8;
+constexpr int64_t kSparseTile = 4096;
+
+GC_HD int64_t sparse_tiles(int64_t n) { return (n + kSparseTile - 1) / kSparseTile; }
+
+// Top-k payload of one rank: [16-byte header: uint32 non-finite flag, 12 zero bytes]
+// [K int32 indices (in the parameter), padded to 16 bytes][K values, padded to 16 bytes],
+// K the pairs of every row, row by row, each row's pairs in ascending index order.
+GC_HD int64_t topk_values_offset(int64_t pairs) { return kHeaderBytes + round_up(4 * pairs, 16); }
+GC_HD int64_t topk_payload_bytes(int64_t pairs, int value_bytes) {
+  return topk_values_offset(pairs) + round_up(static_cast<int64_t>(value_bytes) * pairs, 16);
+}
+
+// Selection order: the key of a value is abs_bits(a) (31 bits). Non-negative floats order
+// as their bits, Inf above every finite value and every NaN above Inf, so a non-finite value
+// is always selected first. Exact top-k finds the k-th largest key T by radix select over
+// three digits (bits 30..20, 19..10, 9..0, most significant first), then takes every key
+// above T and the lowest-indexed keys equal to T.
+constexpr int kRadixDigits = 3;
+constexpr int kRadixMaxBins = 2048;
+GC_HD int radix_bits(int d) { return d == 0 ? 11 : 10; }
+GC_HD int radix_shift(int d) { return d == 0 ? 20 : (d == 1 ? 10 : 0); }
+GC_HD uint32_t radix_digit(uint32_t key, int d) { return (key >> radix_shift(d)) & ((1u << radix_bits(d)) - 1u); }
+// The bits above digit d: a key takes part in digit d's histogram when they equal the prefix
+// chosen so far (always, for d = 0).
+GC_HD uint32_t radix_above(uint32_t key, int d) { return d == 0 ? 0u : key >> (radix_shift(d) + radix_bits(d)); }
+
+// The bin of a digit's histogram that holds the need-th largest key (need >= 1 and at most
+// the histogram's total): scanning from the top bin down, the first whose running count
+// reaches need. need becomes the count still needed inside that bin.
+GC_HD uint32_t radix_pick(const uint32_t* hist,  // [bins]
+                          int bins, uint32_t& need) {
+  uint32_t above = 0;
+  for (int b = bins - 1; b > 0; --b) {
+    if (above + hist[b] >= need) {
+      need -= above;
+      return static_cast<uint32_t>(b);
+    }
+    above += hist[b];
+  }
+  need -= above;
+  return 0u;
+}
+
+// What the final compaction keeps of a parameter: every key >= upper, and, in ascending
+// index order, the first `need` keys in [tie_lo, upper). Exact: upper = T + 1, tie_lo = T.
+struct SparseCut {
+  uint32_t upper;
+  uint32_t tie_lo;
+  uint32_t need;
+};
+
+GC_HD bool cut_always(uint32_t key, SparseCut c) { return key >= c.upper; }
+GC_HD bool cut_tie(uint32_t key, SparseCut c) { return key >= c.tie_lo && key < c.upper; }
+
+// Approximate top-k (as DGC does): the threshold T0 is the key of rank kappa in a strided
+// sample of s values (positions floor(j · n / s)), kappa taken 1.5x the sample's share of
+// k, so that normally at least k keys are >= T0. With c >= k such keys the result is the
+// exact top-k (found among those c); with fewer, the c keys >= T0 and then the
+// lowest-indexed keys below T0 (recall >= c / k): exactly k pairs either way.
+GC_HD int64_t approx_sample_size(int64_t n) {
+  const int64_t s = n / 100 > 4096 ? n / 100 : 4096;
+  return s < n ? s : n;
+}
+GC_HD int64_t approx_sample_pos(int64_t j, int64_t n, int64_t s) { return j * n / s; }
+GC_HD int64_t approx_sample_rank(int64_t k, int64_t n, int64_t s) {
+  const int64_t share = (k * s + n - 1) / n;  // ceil(k · s / n) >= 1
+  const int64_t kappa = share + share / 2 + 1;
+  return kappa < s ? kappa : s;
+}
+
+// A value as it travels (float32, float16 or bfloat16 with F32 / F16 / BF16): finite values
+// saturate to the wire type's largest finite value instead of overflowing to Inf (the
+// residual keeps the excess); NaN and Inf stay non-finite.
+GC_HD float sparse_wire_round(float a, DType wire) {
+  if (wire == DType::F32 || !is_finite(a)) return a;
+  const float lim = wire == DType::F16 ? 65504.0f : bits_f32(0x7f7f0000u);
+  const float c = a > lim ? lim : (a < -lim ? -lim : a);
+  return wire == DType::F16 ? f16_to_f32(f32_to_f16(c)) : bf16_to_f32(f32_to_bf16(c));
+}
+
+// Decoding adds each rank's pairs in rank order, each value times 1/W: one pinned multiply
+// and add per pair, so every rank and backend sums the same numbers in the same order.
+GC_HD float sparse_accumulate(float acc, float value, float inv_w) { return add_rn(acc, mul_rn(value, inv_w)); }
+
+// Random-k: one index drawn uniformly from each of k equal strata of [0, n) (stratum j is
+// [floor(j · n / k), floor((j + 1) · n / k))), from a key every rank computes alike (seed,
+// step, parameter ordinal: no rank), so all ranks pick the same ascending, distinct indices
+// and the values can be all-reduced.
+constexpr uint32_t kStageRandomK = 3;
+
+GC_HD uint64_t randomk_key(uint64_t seed, uint64_t step, uint64_t ordinal) {
+  const Rounding shared{seed, step, 0u, 1u};
+  return noise_key(shared, kStageRandomK, noise_word(ordinal, 0));
+}
+
+GC_HD int64_t randomk_index(uint64_t key, int64_t j, int64_t n, int64_t k) {
+  const int64_t lo = j * n / k;
+  const int64_t size = (j + 1) * n / k - lo;  // >= 1 as k <= n
+  const uint32_t h =
+      mix32(mix32(static_cast<uint32_t>(j) ^ static_cast<uint32_t>(key)) ^ static_cast<uint32_t>(key >> 32));
+  return lo + static_cast<int64_t>((static_cast<uint64_t>(h) * static_cast<uint64_t>(size)) >> 32);
+}
+
+// Random-k payload (float32, all-reduced by summation): [flag, 0, 0, 0][K values]; flag is
+// 1 on a rank whose bucket holds a non-finite value, so a nonzero (or NaN) sum marks the
+// reduced bucket non-finite on every rank.
+constexpr int64_t kRandomKHeader = 4;
+
 }  // namespace GC_CODEC_ABI
 }  // namespace codec
 }  // namespace gradcomp

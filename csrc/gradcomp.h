@@ -47,6 +47,47 @@ void quant_decode_cpu(int bits, int64_t block, DType dtype,
                       void* bucket,  // [n] dtype
                       int threads);
 
+// ---- Top-k and random-k (codec.h "sparsification"). Shapes (P rows, K pairs = sum of k):
+//   table     [P, 8] int64 sparse rows
+//   payload   top-k: [topk_payload_bytes(K, wire bytes)] uint8; random-k: [4 + K] float32
+//   gathered  [W * topk_payload_bytes] uint8: every rank's top-k payload, in rank order
+// wire: the values' type on the wire (F32, F16 or BF16). Residuals are float32.
+
+// Per row: a = x + residual; exactly k pairs (exact or approximate top-k of |a|, ascending
+// indices); residual = a minus what was sent, never non-finite.
+void topk_encode_cpu(DType dtype, DType wire, bool approx,
+                     const void* bucket,    // [n] dtype
+                     const int64_t* table,  // [P, 8]
+                     int64_t rows, int64_t pairs,
+                     uint8_t* payload,  // [topk_payload_bytes]
+                     int threads);
+// Writes each row's average: rank by rank, pair by pair, value times 1/W added at its index.
+// A flagged payload, or one whose indices of a row are not strictly increasing within the
+// parameter, makes every row NaN (no write goes through a bad index). Returns the number of
+// (rank, row) index lists rejected.
+int64_t topk_decode_cpu(DType dtype, DType wire,
+                        const uint8_t* gathered,  // [W * payload bytes]
+                        const int64_t* table,     // [P, 8]
+                        int64_t rows, int64_t pairs, int64_t world,
+                        void* bucket,  // [n] dtype
+                        int threads);
+// Per row: a = x + residual; the values at the k indices every rank draws alike (seed, step,
+// ordinal); residual = a with those zeroed.
+void randomk_encode_cpu(DType dtype,
+                        const void* bucket,    // [n] dtype
+                        const int64_t* table,  // [P, 8]
+                        int64_t rows, int64_t pairs, uint64_t seed, uint64_t step,
+                        float* payload,  // [4 + K]
+                        int threads);
+// The all-reduced (summed) payload into the bucket: value / W at its index, 0 elsewhere in
+// the row; NaN everywhere if the flag sum is not 0.
+void randomk_decode_cpu(DType dtype,
+                        const float* reduced,  // [4 + K]
+                        const int64_t* table,  // [P, 8]
+                        int64_t rows, int64_t world, uint64_t seed, uint64_t step,
+                        void* bucket,  // [n] dtype
+                        int threads);
+
 // ---- CUDA backend (device: CUDA ordinal made current first; stream: a cudaStream_t as an
 // integer; every call is asynchronous and checks the launch)
 bool cuda_compiled();
@@ -62,5 +103,20 @@ void quant_reduce_cuda(int bits, int64_t block, DType residual_dtype, const uint
                        intptr_t stream);
 void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gathered, const int64_t* table,
                        int64_t world, int64_t slots, void* bucket, int device, intptr_t stream);
+
+// Top-k on CUDA needs scratch memory the caller allocates (the caching allocator's):
+// topk_workspace_bytes(P, tiles) bytes, tiles = the sum over rows of sparse_tiles(n).
+// Decoding a float16 / bfloat16 bucket also needs [n] float32 of scratch (null for float32),
+// and writes the count of rejected index lists to *status (device memory: no host sync).
+int64_t topk_workspace_bytes(int64_t rows, int64_t tiles);
+void topk_encode_cuda(DType dtype, DType wire, bool approx, const void* bucket, const int64_t* table, int64_t rows,
+                      int64_t tiles, int64_t pairs, uint8_t* payload, void* workspace, int device, intptr_t stream);
+void topk_decode_cuda(DType dtype, DType wire, const uint8_t* gathered, const int64_t* table, int64_t rows,
+                      int64_t pairs, int64_t world, void* bucket, float* scratch, int32_t* status, int device,
+                      intptr_t stream);
+void randomk_encode_cuda(DType dtype, const void* bucket, const int64_t* table, int64_t rows, int64_t pairs,
+                         uint64_t seed, uint64_t step, float* payload, int device, intptr_t stream);
+void randomk_decode_cuda(DType dtype, const float* reduced, const int64_t* table, int64_t rows, int64_t world,
+                         uint64_t seed, uint64_t step, void* bucket, int device, intptr_t stream);
 
 }  // namespace gradcomp

@@ -219,3 +219,81 @@ def compressed_mean(xs: list[torch.Tensor], residuals: list[torch.Tensor | None]
     """(what every rank decodes [n] float32, the new residuals) of compressed_allreduce."""
     r = compressed_allreduce(xs, residuals, block, owners, bits, rounding)
     return r.out, r.res_after
+
+
+# ---------------------------------------------------------------- top-k and random-k
+def sparse_keys(a: torch.Tensor) -> torch.Tensor:
+    """The selection key of each value: the bits of |a| (NaN above Inf above every finite)."""
+    return (a.view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+
+
+def topk_exact(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the k largest keys, ties to the lowest index: a stable sort."""
+    order = torch.sort(-sparse_keys(a), stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def topk_approx(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The approximate selection as codec.h defines it: T0 = the kappa-th largest key of a
+    strided sample; with c >= k keys >= T0 the exact top-k, else those c and the lowest
+    indices below T0."""
+    n = a.numel()
+    s = min(n, max(4096, n // 100))
+    key = sparse_keys(a)
+    sample = key[torch.arange(s, dtype=torch.int64) * n // s]
+    share = -(-k * s // n)
+    kappa = min(s, share + share // 2 + 1)
+    t0 = int(torch.sort(sample, descending=True).values[kappa - 1])
+    above = (key >= t0).nonzero().flatten()
+    if above.numel() >= k:
+        return topk_exact(a, k)
+    fill = (key < t0).nonzero().flatten()[: k - above.numel()]
+    return torch.sort(torch.cat([above, fill])).values
+
+
+def wire_round(v: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+    """Values as they travel: finite ones saturate to the wire type's largest finite value."""
+    if wire == torch.float32:
+        return v.clone()
+    lim = torch.finfo(wire).max
+    finite = torch.isfinite(v)
+    return torch.where(finite, v.clamp(-lim, lim), v).to(wire).float()
+
+
+def topk_encode(x: torch.Tensor, residual: torch.Tensor | None, k: int, approx: bool = False,
+                wire: torch.dtype = torch.float32):
+    """One parameter: (indices int32, values float32 as decoded, new residual or None,
+    non-finite flag)."""
+    a = x.float() + residual if residual is not None else x.float()
+    idx = (topk_approx if approx else topk_exact)(a, k)
+    values = wire_round(a[idx], wire)
+    new_res = None
+    if residual is not None:
+        new_res = a.clone()
+        new_res[idx] = a[idx] - values
+        new_res[~torch.isfinite(new_res)] = 0.0
+    return idx.to(torch.int32), values, new_res, bool((~torch.isfinite(a)).any())
+
+
+def sparse_decode(pairs_per_rank: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """One parameter's average: rank by rank, value times 1/W added at its index."""
+    world = len(pairs_per_rank)
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(world), dtype=torch.float32)
+    out = torch.zeros(n, dtype=torch.float32)
+    for idx, values in pairs_per_rank:
+        out[idx.long()] += values * inv
+    return out
+
+
+def randomk_indices(seed: int, step: int, ordinal: int, n: int, k: int) -> torch.Tensor:
+    """One index from each of k equal strata of [0, n), hashed from (seed, step, ordinal)
+    with no rank in it: every rank draws the same."""
+    key = mix64(seed ^ 0x9E3779B97F4A7C15)
+    key = mix64(key ^ step)
+    key = mix64(key ^ ((0 << 8) | 3))
+    key = mix64(key ^ ((ordinal << 40) >> 32))
+    j = torch.arange(k, dtype=torch.int64)
+    lo = j * n // k
+    size = (j + 1) * n // k - lo
+    h = mix32(mix32(j ^ (key & M32)) ^ (key >> 32))
+    return lo + ((h * size) >> 32)

@@ -28,4 +28,22 @@ void quant_decode_cuda(int, int64_t, DType, const uint8_t*, const int64_t*, int6
   no_cuda();
 }
 
+int64_t topk_workspace_bytes(int64_t, int64_t) { return 0; }
+void topk_encode_cuda(DType, DType, bool, const void*, const int64_t*, int64_t, int64_t, int64_t, uint8_t*, void*, int,
+                      intptr_t) {
+  no_cuda();
+}
+void topk_decode_cuda(DType, DType, const uint8_t*, const int64_t*, int64_t, int64_t, int64_t, void*, float*, int32_t*,
+                      int, intptr_t) {
+  no_cuda();
+}
+void randomk_encode_cuda(DType, const void*, const int64_t*, int64_t, int64_t, uint64_t, uint64_t, float*, int,
+                         intptr_t) {
+  no_cuda();
+}
+void randomk_decode_cuda(DType, const float*, const int64_t*, int64_t, int64_t, uint64_t, uint64_t, void*, int,
+                         intptr_t) {
+  no_cuda();
+}
+
 }  // namespace gradcomp

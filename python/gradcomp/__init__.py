@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 from . import _C
-from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, Sign
+from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, RandomK, Sign, TopK
 from .hooks import GradcompError, State, comm_hook, register
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
-    "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "Sign", "State",
+    "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "RandomK", "Sign", "State", "TopK",
     "build_info", "comm_hook", "cuda_available", "register",
 ]
 

@@ -9,6 +9,7 @@ re-layout therefore changes which bucket a block travels in, not one number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +111,52 @@ def contiguous_spans(numels: list[int], block: int, residual_addrs: list[int] | 
         offset += n
         first += num_blocks(n, block)
     return spans
+
+
+# ---------------------------------------------------------------- sparse codecs
+SPARSE_ROW_WORDS = 8  # codec.h's kSparseRowWords
+SPARSE_TILE = 4096  # codec.h's kSparseTile
+MAX_SPARSE_NUMEL = (1 << 31) - 1  # indices travel as int32
+
+
+def pairs_for(numel: int, ratio) -> int:
+    """k = ceil(ratio · numel), at least 1 and at most numel, with ``ratio`` read as the
+    decimal it was written as (0.01 · 300 is 3, not 4 as float arithmetic would round up)."""
+    from fractions import Fraction
+
+    if numel <= 0:
+        return 0
+    k = math.ceil(Fraction(repr(float(ratio))) * numel)
+    return min(max(k, 1), numel)
+
+
+@dataclass
+class SparseTable:
+    """The payload layout of one bucket for top-k / random-k: a row per compressed parameter."""
+
+    table: torch.Tensor  # [P, 8] int64 (CPU): offset, numel, residual address, k, first pair, ordinal, first tile, 0
+    pairs: int  # K: pairs in a payload (sum of k)
+    tiles: int  # units of parallel work (sum of ceil(numel / 4096))
+    numel: int  # compressed elements
+
+    @property
+    def rows(self) -> int:
+        return self.table.shape[0]
+
+
+def build_sparse_table(spans: list[Span], ratio) -> SparseTable:
+    """One row per span (parameter), in span order; k of each from ``pairs_for``."""
+    rows, pairs, tiles, numel = [], 0, 0, 0
+    for s in spans:
+        if s.numel == 0:
+            continue
+        if s.numel > MAX_SPARSE_NUMEL:
+            raise ValueError(f"gradcomp: parameter {s.ordinal} has {s.numel} elements; top-k and random-k take "
+                             f"at most 2**31 - 1 (int32 indices)")
+        k = pairs_for(s.numel, ratio)
+        rows.append([s.offset, s.numel, s.residual_addr, k, pairs, s.ordinal, tiles, 0])
+        pairs += k
+        tiles += -(-s.numel // SPARSE_TILE)
+        numel += s.numel
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, SPARSE_ROW_WORDS)
+    return SparseTable(table, pairs, tiles, numel)

@@ -182,3 +182,145 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
             bucket.data_ptr())
     _launch("quant_decode", bucket.device, args, args)
     return bucket
+
+
+# ---------------------------------------------------------------- top-k and random-k
+# Shapes (P rows, K pairs):
+#   table     [P, 8] int64 sparse rows (layout.build_sparse_table): element offset, numel,
+#             residual address (float32, 0 without error feedback), k, first pair, parameter
+#             ordinal, first tile, 0
+#   top-k payload     [topk_payload_bytes(K, value_dtype)] uint8, gathered [W * that]
+#   random-k payload  [4 + K] float32 (summed by all_reduce)
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SPARSE_ROW_WORDS = 8
+RANDOMK_HEADER = 4
+
+
+def topk_payload_bytes(pairs: int, value_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one rank's top-k payload of ``pairs`` (index, value) pairs."""
+    if value_dtype not in VALUE_DTYPES:
+        raise TypeError(f"gradcomp: value_dtype must be float32, float16 or bfloat16, got {value_dtype}")
+    return int(_C.topk_payload_bytes(int(pairs), value_dtype.itemsize))
+
+
+def _check_sparse_table(table, device, pairs: int, numel: int | None, check_bounds: bool) -> None:
+    """Shape and dtype always; on CPU also that the rows describe parameters inside the
+    bucket, 1 <= k <= n < 2**31, and pairs laid out one row after another."""
+    _check_tensor(table, "table", dtypes=(torch.int64,), device=device)
+    if table.dim() != 2 or table.shape[1] != SPARSE_ROW_WORDS:
+        raise ValueError(f"gradcomp: a sparse table is [P, {SPARSE_ROW_WORDS}] int64, got {tuple(table.shape)}")
+    if not check_bounds or table.device.type != "cpu":
+        return
+    off, n, k, first = table[:, 0], table[:, 1], table[:, 3], table[:, 4]
+    bad = (n < 1) | (n > (1 << 31) - 1) | (k < 1) | (k > n) | (off < 0)
+    if numel is not None:
+        bad |= off + n > numel
+    expected_first = torch.cumsum(k, 0) - k
+    bad |= first != expected_first
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"gradcomp: sparse table row {row} = {table[row].tolist()} is not a parameter of the "
+                         f"bucket ({numel} elements) with 1 <= k <= numel and pairs laid out in order")
+    total = int(k.sum()) if table.shape[0] else 0
+    if total != pairs:
+        raise ValueError(f"gradcomp: the table's rows hold {total} pairs, not {pairs}")
+
+
+def _check_bucket(bucket) -> None:
+    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
+    if bucket.dim() != 1:
+        raise ValueError("gradcomp: bucket must be one-dimensional")
+
+
+def _tiles(table: torch.Tensor) -> int:
+    return int(((table[:, 1] + 4095) // 4096).sum()) if table.shape[0] else 0
+
+
+def topk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, approx: bool = False,
+                value_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                check_bounds: bool = True, tiles: int | None = None) -> torch.Tensor:
+    """Per row: ``a = bucket + residual``; exactly k (index, value) pairs of the largest |a|
+    (ties to the lowest index; approximate: a sampled threshold, codec.h), ascending
+    indices; the residual keeps ``a`` minus what was sent. Returns the payload."""
+    _check_bucket(bucket)
+    _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
+    nbytes = topk_payload_bytes(pairs, value_dtype)
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=bucket.device)
+    _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=nbytes, aligned=True)
+    rows, wire, dtype = table.shape[0], DTYPE_CODES[value_dtype], DTYPE_CODES[bucket.dtype]
+    if bucket.device.type == "cpu":
+        _C.topk_encode_cpu(dtype, wire, bool(approx), bucket.data_ptr(), table.data_ptr(), rows, pairs,
+                           out.data_ptr(), torch.get_num_threads())
+    else:
+        tiles = _tiles(table.cpu()) if tiles is None else tiles
+        ws = torch.empty(int(_C.topk_workspace_bytes(rows, tiles)), dtype=torch.uint8, device=bucket.device)
+        _launch("topk_encode", bucket.device, (), (dtype, wire, bool(approx), bucket.data_ptr(), table.data_ptr(),
+                                                   rows, tiles, pairs, out.data_ptr(), ws.data_ptr()))
+    return out
+
+
+def topk_decode(gathered: torch.Tensor, table: torch.Tensor, pairs: int, world: int, bucket: torch.Tensor, *,
+                value_dtype: torch.dtype = torch.float32, check_bounds: bool = True):
+    """Writes each row's average of the W payloads into ``bucket`` (rank by rank, in place).
+    A payload flagged non-finite, or holding a row whose indices are not strictly increasing
+    within the parameter, makes every row NaN. Returns the number of (rank, row) index lists
+    rejected: an int on CPU; on CUDA a 1-element int32 device tensor (reading it would sync)."""
+    _check_bucket(bucket)
+    nbytes = topk_payload_bytes(pairs, value_dtype)
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"gradcomp: world must be a positive int, got {world!r}")
+    _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * nbytes,
+                  aligned=True)
+    _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
+    rows, wire, dtype = table.shape[0], DTYPE_CODES[value_dtype], DTYPE_CODES[bucket.dtype]
+    if bucket.device.type == "cpu":
+        return int(_C.topk_decode_cpu(dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs, world,
+                                      bucket.data_ptr(), torch.get_num_threads()))
+    status = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+    scratch = (torch.empty(bucket.numel(), dtype=torch.float32, device=bucket.device)
+               if bucket.dtype != torch.float32 else None)
+    _launch("topk_decode", bucket.device, (), (dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs,
+                                               world, bucket.data_ptr(), scratch.data_ptr() if scratch is not None
+                                               else 0, status.data_ptr()))
+    return status
+
+
+def _check_seed_step(seed: int, step: int) -> None:
+    for name, v in (("seed", seed), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+            raise ValueError(f"gradcomp: {name} must be an int in [0, 2**64), got {v!r}")
+
+
+def randomk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, seed: int, step: int,
+                   out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
+    """Per row: ``a = bucket + residual``; the values at k indices drawn alike on every rank
+    from (``seed``, ``step``, the row's ordinal), one per stratum; the residual keeps ``a``
+    with those zeroed. Returns the ``[4 + K]`` float32 payload (flag, 0, 0, 0, values)."""
+    _check_bucket(bucket)
+    _check_seed_step(seed, step)
+    _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
+    if out is None:
+        out = torch.empty(RANDOMK_HEADER + pairs, dtype=torch.float32, device=bucket.device)
+    _check_tensor(out, "out", dtypes=(torch.float32,), device=bucket.device, numel=RANDOMK_HEADER + pairs)
+    args = (DTYPE_CODES[bucket.dtype], bucket.data_ptr(), table.data_ptr(), table.shape[0], pairs, seed, step,
+            out.data_ptr())
+    _launch("randomk_encode", bucket.device, args, args)
+    return out
+
+
+def randomk_decode(reduced: torch.Tensor, table: torch.Tensor, world: int, bucket: torch.Tensor, *, seed: int,
+                   step: int, check_bounds: bool = True) -> torch.Tensor:
+    """The summed payload into ``bucket``: each drawn index gets its value / W, the rest of
+    the row 0; NaN everywhere if any rank flagged a non-finite value. Returns ``bucket``."""
+    _check_bucket(bucket)
+    _check_seed_step(seed, step)
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"gradcomp: world must be a positive int, got {world!r}")
+    pairs = reduced.numel() - RANDOMK_HEADER
+    _check_tensor(reduced, "reduced", dtypes=(torch.float32,), device=bucket.device)
+    _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
+    args = (DTYPE_CODES[bucket.dtype], reduced.data_ptr(), table.data_ptr(), table.shape[0], world, seed, step,
+            bucket.data_ptr())
+    _launch("randomk_decode", bucket.device, args, args)
+    return bucket

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .layout import BlockTable
+from .layout import BlockTable, SparseTable
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -73,3 +73,39 @@ def start_exact_allreduce(values: torch.Tensor, world: int, group):
     once it is waited on."""
     values.div_(world)
     return dist.all_reduce(values, group=group, async_op=True)
+
+
+def topk_allgather_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.Tensor, group, world: int, *,
+                    approx: bool = False, value_dtype: torch.dtype = torch.float32):
+    """Top-k of each compressed parameter of ``bucket`` (error feedback through the table's
+    residual addresses), all-gather of the fixed-size payloads, deterministic decode: the
+    average, written back into ``bucket`` in place. Returns (bytes this rank sent, codec
+    seconds (CPU only), rejected index lists: an int on CPU, a device tensor on CUDA)."""
+    timed = bucket.device.type == "cpu"
+    t0 = time.perf_counter()
+    payload = ops.topk_encode(bucket, table_dev, sparse.pairs, approx=approx, value_dtype=value_dtype,
+                              check_bounds=False, tiles=sparse.tiles)
+    codec_s = time.perf_counter() - t0
+    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=bucket.device)
+    all_gather_single(gathered, payload, group)
+    t0 = time.perf_counter()
+    rejected = ops.topk_decode(gathered, table_dev, sparse.pairs, world, bucket, value_dtype=value_dtype,
+                               check_bounds=False)
+    codec_s += time.perf_counter() - t0
+    return (world - 1) * payload.numel(), codec_s if timed else 0.0, rejected
+
+
+def randomk_allreduce_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.Tensor, group, world: int, *,
+                       seed: int, step: int) -> tuple[float, float]:
+    """Random-k of each compressed parameter of ``bucket`` (the same indices on every rank),
+    a summing all-reduce of the values, decode of the average into ``bucket`` in place.
+    Returns (bytes this rank sent, codec seconds (CPU only))."""
+    timed = bucket.device.type == "cpu"
+    t0 = time.perf_counter()
+    payload = ops.randomk_encode(bucket, table_dev, sparse.pairs, seed=seed, step=step, check_bounds=False)
+    codec_s = time.perf_counter() - t0
+    dist.all_reduce(payload, group=group)
+    t0 = time.perf_counter()
+    ops.randomk_decode(payload, table_dev, world, bucket, seed=seed, step=step, check_bounds=False)
+    codec_s += time.perf_counter() - t0
+    return ring_allreduce_bytes(payload.numel() * 4, world), codec_s if timed else 0.0

@@ -25,8 +25,15 @@ import torch
 import torch.distributed as dist
 
 from . import codecs
-from .collectives import all_gather_single, quantized_allreduce_, ring_allreduce_bytes, start_exact_allreduce
-from .layout import BlockTable, Span, build_table, num_blocks
+from .collectives import (
+    all_gather_single,
+    quantized_allreduce_,
+    randomk_allreduce_,
+    ring_allreduce_bytes,
+    start_exact_allreduce,
+    topk_allgather_,
+)
+from .layout import BlockTable, Span, SparseTable, build_sparse_table, build_table, num_blocks
 
 __all__ = ["State", "comm_hook", "register", "GradcompError"]
 
@@ -52,6 +59,7 @@ class _Plan:
     params_fallback: int
     residuals: list  # the residual tensors whose addresses the table holds: kept alive with it
     cast_dtype: torch.dtype | None = None  # Cast codecs: the whole bucket travels in this dtype
+    sparse: SparseTable | None = None  # TopK / RandomK: the rows of the compressed parameters
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -74,6 +82,8 @@ def _new_stats() -> dict:
         "bytes_uncompressed": 0.0,
         "ratio": 1.0,
         "codec_seconds": 0.0,
+        "payloads_rejected": 0,
+        "buckets_sparse_over_int8": 0,
     }
 
 
@@ -100,12 +110,18 @@ class State:
     this rank put on the wire (ring accounting: 2(W-1)/W of a plain all-reduce's buffer,
     2(W-1) shards for the compressed exchange), the bytes a plain all-reduce of the same
     buckets would have sent, their ratio, and the seconds spent in the codec's passes (CPU).
+    For TopK it also counts ``buckets_sparse_over_int8``, the buckets whose sparse payloads
+    cost more bytes than the dense int8 exchange would (W · k large: lower the ratio or use
+    int8), and ``payloads_rejected``, index lists received from a peer that were not
+    strictly increasing within their parameter (the bucket was made NaN on every rank
+    instead of writing through them; on CUDA counted a few steps late, without a sync).
     """
 
     __slots__ = (
         "codec", "process_group", "min_numel", "start_step", "force_compression", "timeout", "seed",
         "step", "stats", "_residuals", "_ordinal_of", "_pinned_params", "_first_block", "_next_block",
-        "_plans", "_worker", "_private_group", "_checked", "_side_streams", "_logged",
+        "_plans", "_worker", "_private_group", "_checked", "_side_streams", "_logged", "_pending_checks",
+        "_warned_over_int8",
     )
 
     def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
@@ -142,6 +158,8 @@ class State:
         self._checked = False
         self._side_streams: dict = {}
         self._logged = False
+        self._pending_checks: list = []  # CUDA: (event, pinned host count, bucket) of top-k decodes
+        self._warned_over_int8 = False
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -163,7 +181,7 @@ class State:
         self.timeout = d["timeout"]
         self.seed = d.get("seed")
         self.step = d["step"]
-        self.stats = d["stats"]
+        self.stats = {**_new_stats(), **d["stats"]}
         self._residuals = d["residuals"]
         self._init_runtime()
 
@@ -191,7 +209,7 @@ class State:
     # ------------------------------------------------------------------ per-parameter decisions
     def _compressible(self, p: torch.Tensor) -> bool:
         """Whether a parameter gets blocks of a block quantizer (Cast codecs have none)."""
-        return (isinstance(self.codec, codecs.BlockQuantizer) and p.numel() >= self.min_numel
+        return (isinstance(self.codec, (codecs.BlockQuantizer, codecs.Sparsifier)) and p.numel() >= self.min_numel
                 and p.dtype in self.codec.dtypes)
 
     def _ordinals(self, params) -> tuple[int, ...]:
@@ -211,7 +229,8 @@ class State:
             self._pinned_params.append(p)
             if self._compressible(p):
                 self._first_block[o] = self._next_block
-                self._next_block += num_blocks(p.numel(), self.codec.block_size)
+                if isinstance(self.codec, codecs.BlockQuantizer):
+                    self._next_block += num_blocks(p.numel(), self.codec.block_size)
         return o
 
     def _residual(self, ordinal: int, p: torch.Tensor) -> torch.Tensor:
@@ -244,7 +263,6 @@ class State:
                          self.codec.wire_dtype if cast else None)
             self._plans[key] = plan
             return plan
-        block = self.codec.block_size
         spans, fallback, residuals, offset = [], [], [], 0
         for o, p in zip(ordinals, params):
             n = p.numel()
@@ -260,21 +278,25 @@ class State:
         if offset != buf.numel():
             raise GradcompError(f"gradcomp: bucket {bucket.index()} holds {buf.numel()} elements but its "
                                 f"parameters {offset}; is this a DDP GradBucket?")
-        table = table_dev = rows_dev = None
-        if spans:
-            table = build_table(spans, block, world, self.codec.residual_dtype.itemsize)
+        table = table_dev = rows_dev = sparse = None
+        if spans and isinstance(self.codec, codecs.Sparsifier):
+            sparse = build_sparse_table(spans, self.codec.ratio)
+            table_dev = _to_device(sparse.table, buf.device)
+        elif spans:
+            table = build_table(spans, self.codec.block_size, world, self.codec.residual_dtype.itemsize)
             table_dev = _to_device(table.table, buf.device)
             rows_dev = table_dev[rank * table.slots : (rank + 1) * table.slots]
         fb_index = _to_device(torch.cat(fallback), buf.device) if fallback else None
-        plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans), residuals)
+        plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans), residuals,
+                     sparse=sparse)
         self._plans[key] = plan
         return plan
 
     # ------------------------------------------------------------------ the reduction of one bucket
     def _reduce(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int,
-                step: int = 0) -> torch.Tensor:
+                step: int = 0, what: str = "a bucket") -> torch.Tensor:
         """Averages ``buf`` over the group in place; ``plan`` None means plainly. ``step`` keys
-        stochastic rounding's draws."""
+        stochastic rounding's and random-k's draws; ``what`` names the bucket in logs."""
         es = buf.element_size()
         s = self.stats
         if world == 1 and plan is None:  # nothing to average, nothing forced: no collective at all
@@ -291,7 +313,7 @@ class State:
             s["bytes_sent"] += ring_allreduce_bytes(wire.numel() * wire.element_size(), world)
             s["buckets_compressed"] += 1
             s["params_compressed"] += plan.params_compressed
-        elif plan is None or plan.table is None:
+        elif plan is None or (plan.table is None and plan.sparse is None):
             start_exact_allreduce(buf, world, group).wait()
             s["bytes_sent"] += ring_allreduce_bytes(buf.numel() * es, world)
             s["buckets_fallback"] += 1
@@ -304,9 +326,18 @@ class State:
                 work = start_exact_allreduce(fb, world, group)
                 s["bytes_sent"] += ring_allreduce_bytes(fb.numel() * es, world)
             c = self.codec
-            sent, codec_s = quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev, rank, group,
-                                                 c.bits, residual_dtype=c.residual_dtype, stochastic=c.stochastic,
-                                                 seed=self.seed or 0, step=step)
+            if isinstance(c, codecs.TopK):
+                sent, codec_s, rejected = topk_allgather_(buf, plan.sparse, plan.table_dev, group, world,
+                                                          approx=c.approx, value_dtype=c.value_dtype)
+                self._watch_rejections(rejected, what)
+                self._compare_with_int8(sent, plan.sparse.numel, world, what)
+            elif isinstance(c, codecs.RandomK):
+                sent, codec_s = randomk_allreduce_(buf, plan.sparse, plan.table_dev, group, world,
+                                                   seed=self.seed or 0, step=step)
+            else:
+                sent, codec_s = quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev, rank,
+                                                     group, c.bits, residual_dtype=c.residual_dtype,
+                                                     stochastic=c.stochastic, seed=self.seed or 0, step=step)
             s["bytes_sent"] += sent
             s["codec_seconds"] += codec_s
             if work is not None:
@@ -317,6 +348,44 @@ class State:
             s["params_fallback"] += plan.params_fallback
         s["ratio"] = s["bytes_uncompressed"] / s["bytes_sent"] if s["bytes_sent"] else 1.0
         return buf
+
+    def _compare_with_int8(self, sent: float, numel: int, world: int, what: str) -> None:
+        """Counts (and warns once about) top-k payloads dearer than the dense int8 exchange of
+        the same values (1 byte a value plus a 4-byte scale per 256, in a scatter-reduce /
+        all-gather)."""
+        int8 = ring_allreduce_bytes(numel * (1 + 4 / 256), world)
+        if sent > int8:
+            self.stats["buckets_sparse_over_int8"] += 1
+            if not self._warned_over_int8:
+                self._warned_over_int8 = True
+                logger.warning("gradcomp: %s: top-k sent %d bytes where int8 would send about %d (world %d): "
+                               "lower the ratio or use int8", what, sent, int8, world)
+
+    def _watch_rejections(self, rejected, what: str) -> None:
+        """Counts corrupted payloads a top-k decode rejected: now on CPU; on CUDA once the
+        decode has finished (a pinned copy and an event polled at later hook calls: no sync)."""
+        if isinstance(rejected, int):
+            self._count_rejected(rejected, what)
+            return
+        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        host.copy_(rejected, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending_checks.append((done, host, what))
+
+    def _poll_rejections(self) -> None:
+        pending, self._pending_checks = self._pending_checks, []
+        for done, host, what in pending:
+            if done.query():
+                self._count_rejected(int(host[0]), what)
+            else:
+                self._pending_checks.append((done, host, what))
+
+    def _count_rejected(self, rejected: int, what: str) -> None:
+        if rejected:
+            self.stats["payloads_rejected"] += rejected
+            logger.error("gradcomp: %s: %d top-k index lists from peers were out of range or not increasing; "
+                         "the bucket's compressed values were set to NaN on every rank", what, rejected)
 
     def _check_config(self, group, device: torch.device) -> None:
         """At the first hook call: every rank must run the same configuration; the ranks adopt
@@ -410,7 +479,7 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
         if not state._checked:
             state._check_config(state._private_group, torch.device("cpu"))
             state._checked = True
-        return state._reduce(buf, plan, state._private_group, world, rank, step)
+        return state._reduce(buf, plan, state._private_group, world, rank, step, what)
 
     fut = torch.futures.Future()
     state._worker.submit(job, fut, what)
@@ -428,7 +497,8 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what, step)
             if not state._checked:
                 state._check_config(group, dev)
                 state._checked = True
-            state._reduce(buf, plan, group, world, rank, step)
+            state._poll_rejections()
+            state._reduce(buf, plan, group, world, rank, step, what)
             fut = torch.futures.Future(devices=[dev])
             fut.set_result(buf)  # completes on the side stream: waiters sync to it, not the host
     except GradcompError:

@@ -32,7 +32,7 @@ $PY -m pytest tests/test_cuda.py -q -rA 2>&1 | tee "$OUT/test_cuda.log" | tail -
 step "compute-sanitizer (memcheck, racecheck) on the GPU payload tests"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-    -k "3-256-dtype0 or 4-1024-dtype1 or 4-32-dtype2 or nonfinite or ef_off" \
+    -k "3-256-dtype0 or 4-1024-dtype1 or 4-32-dtype2 or nonfinite or ef_off or topk or randomk" \
     >"$OUT/sanitizer-$tool.log" 2>&1
   rc=$?; echo "$tool: exit $rc ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.log") clean summaries)"
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer-$tool.log" | tail -3
@@ -41,6 +41,9 @@ done
 
 step "GPU kernel benchmark"
 $PY bench/bench_kernels.py --device cuda --out "$OUT/kernels-cuda.json" 2>&1 | tee "$OUT/bench-cuda.log" || status=1
+
+step "GPU top-k benchmark"
+$PY bench/bench_sparse.py --device cuda --out "$OUT/sparse-cuda.json" 2>&1 | tee "$OUT/bench-sparse-cuda.log" || status=1
 
 step "CPU suite on this machine (fast part)"
 $PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py -k "not many_buckets" 2>&1 \

@@ -344,3 +344,146 @@ def test_cuda_core_rejects_what_it_cannot_do():
     encode(4, 2, True)  # accepted
     torch.cuda.synchronize()
 
+
+
+# ---------------------------------------------------------------- top-k and random-k
+def _sparse_run(dtype, wire, approx, ef, world, device, corrupt=None, nan_at=None):
+    """W simulated ranks' top-k exchange on ``device``, from the same inputs each time;
+    returns payloads, residuals, decoded buckets and rejection counts on the CPU."""
+    from test_sparse import Bucket
+
+    buckets = []
+    for w in range(world):
+        g = torch.Generator().manual_seed(100 + w)
+        b = Bucket([1, 100, 4096, 4097, 70_000, 300_001], dtype, g, ef=ef, ratio=0.01, scale=10.0)
+        b.param(3)[:] = 1.5  # every value tied, across two tiles
+        if nan_at is not None and w == world - 1:
+            b.param(4)[nan_at] = float("nan")
+        b.x = b.x.to(device)
+        b.residuals = [r.to(device) if r is not None else None for r in b.residuals]
+        b.refresh()
+        buckets.append(b)
+    tables = [b.table.table.to(device) for b in buckets]
+    pairs, tiles = buckets[0].table.pairs, buckets[0].table.tiles
+    payloads = [ops.topk_encode(b.x, t, pairs, approx=approx, value_dtype=wire, tiles=tiles)
+                for b, t in zip(buckets, tables)]
+    gathered = torch.cat(payloads)
+    if corrupt is not None:
+        corrupt(gathered, buckets[0].table)
+    outs, rejected = [], []
+    for b, t in zip(buckets, tables):
+        out = b.x.clone()
+        rej = ops.topk_decode(gathered, t, pairs, world, out, value_dtype=wire)
+        outs.append(out.cpu())
+        rejected.append(int(rej) if isinstance(rej, int) else int(rej.cpu()[0]))
+    return {"payloads": [p.cpu() for p in payloads], "outs": outs, "rejected": rejected,
+            "residuals": [[r.cpu() for r in b.residuals] if ef else [] for b in buckets]}
+
+
+@pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("world", [1, 3])
+def test_cuda_topk_matches_cpu_bit_for_bit(approx, dtype, wire, world):
+    dev = torch.device("cuda", 0)
+    cpu = _sparse_run(dtype, wire, approx, True, world, torch.device("cpu"))
+    gpu = _sparse_run(dtype, wire, approx, True, world, dev)
+    for key in ("payloads", "outs"):
+        for w in range(world):
+            assert _same(cpu[key][w], gpu[key][w]), f"{key} of rank {w}"
+    for w in range(world):
+        for a, b in zip(cpu["residuals"][w], gpu["residuals"][w]):
+            assert _same(a, b), f"residuals of rank {w}"
+
+
+@pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
+def test_cuda_topk_non_finite_and_no_error_feedback_match_cpu(approx):
+    dev = torch.device("cuda", 0)
+    for ef in (True, False):
+        cpu = _sparse_run(torch.float32, torch.float32, approx, ef, 2, torch.device("cpu"), nan_at=1234)
+        gpu = _sparse_run(torch.float32, torch.float32, approx, ef, 2, dev, nan_at=1234)
+        for w in range(2):
+            assert _same(cpu["payloads"][w], gpu["payloads"][w]) and _same(cpu["outs"][w], gpu["outs"][w])
+            for a, b in zip(cpu["residuals"][w], gpu["residuals"][w]):
+                assert _same(a, b) and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("corruption", ["out_of_range", "negative", "duplicate", "random_bytes"])
+def test_cuda_topk_rejects_corrupted_payloads_like_cpu(corruption):
+    def corrupt(gathered, table):
+        g = torch.Generator().manual_seed(7)
+        nbytes = gathered.numel() // 2
+        idx = gathered[nbytes + 16 : nbytes + 16 + 4 * table.pairs].view(torch.int32)
+        first = int(table.table[4, 4])
+        if corruption == "out_of_range":
+            idx[first] = 70_000
+        elif corruption == "negative":
+            idx[first + 1] = -5
+        elif corruption == "duplicate":
+            idx[first + 2] = idx[first + 1]
+        else:
+            gathered[nbytes:] = torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8).to(gathered.device)
+
+    dev = torch.device("cuda", 0)
+    cpu = _sparse_run(torch.float32, torch.float32, False, True, 2, torch.device("cpu"), corrupt=corrupt)
+    gpu = _sparse_run(torch.float32, torch.float32, False, True, 2, dev, corrupt=corrupt)
+    assert cpu["rejected"][0] >= 1 and gpu["rejected"] == cpu["rejected"]
+    for w in range(2):
+        assert _same(cpu["outs"][w], gpu["outs"][w])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_randomk_matches_cpu(dtype):
+    from test_sparse import Bucket
+
+    results = []
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        b = Bucket([1, 1000, 300_001], dtype, torch.Generator().manual_seed(3), ratio=0.01, ordinals=[2, 5, 9])
+        b.param(1)[17] = float("inf")
+        b.x = b.x.to(device)
+        b.residuals = [r.to(device) for r in b.residuals]
+        b.refresh()
+        t = b.table.table.to(device)
+        payload = ops.randomk_encode(b.x, t, b.table.pairs, seed=11, step=4)
+        res = [r.cpu() for r in b.residuals]
+        out = b.x.clone()
+        ops.randomk_decode(payload.clone().mul_(2), t, 2, out, seed=11, step=4)
+        payload[0] = 0  # decode the finite path as well
+        out2 = b.x.clone()
+        ops.randomk_decode(payload, t, 2, out2, seed=11, step=4)
+        results.append((payload.cpu(), res, out.cpu(), out2.cpu()))
+    (pc, rc, oc, o2c), (pg, rg, og, o2g) = results
+    assert _same(pc, pg) and _same(oc, og) and _same(o2c, o2g)
+    for a, b in zip(rc, rg):
+        assert _same(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+@pytest.mark.parametrize("codec", ["topk:0.01", "topk:0.01:approx:fp16", "randomk:0.01"])
+def test_nccl_sparse_hook_world_size_one_forced_never_syncs(nccl_world1, codec):
+    """The sparse hooks on NCCL: no host sync after the first call, and every compressed
+    gradient keeps exactly k nonzeros per parameter (W = 1: the average is the sent values)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda", 0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).to(dev)
+    ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
+    state = gradcomp.State(codec, force_compression=True, min_numel=1000)
+
+    def checked_hook(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        torch.cuda.set_sync_debug_mode("error" if st._checked else "default")
+        try:
+            return gradcomp.comm_hook(st, bucket)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    ddp.register_comm_hook(state, checked_hook)
+    for _ in range(4):
+        ddp.zero_grad()
+        ddp(torch.randn(32, 512, device=dev)).square().mean().backward()
+        for p in model.parameters():
+            if p.numel() >= 1000:
+                assert int((p.grad != 0).sum()) <= layout.pairs_for(p.numel(), 0.01)
+    torch.cuda.synchronize()
+    assert state.stats["buckets_compressed"] > 0 and state.stats["payloads_rejected"] == 0

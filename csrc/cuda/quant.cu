@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "../gradcomp.h"
+#include "common.cuh"
 
 #define GC_STR2(...) #__VA_ARGS__
 #define GC_STR(...) GC_STR2(__VA_ARGS__)
@@ -17,14 +18,12 @@ namespace gradcomp {
 namespace {
 
 using namespace codec;
+using cuda_util::check;
+using cuda_util::use_device;
+using cuda_util::with_dtype;
 
 constexpr int kWarpsPerCta = 8;
 constexpr unsigned kFull = 0xffffffffu;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("gradcomp CUDA ") + what + ": " + cudaGetErrorString(err));
-}
 
 void check_args(int bits, int64_t block, int64_t world, int64_t slots) {
   if (!is_valid_bits(bits))
@@ -531,28 +530,6 @@ void with_block(int64_t block, F&& f) {
     default:
       return f(std::integral_constant<int, 0>{});  // 1024..4096, checked by check_args
   }
-}
-
-template <class F>
-void with_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::F32:
-      return f(std::integral_constant<DType, DType::F32>{});
-    case DType::F16:
-      return f(std::integral_constant<DType, DType::F16>{});
-    case DType::BF16:
-      return f(std::integral_constant<DType, DType::BF16>{});
-  }
-  throw std::invalid_argument("gradcomp: unsupported dtype");
-}
-
-// Makes `device` current for the launch. The caller (python/gradcomp/ops.py) wraps the call
-// in torch's device guard, which restores the previous device the way torch does (without
-// creating a context on a device that has none), so this is a no-op in practice.
-void use_device(int device) {
-  int now = -1;
-  check(cudaGetDevice(&now), "get device");
-  if (now != device) check(cudaSetDevice(device), "set device");
 }
 
 }  // namespace

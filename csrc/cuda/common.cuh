@@ -1,0 +1,45 @@
+// Host-side helpers both CUDA translation units use: error checks, the dtype switch, the
+// device to launch on.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "../codec.h"
+
+namespace gradcomp {
+namespace cuda_util {
+
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("gradcomp CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Calls f(std::integral_constant<DType, D>) for the runtime dtype.
+template <class F>
+void with_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::F32:
+      return f(std::integral_constant<DType, DType::F32>{});
+    case DType::F16:
+      return f(std::integral_constant<DType, DType::F16>{});
+    case DType::BF16:
+      return f(std::integral_constant<DType, DType::BF16>{});
+  }
+  throw std::invalid_argument("gradcomp: unsupported dtype");
+}
+
+// Makes `device` current for the launch. The caller (python/gradcomp/ops.py) wraps the call
+// in torch's device guard, which restores the previous device the way torch does (without
+// creating a context on a device that has none), so this is a no-op in practice.
+inline void use_device(int device) {
+  int now = -1;
+  check(cudaGetDevice(&now), "get device");
+  if (now != device) check(cudaSetDevice(device), "set device");
+}
+
+}  // namespace cuda_util
+}  // namespace gradcomp

@@ -106,8 +106,10 @@ void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gath
 
 // Top-k on CUDA needs scratch memory the caller allocates (the caching allocator's):
 // topk_workspace_bytes(P, tiles) bytes, tiles = the sum over rows of sparse_tiles(n).
-// Decoding a float16 / bfloat16 bucket also needs [n] float32 of scratch (null for float32),
-// and writes the count of rejected index lists to *status (device memory: no host sync).
+// Decoding a float16 / bfloat16 bucket also needs [n] float32 of scratch (null for float32);
+// status is [2] int32 of device memory (no host sync): the count of rejected index lists, and
+// 1 if the decode wrote NaN. The table and `tiles` are trusted on CUDA (as residual
+// addresses are on both backends): they must come from layout.build_sparse_table.
 int64_t topk_workspace_bytes(int64_t rows, int64_t tiles);
 void topk_encode_cuda(DType dtype, DType wire, bool approx, const void* bucket, const int64_t* table, int64_t rows,
                       int64_t tiles, int64_t pairs, uint8_t* payload, void* workspace, int device, intptr_t stream);

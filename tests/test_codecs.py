@@ -67,9 +67,9 @@ def test_parse_rejects_non_strings(spec):
 @pytest.mark.parametrize(
     "spec",
     ["int9", "", "int", "int8:block=100", "int8:block=x", "int8:block=", "int8:block=-256", "int8:foo=1",
-     "int8:block", "int8:", "int8:ef=2", "int8:ef=yes", "int8:block=8192", "int8;block=512", "topk:0.01",
+     "int8:block", "int8:", "int8:ef=2", "int8:ef=yes", "int8:block=8192", "int8;block=512", "topk:0.01:stochastic",
      "int8:stochastic=1", "int8:stoch", "sign:stochastic", "int8:residual=fp16", "int8:residual=", "fp16:stochastic",
-     "bf16:residual=bf16"],
+     "bf16:residual=bf16", "topk", "topk:abc", "topk:2", "randomk:0.1:fp16", "topk:0.1:approx=1"],
 )
 def test_parse_bad_specs_list_valid_ones(spec):
     with pytest.raises(ValueError, match="valid specs") as info:

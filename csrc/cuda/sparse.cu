@@ -166,7 +166,7 @@ __global__ void sample_kernel(const typename Elem<D>::storage* bucket /* [n] */,
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) state[blockIdx.x * kStateWords + kT0] = prefix_s;
+  if (threadIdx.x == 0) state[static_cast<int64_t>(blockIdx.x) * kStateWords + kT0] = prefix_s;
 }
 
 // Pass 1, one CTA per tile: a = x + r stored in the residual, the digit-0 histogram, the
@@ -209,8 +209,8 @@ __global__ void ef_hist_kernel(const typename Elem<D>::storage* bucket /* [n] */
 __global__ void pick_kernel(const int64_t* table /* [P, 8] */, int d, bool approx, uint32_t* hist_all /* [P, 2048] */,
                             uint32_t* state /* [P, 16] */) {
   const Row row = load_row(table, blockIdx.x);
-  uint32_t* st = state + blockIdx.x * kStateWords;
-  uint32_t* hist = hist_all + blockIdx.x * kRadixMaxBins;
+  uint32_t* st = state + static_cast<int64_t>(blockIdx.x) * kStateWords;
+  uint32_t* hist = hist_all + static_cast<int64_t>(blockIdx.x) * kRadixMaxBins;
   if (threadIdx.x == 0) {
     const uint32_t k = static_cast<uint32_t>(row.k);
     if (d == 0) {
@@ -405,39 +405,41 @@ __global__ void topk_header_kernel(int64_t rows, int64_t pairs, int wire_bytes, 
 }
 
 // ---------------------------------------------------------------- top-k decode
-// Per (row, rank): the index list must be strictly increasing within [0, n).
+// Per (row, rank): the index list must be strictly increasing within [0, n). status[0]
+// counts the lists rejected; status[1] becomes 1 (poison) for a rejected list.
 __global__ void validate_kernel(const uint8_t* gathered /* [W * bytes] */, const int64_t* table /* [P, 8] */,
-                                int64_t bytes, int32_t* status /* [1] */) {
+                                int64_t world, int64_t bytes, int32_t* status /* [2] */) {
   __shared__ int bad;
-  if (threadIdx.x == 0) bad = 0;
-  __syncthreads();
   const Row row = load_row(table, blockIdx.x);
-  const auto* idx = reinterpret_cast<const int32_t*>(gathered + blockIdx.y * bytes + kHeaderBytes) + row.first_pair;
-  for (int64_t j = threadIdx.x; j < row.k; j += blockDim.x) {
-    const int64_t i = idx[j];
-    if (i < 0 || i >= row.n || (j > 0 && static_cast<int64_t>(idx[j - 1]) >= i)) bad = 1;
+  for (int64_t r = blockIdx.y; r < world; r += gridDim.y) {
+    if (threadIdx.x == 0) bad = 0;
+    __syncthreads();
+    const auto* idx = reinterpret_cast<const int32_t*>(gathered + r * bytes + kHeaderBytes) + row.first_pair;
+    for (int64_t j = threadIdx.x; j < row.k; j += blockDim.x) {
+      const int64_t i = idx[j];
+      if (i < 0 || i >= row.n || (j > 0 && static_cast<int64_t>(idx[j - 1]) >= i)) bad = 1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && bad) {
+      atomicAdd(status, 1);
+      atomicOr(status + 1, 1);
+    }
+    __syncthreads();  // `bad` is reset for the next rank only after thread 0 read it
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && bad) atomicAdd(status, 1);
 }
 
-// Whether the decode writes NaN: a rejected index list or any rank's non-finite flag.
-__device__ bool poisoned(const uint8_t* gathered /* [W * bytes] */, int64_t world, int64_t bytes,
-                         const int32_t* status /* [1] */) {
-  __shared__ int any;
-  if (threadIdx.x == 0) {
-    int a = *status != 0;
-    for (int64_t r = 0; r < world && !a; ++r) a = *reinterpret_cast<const uint32_t*>(gathered + r * bytes) != 0u;
-    any = a;
-  }
-  __syncthreads();
-  return any != 0;
+// Any rank's non-finite flag poisons the decode too (once, not in every later CTA).
+__global__ void flags_kernel(const uint8_t* gathered /* [W * bytes] */, int64_t world, int64_t bytes,
+                             int32_t* status /* [2] */) {
+  for (int64_t r = threadIdx.x; r < world; r += blockDim.x)
+    if (*reinterpret_cast<const uint32_t*>(gathered + r * bytes) != 0u) atomicOr(status + 1, 1);
 }
+
+__device__ __forceinline__ bool poisoned(const int32_t* status /* [2] */) { return status[1] != 0; }
 
 // Rows of the accumulator (the float32 bucket itself, or the scratch) set to 0, or NaN.
-__global__ void fill_kernel(const uint8_t* gathered /* [W * bytes] */, const int64_t* table /* [P, 8] */, int64_t world,
-                            int64_t bytes, const int32_t* status /* [1] */, float* acc /* [n] */) {
-  const bool nan = poisoned(gathered, world, bytes, status);
+__global__ void fill_kernel(const int64_t* table /* [P, 8] */, const int32_t* status /* [2] */, float* acc /* [n] */) {
+  const bool nan = poisoned(status);
   const Row row = load_row(table, blockIdx.x);
   const float v = nan ? quiet_nan() : 0.0f;
   for (int64_t e = blockIdx.y * blockDim.x + threadIdx.x; e < row.n; e += gridDim.y * blockDim.x)
@@ -447,9 +449,9 @@ __global__ void fill_kernel(const uint8_t* gathered /* [W * bytes] */, const int
 // One rank's pairs added (its indices are distinct, so no two threads touch one element;
 // ranks go one launch after another: the sum's order is the rank order).
 __global__ void scatter_kernel(const uint8_t* gathered /* [W * bytes] */, const int64_t* table /* [P, 8] */,
-                               int64_t world, int64_t bytes, int64_t pairs, int64_t rank, DType wire, float inv_w,
-                               const int32_t* status /* [1] */, float* acc /* [n] */) {
-  if (poisoned(gathered, world, bytes, status)) return;
+                               int64_t bytes, int64_t pairs, int64_t rank, DType wire, float inv_w,
+                               const int32_t* status /* [2] */, float* acc /* [n] */) {
+  if (poisoned(status)) return;
   const Row row = load_row(table, blockIdx.x);
   const uint8_t* base = gathered + rank * bytes;
   const auto* idx = reinterpret_cast<const int32_t*>(base + kHeaderBytes) + row.first_pair;
@@ -507,9 +509,11 @@ __global__ void randomk_decode_kernel(const float* reduced /* [4 + K] */, const 
   }
 }
 
-void check_sparse(int64_t rows, int64_t pairs, int64_t world = 1) {
-  if (rows < 0 || pairs < 0 || world < 1) throw std::invalid_argument("gradcomp: bad row, pair or world count");
-  if (rows > 0x7fffffff) throw std::invalid_argument("gradcomp: too many sparse rows for one launch");
+void check_sparse(int64_t rows, int64_t pairs, int64_t world = 1, int64_t tiles = 0) {
+  if (rows < 0 || pairs < 0 || world < 1 || tiles < 0)
+    throw std::invalid_argument("gradcomp: bad row, pair, tile or world count");
+  if (rows > 0x7fffffff || tiles > 0x7fffffff)
+    throw std::invalid_argument("gradcomp: too many sparse rows or tiles for one launch");
 }
 
 int wire_bytes_of(DType wire) { return wire == DType::F32 ? 4 : 2; }
@@ -524,7 +528,7 @@ int64_t topk_workspace_bytes(int64_t rows, int64_t tiles) {
 
 void topk_encode_cuda(DType dtype, DType wire, bool approx, const void* bucket, const int64_t* table, int64_t rows,
                       int64_t tiles, int64_t pairs, uint8_t* payload, void* workspace, int device, intptr_t stream) {
-  check_sparse(rows, pairs);
+  check_sparse(rows, pairs, 1, tiles);
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto* hist = static_cast<uint32_t*>(workspace);
@@ -562,17 +566,19 @@ void topk_decode_cuda(DType dtype, DType wire, const uint8_t* gathered, const in
     throw std::invalid_argument("gradcomp: decoding a 16-bit bucket needs float32 scratch");
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  check(cudaMemsetAsync(status, 0, sizeof(int32_t), s), "status memset");
+  check(cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), s), "status memset");
   if (rows == 0) return;
   const int64_t bytes = topk_payload_bytes(pairs, wire_bytes_of(wire));
   float* acc = dtype == DType::F32 ? static_cast<float*>(bucket) : scratch;
-  validate_kernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(world)), kThreads, 0, s>>>(gathered, table,
-                                                                                                       bytes, status);
-  fill_kernel<<<row_grid(rows), kThreads, 0, s>>>(gathered, table, world, bytes, status, acc);
+  const auto ranks_y = static_cast<unsigned>(world < 65535 ? world : 65535);
+  validate_kernel<<<dim3(static_cast<unsigned>(rows), ranks_y), kThreads, 0, s>>>(gathered, table, world, bytes,
+                                                                                  status);
+  flags_kernel<<<1, kThreads, 0, s>>>(gathered, world, bytes, status);
+  check(cudaGetLastError(), "top-k decode validation launch");  // nothing writes unless validation ran
+  fill_kernel<<<row_grid(rows), kThreads, 0, s>>>(table, status, acc);
   const float inv_w = inv_world(world);
   for (int64_t r = 0; r < world; ++r)
-    scatter_kernel<<<row_grid(rows), kThreads, 0, s>>>(gathered, table, world, bytes, pairs, r, wire, inv_w, status,
-                                                       acc);
+    scatter_kernel<<<row_grid(rows), kThreads, 0, s>>>(gathered, table, bytes, pairs, r, wire, inv_w, status, acc);
   if (dtype != DType::F32) {
     with_dtype(dtype, [&](auto d) {
       constexpr DType D = decltype(d)::value;

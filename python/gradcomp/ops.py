@@ -241,7 +241,9 @@ def topk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, approx
                 check_bounds: bool = True, tiles: int | None = None) -> torch.Tensor:
     """Per row: ``a = bucket + residual``; exactly k (index, value) pairs of the largest |a|
     (ties to the lowest index; approximate: a sampled threshold, codec.h), ascending
-    indices; the residual keeps ``a`` minus what was sent. Returns the payload."""
+    indices; the residual keeps ``a`` minus what was sent. Returns the payload. On CUDA the
+    table is not checked (that would sync) and ``tiles`` (the table's sum of ceil(n / 4096),
+    ``SparseTable.tiles``) is trusted when given: pass a table build_sparse_table made."""
     _check_bucket(bucket)
     _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
     nbytes = topk_payload_bytes(pairs, value_dtype)
@@ -277,13 +279,13 @@ def topk_decode(gathered: torch.Tensor, table: torch.Tensor, pairs: int, world: 
     if bucket.device.type == "cpu":
         return int(_C.topk_decode_cpu(dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs, world,
                                       bucket.data_ptr(), torch.get_num_threads()))
-    status = torch.zeros(1, dtype=torch.int32, device=bucket.device)
+    status = torch.zeros(2, dtype=torch.int32, device=bucket.device)  # [rejected, wrote NaN]
     scratch = (torch.empty(bucket.numel(), dtype=torch.float32, device=bucket.device)
                if bucket.dtype != torch.float32 else None)
     _launch("topk_decode", bucket.device, (), (dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs,
                                                world, bucket.data_ptr(), scratch.data_ptr() if scratch is not None
                                                else 0, status.data_ptr()))
-    return status
+    return status[:1]
 
 
 def _check_seed_step(seed: int, step: int) -> None:

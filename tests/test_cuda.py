@@ -146,6 +146,17 @@ def _extreme_inputs():
     return numels, [x, -x.flip(0)]
 
 
+def _hook_that_never_syncs(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """gradcomp's hook, where any host sync raises once the first bucket has checked the
+    configuration (a one-time sync): building a layout's tables (step 0, and step 1 after
+    DDP's rebuild) included."""
+    torch.cuda.set_sync_debug_mode("error" if st._checked else "default")
+    try:
+        return gradcomp.comm_hook(st, bucket)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode")
 def test_nccl_hook_world_size_one_forced(nccl_world1):
     """The whole hook on NCCL: the gradient equals the reference's compressed mean of the
@@ -162,16 +173,7 @@ def test_nccl_hook_world_size_one_forced(nccl_world1):
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
     state = gradcomp.State("int8", force_compression=True, min_numel=1000)
 
-    def checked_hook(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        # once the first bucket has checked the configuration (a one-time sync) any host sync
-        # raises: building a layout's tables (step 0, and step 1 after DDP's rebuild) included
-        torch.cuda.set_sync_debug_mode("error" if st._checked else "default")
-        try:
-            return gradcomp.comm_hook(st, bucket)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    ddp.register_comm_hook(state, checked_hook)
+    ddp.register_comm_hook(state, _hook_that_never_syncs)
     residuals = {}
     for step in range(4):
         x = torch.randn(32, 512, device=dev)
@@ -471,14 +473,7 @@ def test_nccl_sparse_hook_world_size_one_forced_never_syncs(nccl_world1, codec):
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
     state = gradcomp.State(codec, force_compression=True, min_numel=1000)
 
-    def checked_hook(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        torch.cuda.set_sync_debug_mode("error" if st._checked else "default")
-        try:
-            return gradcomp.comm_hook(st, bucket)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    ddp.register_comm_hook(state, checked_hook)
+    ddp.register_comm_hook(state, _hook_that_never_syncs)
     for _ in range(4):
         ddp.zero_grad()
         ddp(torch.randn(32, 512, device=dev)).square().mean().backward()

@@ -84,6 +84,23 @@ __device__ Src<D> src_of(const typename Elem<D>::storage* bucket, const Row& row
   return {bucket + row.offset, row.residual};
 }
 
+// A tile-grid CTA's place: its row and its [lo, hi) of the row's elements.
+struct Tile {
+  int64_t index;
+  int64_t row_index;
+  Row row;
+  int64_t lo;
+  int64_t hi;
+};
+
+__device__ Tile this_tile(const int64_t* table /* [P, 8] */, int64_t rows) {
+  const int64_t tile = blockIdx.x;
+  const int64_t ri = row_of_tile(table, rows, tile);
+  const Row row = load_row(table, ri);
+  const int64_t lo = (tile - row.first_tile) * kSparseTile;
+  return {tile, ri, row, lo, lo + kSparseTile < row.n ? lo + kSparseTile : row.n};
+}
+
 __device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
@@ -176,18 +193,14 @@ __global__ void ef_hist_kernel(const typename Elem<D>::storage* bucket /* [n] */
                                int64_t rows, bool approx, uint32_t* hist_all /* [P, 2048] */,
                                uint32_t* state /* [P, 16] */) {
   __shared__ uint32_t hist[kRadixMaxBins];
-  const int64_t tile = blockIdx.x;
-  const int64_t ri = row_of_tile(table, rows, tile);
-  const Row row = load_row(table, ri);
-  const Src<D> src = src_of<D>(bucket, row);
-  uint32_t* st = state + ri * kStateWords;
+  const Tile t = this_tile(table, rows);
+  const Src<D> src = src_of<D>(bucket, t.row);
+  uint32_t* st = state + t.row_index * kStateWords;
   const uint32_t t0 = approx ? st[kT0] : 0u;
   for (int b = threadIdx.x; b < kRadixMaxBins; b += blockDim.x) hist[b] = 0;
   __syncthreads();
-  const int64_t lo = (tile - row.first_tile) * kSparseTile;
-  const int64_t hi = lo + kSparseTile < row.n ? lo + kSparseTile : row.n;
   uint32_t m = 0, above = 0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+  for (int64_t i = t.lo + threadIdx.x; i < t.hi; i += blockDim.x) {
     const float a = src.first(i);
     if (src.r) src.r[i] = a;
     const uint32_t key = abs_bits(a);
@@ -201,7 +214,7 @@ __global__ void ef_hist_kernel(const typename Elem<D>::storage* bucket /* [n] */
     atomicMax(st + kMaxKey, m);
     if (approx) atomicAdd(st + kAboveT0, above);
   }
-  flush_hist(hist, hist_all + ri * kRadixMaxBins, kRadixMaxBins);
+  flush_hist(hist, hist_all + t.row_index * kRadixMaxBins, kRadixMaxBins);
 }
 
 // One CTA per row: choose digit d's bin (codec.h radix_pick), then clear the histogram for the
@@ -245,23 +258,19 @@ __global__ void digit_hist_kernel(const typename Elem<D>::storage* bucket /* [n]
                                   int64_t rows, int d, uint32_t* hist_all /* [P, 2048] */,
                                   const uint32_t* state /* [P, 16] */) {
   __shared__ uint32_t hist[kRadixMaxBins];
-  const int64_t tile = blockIdx.x;
-  const int64_t ri = row_of_tile(table, rows, tile);
-  const uint32_t* st = state + ri * kStateWords;
+  const Tile t = this_tile(table, rows);
+  const uint32_t* st = state + t.row_index * kStateWords;
   if (st[kDone]) return;  // the whole CTA: before any barrier
-  const Row row = load_row(table, ri);
-  const Src<D> src = src_of<D>(bucket, row);
+  const Src<D> src = src_of<D>(bucket, t.row);
   const int bins = 1 << radix_bits(d);
   const uint32_t prefix = st[kPrefix];
   for (int b = threadIdx.x; b < bins; b += blockDim.x) hist[b] = 0;
   __syncthreads();
-  const int64_t lo = (tile - row.first_tile) * kSparseTile;
-  const int64_t hi = lo + kSparseTile < row.n ? lo + kSparseTile : row.n;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+  for (int64_t i = t.lo + threadIdx.x; i < t.hi; i += blockDim.x) {
     const uint32_t key = abs_bits(src.again(i));
     if (radix_above(key, d) == prefix) atomicAdd(&hist[radix_digit(key, d)], 1u);
   }
-  flush_hist(hist, hist_all + ri * kRadixMaxBins, bins);
+  flush_hist(hist, hist_all + t.row_index * kRadixMaxBins, bins);
 }
 
 __device__ __forceinline__ SparseCut cut_of(const uint32_t* st /* [16] */) {
@@ -273,15 +282,11 @@ template <DType D>
 __global__ void count_kernel(const typename Elem<D>::storage* bucket /* [n] */, const int64_t* table /* [P, 8] */,
                              int64_t rows, const uint32_t* state /* [P, 16] */, uint32_t* tile_counts /* [T, 2] */) {
   __shared__ uint32_t warp_always[kWarps], warp_ties[kWarps];
-  const int64_t tile = blockIdx.x;
-  const int64_t ri = row_of_tile(table, rows, tile);
-  const Row row = load_row(table, ri);
-  const Src<D> src = src_of<D>(bucket, row);
-  const SparseCut cut = cut_of(state + ri * kStateWords);
-  const int64_t lo = (tile - row.first_tile) * kSparseTile;
-  const int64_t hi = lo + kSparseTile < row.n ? lo + kSparseTile : row.n;
+  const Tile t = this_tile(table, rows);
+  const Src<D> src = src_of<D>(bucket, t.row);
+  const SparseCut cut = cut_of(state + t.row_index * kStateWords);
   uint32_t always = 0, ties = 0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+  for (int64_t i = t.lo + threadIdx.x; i < t.hi; i += blockDim.x) {
     const uint32_t key = abs_bits(src.again(i));
     always += cut_always(key, cut) ? 1u : 0u;
     ties += cut_tie(key, cut) ? 1u : 0u;
@@ -294,13 +299,13 @@ __global__ void count_kernel(const typename Elem<D>::storage* bucket /* [n] */, 
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    uint32_t a = 0, t = 0;
+    uint32_t a = 0, ties_sum = 0;
     for (int w = 0; w < kWarps; ++w) {
       a += warp_always[w];
-      t += warp_ties[w];
+      ties_sum += warp_ties[w];
     }
-    tile_counts[2 * tile] = a;
-    tile_counts[2 * tile + 1] = t;
+    tile_counts[2 * t.index] = a;
+    tile_counts[2 * t.index + 1] = ties_sum;
   }
 }
 
@@ -340,14 +345,12 @@ template <DType D>
 __global__ void compact_kernel(const typename Elem<D>::storage* bucket /* [n] */, const int64_t* table /* [P, 8] */,
                                int64_t rows, int64_t pairs, DType wire, const uint32_t* state /* [P, 16] */,
                                const uint32_t* tile_offsets /* [T, 2] */, uint8_t* payload /* [bytes] */) {
-  const int64_t tile = blockIdx.x;
-  const int64_t ri = row_of_tile(table, rows, tile);
-  const Row row = load_row(table, ri);
+  const Tile t = this_tile(table, rows);
+  const Row& row = t.row;
   const Src<D> src = src_of<D>(bucket, row);
-  const SparseCut cut = cut_of(state + ri * kStateWords);
-  const int64_t lo = (tile - row.first_tile) * kSparseTile;
-  const int64_t base = lo + static_cast<int64_t>(threadIdx.x) * kPerThread;
-  const int64_t end = base + kPerThread < row.n ? base + kPerThread : row.n;
+  const SparseCut cut = cut_of(state + t.row_index * kStateWords);
+  const int64_t base = t.lo + static_cast<int64_t>(threadIdx.x) * kPerThread;
+  const int64_t end = base + kPerThread < t.hi ? base + kPerThread : t.hi;
   uint32_t keys[kPerThread];
   uint32_t always = 0, ties = 0;
 #pragma unroll
@@ -360,8 +363,8 @@ __global__ void compact_kernel(const typename Elem<D>::storage* bucket /* [n] */
     }
   }
   block_exclusive_scan2(always, ties);
-  uint32_t ties_before = tile_offsets[2 * tile + 1] + ties;
-  int64_t pos = row.first_pair + tile_offsets[2 * tile] + always + (ties_before < cut.need ? ties_before : cut.need);
+  uint32_t ties_before = tile_offsets[2 * t.index + 1] + ties;
+  int64_t pos = row.first_pair + tile_offsets[2 * t.index] + always + (ties_before < cut.need ? ties_before : cut.need);
   auto* idx_out = reinterpret_cast<int32_t*>(payload + kHeaderBytes);
   uint8_t* values = payload + topk_values_offset(pairs);
 #pragma unroll

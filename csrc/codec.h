@@ -546,6 +546,57 @@ GC_HD float sparse_wire_round(float a, DType wire) {
   return wire == DType::F16 ? f16_to_f32(f32_to_f16(c)) : bf16_to_f32(f32_to_bf16(c));
 }
 
+// One sparse row, read from the table.
+struct SparseRow {
+  int64_t offset;  // in the bucket
+  int64_t n;
+  float* residual;  // [n] or null
+  int64_t k;
+  int64_t first_pair;
+  int64_t ordinal;
+  int64_t first_tile;
+};
+
+GC_HD SparseRow sparse_row(const int64_t* table,  // [P, 8]
+                           int64_t i) {
+  const int64_t* t = table + i * kSparseRowWords;
+  return {t[0], t[1], reinterpret_cast<float*>(static_cast<intptr_t>(t[2])), t[3], t[4], t[5], t[6]};
+}
+
+// One parameter's a = x + residual: `first` computes it (before the first pass stores it in
+// the residual), `again` reads it back after.
+template <DType D>
+struct SparseSource {
+  const typename Elem<D>::storage* x;  // [n] the parameter's gradient in the bucket
+  float* r;                            // [n] its residual, or null
+  GC_HD float first(int64_t i) const { return r ? add_rn(Elem<D>::load(x, i), r[i]) : Elem<D>::load(x, i); }
+  GC_HD float again(int64_t i) const { return r ? r[i] : Elem<D>::load(x, i); }
+};
+
+template <DType D>
+GC_HD SparseSource<D> sparse_source(const typename Elem<D>::storage* bucket,  // [n]
+                                    const SparseRow& row) {
+  return {bucket + row.offset, row.residual};
+}
+
+// Values on the wire: float32, or 16 bits (float16 / bfloat16) of an already rounded value.
+GC_HD int sparse_value_bytes(DType wire) { return wire == DType::F32 ? 4 : 2; }
+
+GC_HD void sparse_store_value(uint8_t* values,  // [K] of the wire type
+                              int64_t j, DType wire, float v) {
+  if (wire == DType::F32)
+    reinterpret_cast<float*>(values)[j] = v;
+  else
+    reinterpret_cast<uint16_t*>(values)[j] = wire == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
+}
+
+GC_HD float sparse_load_value(const uint8_t* values,  // [K] of the wire type
+                              int64_t j, DType wire) {
+  if (wire == DType::F32) return reinterpret_cast<const float*>(values)[j];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(values)[j];
+  return wire == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
 // Decoding adds each rank's pairs in rank order, each value times 1/W: one pinned multiply
 // and add per pair, so every rank and backend sums the same numbers in the same order.
 GC_HD float sparse_accumulate(float acc, float value, float inv_w) { return add_rn(acc, mul_rn(value, inv_w)); }

@@ -18,34 +18,9 @@ using namespace codec;
 // A parameter large enough to split over threads; smaller ones run one per thread.
 constexpr int64_t kParallelMin = int64_t{1} << 16;
 
-struct SparseRow {
-  int64_t offset;  // in the bucket
-  int64_t n;
-  float* residual;  // [n] or null
-  int64_t k;
-  int64_t first_pair;
-  int64_t ordinal;
-};
-
-SparseRow row_at(const int64_t* table,  // [rows, 8]
-                 int64_t i) {
-  const int64_t* t = table + i * kSparseRowWords;
-  return {t[0], t[1], reinterpret_cast<float*>(static_cast<intptr_t>(t[2])), t[3], t[4], t[5]};
-}
-
 struct Cand {
   uint32_t index;  // in the parameter
   uint32_t key;    // abs_bits(a)
-};
-
-// One parameter's a = x + residual: `first` computes it (before pass 1 stores it in the
-// residual), `again` reads it back after.
-template <DType D>
-struct Source {
-  const typename Elem<D>::storage* x;  // [n] the parameter's gradient in the bucket
-  float* r;                            // [n] its residual, or null
-  float first(int64_t i) const { return r ? add_rn(Elem<D>::load(x, i), r[i]) : Elem<D>::load(x, i); }
-  float again(int64_t i) const { return r ? r[i] : Elem<D>::load(x, i); }
 };
 
 int chunks_for(int64_t n, int threads) { return n >= kParallelMin ? threads : 1; }
@@ -54,7 +29,7 @@ int chunks_for(int64_t n, int threads) { return n >= kParallelMin ? threads : 1;
 // store it in the residual. hist0 (if given): digit 0's histogram. Keys >= min_key are
 // gathered into cands in index order. Returns the largest key (>= 0x7f800000: non-finite).
 template <DType D>
-uint32_t scan(const Source<D>& src, int64_t n, int threads, bool first,
+uint32_t scan(const SparseSource<D>& src, int64_t n, int threads, bool first,
               uint32_t* hist0,  // [2048] or null
               uint32_t min_key, std::vector<Cand>* cands) {
   const int chunks = chunks_for(n, threads);
@@ -111,7 +86,8 @@ SparseCut cut_among(const std::vector<Cand>& cands, uint32_t k) {
 // The k selected entries of a parameter, in ascending index order (exact or approximate
 // top-k, codec.h). Returns the largest key.
 template <DType D>
-uint32_t select_topk(const Source<D>& src, int64_t n, int64_t k, bool approx, int threads, std::vector<Cand>& out) {
+uint32_t select_topk(const SparseSource<D>& src, int64_t n, int64_t k, bool approx, int threads,
+                     std::vector<Cand>& out) {
   std::vector<Cand> cands;
   uint32_t max_key;
   uint32_t fill_below = 0;  // approximate with too few candidates: take lowest-indexed keys below it
@@ -152,40 +128,22 @@ uint32_t select_topk(const Source<D>& src, int64_t n, int64_t k, bool approx, in
   return max_key;
 }
 
-void store_wire(uint8_t* values,  // [K] of wire type
-                int64_t j, DType wire, float v) {
-  if (wire == DType::F32) {
-    reinterpret_cast<float*>(values)[j] = v;
-  } else {
-    reinterpret_cast<uint16_t*>(values)[j] = wire == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
-  }
-}
-
-float load_wire(const uint8_t* values,  // [K] of wire type
-                int64_t j, DType wire) {
-  if (wire == DType::F32) return reinterpret_cast<const float*>(values)[j];
-  const uint16_t h = reinterpret_cast<const uint16_t*>(values)[j];
-  return wire == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
-int wire_bytes(DType wire) { return wire == DType::F32 ? 4 : 2; }
-
 // One parameter: select, write its pairs, update its residual. Returns whether any of its
 // values was non-finite.
 template <DType D>
 bool encode_row(const void* bucket_v, const SparseRow& row, bool approx, DType wire, int64_t pairs, uint8_t* payload,
                 int threads) {
-  const Source<D> src{static_cast<const typename Elem<D>::storage*>(bucket_v) + row.offset, row.residual};
+  const auto src = sparse_source<D>(static_cast<const typename Elem<D>::storage*>(bucket_v), row);
   std::vector<Cand> sel;
   const uint32_t max_key = select_topk(src, row.n, row.k, approx, threads, sel);
   auto* idx = reinterpret_cast<int32_t*>(payload + kHeaderBytes) + row.first_pair;
-  uint8_t* values = payload + topk_values_offset(pairs) + row.first_pair * wire_bytes(wire);
+  uint8_t* values = payload + topk_values_offset(pairs) + row.first_pair * sparse_value_bytes(wire);
   for (int64_t j = 0; j < row.k; ++j) {
     const int64_t i = sel[j].index;
     const float a = src.again(i);
     const float v = sparse_wire_round(a, wire);
     idx[j] = static_cast<int32_t>(i);
-    store_wire(values, j, wire, v);
+    sparse_store_value(values, j, wire, v);
     if (src.r) src.r[i] = is_finite(a) ? sub_rn(a, v) : 0.0f;
   }
   const bool non_finite = max_key >= 0x7f800000u;
@@ -198,19 +156,19 @@ bool encode_row(const void* bucket_v, const SparseRow& row, bool approx, DType w
 template <DType D>
 void topk_encode_t(bool approx, DType wire, const void* bucket, const int64_t* table, int64_t rows, int64_t pairs,
                    uint8_t* payload, int threads) {
-  const int64_t bytes = topk_payload_bytes(pairs, wire_bytes(wire));
+  const int64_t bytes = topk_payload_bytes(pairs, sparse_value_bytes(wire));
   std::memset(payload, 0, kHeaderBytes);
   std::memset(payload + kHeaderBytes + 4 * pairs, 0, topk_values_offset(pairs) - kHeaderBytes - 4 * pairs);
-  const int64_t values_end = topk_values_offset(pairs) + pairs * wire_bytes(wire);
+  const int64_t values_end = topk_values_offset(pairs) + pairs * sparse_value_bytes(wire);
   std::memset(payload + values_end, 0, bytes - values_end);
   std::vector<int64_t> small, large;
-  for (int64_t i = 0; i < rows; ++i) (row_at(table, i).n >= kParallelMin ? large : small).push_back(i);
+  for (int64_t i = 0; i < rows; ++i) (sparse_row(table, i).n >= kParallelMin ? large : small).push_back(i);
   std::vector<uint8_t> bad(rows, 0);
   const int64_t n_small = static_cast<int64_t>(small.size());
 #pragma omp parallel for num_threads(threads) schedule(dynamic) if (n_small > 1)
   for (int64_t s = 0; s < n_small; ++s)
-    bad[small[s]] = encode_row<D>(bucket, row_at(table, small[s]), approx, wire, pairs, payload, 1);
-  for (int64_t i : large) bad[i] = encode_row<D>(bucket, row_at(table, i), approx, wire, pairs, payload, threads);
+    bad[small[s]] = encode_row<D>(bucket, sparse_row(table, small[s]), approx, wire, pairs, payload, 1);
+  for (int64_t i : large) bad[i] = encode_row<D>(bucket, sparse_row(table, i), approx, wire, pairs, payload, threads);
   const uint32_t flag = std::find(bad.begin(), bad.end(), 1) != bad.end() ? 1u : 0u;
   std::memcpy(payload, &flag, 4);
 }
@@ -232,7 +190,7 @@ void fill_rows(void* bucket_v, const int64_t* table, int64_t rows, float v, int 
   auto* bucket = static_cast<typename Elem<D>::storage*>(bucket_v);
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
   for (int64_t i = 0; i < rows; ++i) {
-    const SparseRow row = row_at(table, i);
+    const SparseRow row = sparse_row(table, i);
     for (int64_t e = 0; e < row.n; ++e) Elem<D>::store(bucket, row.offset + e, v);
   }
 }
@@ -240,7 +198,7 @@ void fill_rows(void* bucket_v, const int64_t* table, int64_t rows, float v, int 
 template <DType D>
 int64_t topk_decode_t(DType wire, const uint8_t* gathered, const int64_t* table, int64_t rows, int64_t pairs,
                       int64_t world, void* bucket_v, int threads) {
-  const int64_t bytes = topk_payload_bytes(pairs, wire_bytes(wire));
+  const int64_t bytes = topk_payload_bytes(pairs, sparse_value_bytes(wire));
   uint32_t flags = 0;
   for (int64_t r = 0; r < world; ++r) {
     uint32_t f;
@@ -251,7 +209,7 @@ int64_t topk_decode_t(DType wire, const uint8_t* gathered, const int64_t* table,
 #pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(+ : rejected)
   for (int64_t t = 0; t < world * rows; ++t) {
     const int64_t r = t / rows;
-    const SparseRow row = row_at(table, t % rows);
+    const SparseRow row = sparse_row(table, t % rows);
     const auto* idx = reinterpret_cast<const int32_t*>(gathered + r * bytes + kHeaderBytes) + row.first_pair;
     if (!row_indices_valid(idx, row.k, row.n)) ++rejected;
   }
@@ -263,16 +221,16 @@ int64_t topk_decode_t(DType wire, const uint8_t* gathered, const int64_t* table,
   const float inv_w = inv_world(world);
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
   for (int64_t i = 0; i < rows; ++i) {
-    const SparseRow row = row_at(table, i);
+    const SparseRow row = sparse_row(table, i);
     std::vector<float> scratch(D == DType::F32 ? 0 : row.n, 0.0f);
     float* acc = D == DType::F32 ? reinterpret_cast<float*>(bucket) + row.offset : scratch.data();
     if (D == DType::F32) std::fill(acc, acc + row.n, 0.0f);
     for (int64_t r = 0; r < world; ++r) {
       const uint8_t* base = gathered + r * bytes;
       const auto* idx = reinterpret_cast<const int32_t*>(base + kHeaderBytes) + row.first_pair;
-      const uint8_t* values = base + topk_values_offset(pairs) + row.first_pair * wire_bytes(wire);
+      const uint8_t* values = base + topk_values_offset(pairs) + row.first_pair * sparse_value_bytes(wire);
       for (int64_t j = 0; j < row.k; ++j)
-        acc[idx[j]] = sparse_accumulate(acc[idx[j]], load_wire(values, j, wire), inv_w);
+        acc[idx[j]] = sparse_accumulate(acc[idx[j]], sparse_load_value(values, j, wire), inv_w);
     }
     if (D != DType::F32)
       for (int64_t e = 0; e < row.n; ++e) Elem<D>::store(bucket, row.offset + e, acc[e]);
@@ -289,8 +247,8 @@ void randomk_encode_t(const void* bucket_v, const int64_t* table, int64_t rows, 
   float* values = payload + kRandomKHeader;
   uint32_t bad = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    const SparseRow row = row_at(table, i);
-    const Source<D> src{bucket + row.offset, row.residual};
+    const SparseRow row = sparse_row(table, i);
+    const auto src = sparse_source<D>(bucket, row);
     const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
     const int64_t n = row.n, k = row.k;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (n >= kParallelMin)
@@ -322,7 +280,7 @@ void randomk_decode_t(const float* reduced, const int64_t* table, int64_t rows, 
   const float* values = reduced + kRandomKHeader;
   const float inv_w = inv_world(world);
   for (int64_t i = 0; i < rows; ++i) {
-    const SparseRow row = row_at(table, i);
+    const SparseRow row = sparse_row(table, i);
     const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
     const int64_t n = row.n, k = row.k;
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= kParallelMin)

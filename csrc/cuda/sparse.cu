@@ -43,21 +43,6 @@ enum : int {
   kStateWords = 16
 };
 
-struct Row {
-  int64_t offset;
-  int64_t n;
-  float* residual;
-  int64_t k;
-  int64_t first_pair;
-  int64_t ordinal;
-  int64_t first_tile;
-};
-
-__device__ __forceinline__ Row load_row(const int64_t* table /* [P, 8] */, int64_t i) {
-  const int64_t* t = table + i * kSparseRowWords;
-  return {t[0], t[1], reinterpret_cast<float*>(static_cast<intptr_t>(t[2])), t[3], t[4], t[5], t[6]};
-}
-
 // The last row whose first tile is <= tile.
 __device__ int64_t row_of_tile(const int64_t* table /* [P, 8] */, int64_t rows, int64_t tile) {
   int64_t lo = 0, hi = rows - 1;
@@ -71,24 +56,11 @@ __device__ int64_t row_of_tile(const int64_t* table /* [P, 8] */, int64_t rows, 
   return lo;
 }
 
-template <DType D>
-struct Src {
-  const typename Elem<D>::storage* x;  // [n] the parameter in the bucket
-  float* r;                            // [n] its residual, or null
-  __device__ float first(int64_t i) const { return r ? add_rn(Elem<D>::load(x, i), r[i]) : Elem<D>::load(x, i); }
-  __device__ float again(int64_t i) const { return r ? r[i] : Elem<D>::load(x, i); }
-};
-
-template <DType D>
-__device__ Src<D> src_of(const typename Elem<D>::storage* bucket, const Row& row) {
-  return {bucket + row.offset, row.residual};
-}
-
 // A tile-grid CTA's place: its row and its [lo, hi) of the row's elements.
 struct Tile {
   int64_t index;
   int64_t row_index;
-  Row row;
+  SparseRow row;
   int64_t lo;
   int64_t hi;
 };
@@ -96,7 +68,7 @@ struct Tile {
 __device__ Tile this_tile(const int64_t* table /* [P, 8] */, int64_t rows) {
   const int64_t tile = blockIdx.x;
   const int64_t ri = row_of_tile(table, rows, tile);
-  const Row row = load_row(table, ri);
+  const SparseRow row = sparse_row(table, ri);
   const int64_t lo = (tile - row.first_tile) * kSparseTile;
   return {tile, ri, row, lo, lo + kSparseTile < row.n ? lo + kSparseTile : row.n};
 }
@@ -158,8 +130,8 @@ __global__ void sample_kernel(const typename Elem<D>::storage* bucket /* [n] */,
                               uint32_t* state /* [P, 16] */) {
   __shared__ uint32_t hist[kRadixMaxBins];
   __shared__ uint32_t prefix_s, need_s;
-  const Row row = load_row(table, blockIdx.x);
-  const Src<D> src = src_of<D>(bucket, row);
+  const SparseRow row = sparse_row(table, blockIdx.x);
+  const auto src = sparse_source<D>(bucket, row);
   const int64_t s = approx_sample_size(row.n);
   if (threadIdx.x == 0) {
     prefix_s = 0;
@@ -194,7 +166,7 @@ __global__ void ef_hist_kernel(const typename Elem<D>::storage* bucket /* [n] */
                                uint32_t* state /* [P, 16] */) {
   __shared__ uint32_t hist[kRadixMaxBins];
   const Tile t = this_tile(table, rows);
-  const Src<D> src = src_of<D>(bucket, t.row);
+  const auto src = sparse_source<D>(bucket, t.row);
   uint32_t* st = state + t.row_index * kStateWords;
   const uint32_t t0 = approx ? st[kT0] : 0u;
   for (int b = threadIdx.x; b < kRadixMaxBins; b += blockDim.x) hist[b] = 0;
@@ -221,7 +193,7 @@ __global__ void ef_hist_kernel(const typename Elem<D>::storage* bucket /* [n] */
 // next digit. Approximate rows with fewer than k keys >= T0 take the fallback cut instead.
 __global__ void pick_kernel(const int64_t* table /* [P, 8] */, int d, bool approx, uint32_t* hist_all /* [P, 2048] */,
                             uint32_t* state /* [P, 16] */) {
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   uint32_t* st = state + static_cast<int64_t>(blockIdx.x) * kStateWords;
   uint32_t* hist = hist_all + static_cast<int64_t>(blockIdx.x) * kRadixMaxBins;
   if (threadIdx.x == 0) {
@@ -261,7 +233,7 @@ __global__ void digit_hist_kernel(const typename Elem<D>::storage* bucket /* [n]
   const Tile t = this_tile(table, rows);
   const uint32_t* st = state + t.row_index * kStateWords;
   if (st[kDone]) return;  // the whole CTA: before any barrier
-  const Src<D> src = src_of<D>(bucket, t.row);
+  const auto src = sparse_source<D>(bucket, t.row);
   const int bins = 1 << radix_bits(d);
   const uint32_t prefix = st[kPrefix];
   for (int b = threadIdx.x; b < bins; b += blockDim.x) hist[b] = 0;
@@ -283,7 +255,7 @@ __global__ void count_kernel(const typename Elem<D>::storage* bucket /* [n] */, 
                              int64_t rows, const uint32_t* state /* [P, 16] */, uint32_t* tile_counts /* [T, 2] */) {
   __shared__ uint32_t warp_always[kWarps], warp_ties[kWarps];
   const Tile t = this_tile(table, rows);
-  const Src<D> src = src_of<D>(bucket, t.row);
+  const auto src = sparse_source<D>(bucket, t.row);
   const SparseCut cut = cut_of(state + t.row_index * kStateWords);
   uint32_t always = 0, ties = 0;
   for (int64_t i = t.lo + threadIdx.x; i < t.hi; i += blockDim.x) {
@@ -314,7 +286,7 @@ __global__ void scan_kernel(const int64_t* table /* [P, 8] */, int64_t rows, con
                             uint32_t* tile_offsets /* [T, 2] */) {
   const int64_t ri = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ri >= rows) return;
-  const Row row = load_row(table, ri);
+  const SparseRow row = sparse_row(table, ri);
   uint32_t always = 0, ties = 0;
   const int64_t tiles = sparse_tiles(row.n);
   for (int64_t t = row.first_tile; t < row.first_tile + tiles; ++t) {
@@ -325,19 +297,6 @@ __global__ void scan_kernel(const int64_t* table /* [P, 8] */, int64_t rows, con
   }
 }
 
-__device__ __forceinline__ void store_wire(uint8_t* values /* [K] wire */, int64_t j, DType wire, float v) {
-  if (wire == DType::F32)
-    reinterpret_cast<float*>(values)[j] = v;
-  else
-    reinterpret_cast<uint16_t*>(values)[j] = wire == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
-}
-
-__device__ __forceinline__ float load_wire(const uint8_t* values /* [K] wire */, int64_t j, DType wire) {
-  if (wire == DType::F32) return reinterpret_cast<const float*>(values)[j];
-  const uint16_t h = reinterpret_cast<const uint16_t*>(values)[j];
-  return wire == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
 // Per tile: each thread takes kPerThread consecutive elements, so the CTA's scan of the
 // counts puts every kept element at its place in index order: the tile's offsets, plus the
 // keys kept by earlier threads (ties counted against the row's need).
@@ -346,8 +305,8 @@ __global__ void compact_kernel(const typename Elem<D>::storage* bucket /* [n] */
                                int64_t rows, int64_t pairs, DType wire, const uint32_t* state /* [P, 16] */,
                                const uint32_t* tile_offsets /* [T, 2] */, uint8_t* payload /* [bytes] */) {
   const Tile t = this_tile(table, rows);
-  const Row& row = t.row;
-  const Src<D> src = src_of<D>(bucket, row);
+  const SparseRow& row = t.row;
+  const auto src = sparse_source<D>(bucket, row);
   const SparseCut cut = cut_of(state + t.row_index * kStateWords);
   const int64_t base = t.lo + static_cast<int64_t>(threadIdx.x) * kPerThread;
   const int64_t end = base + kPerThread < t.hi ? base + kPerThread : t.hi;
@@ -381,7 +340,7 @@ __global__ void compact_kernel(const typename Elem<D>::storage* bucket /* [n] */
       const float a = src.again(i);
       const float v = sparse_wire_round(a, wire);
       idx_out[pos] = static_cast<int32_t>(i);
-      store_wire(values, pos, wire, v);
+      sparse_store_value(values, pos, wire, v);
       if (src.r) src.r[i] = is_finite(a) ? sub_rn(a, v) : 0.0f;
       ++pos;
     } else if (src.r && key >= 0x7f800000u) {
@@ -413,7 +372,7 @@ __global__ void topk_header_kernel(int64_t rows, int64_t pairs, int wire_bytes, 
 __global__ void validate_kernel(const uint8_t* gathered /* [W * bytes] */, const int64_t* table /* [P, 8] */,
                                 int64_t world, int64_t bytes, int32_t* status /* [2] */) {
   __shared__ int bad;
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   for (int64_t r = blockIdx.y; r < world; r += gridDim.y) {
     if (threadIdx.x == 0) bad = 0;
     __syncthreads();
@@ -443,7 +402,7 @@ __device__ __forceinline__ bool poisoned(const int32_t* status /* [2] */) { retu
 // Rows of the accumulator (the float32 bucket itself, or the scratch) set to 0, or NaN.
 __global__ void fill_kernel(const int64_t* table /* [P, 8] */, const int32_t* status /* [2] */, float* acc /* [n] */) {
   const bool nan = poisoned(status);
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   const float v = nan ? quiet_nan() : 0.0f;
   for (int64_t e = blockIdx.y * blockDim.x + threadIdx.x; e < row.n; e += gridDim.y * blockDim.x)
     acc[row.offset + e] = v;
@@ -455,20 +414,20 @@ __global__ void scatter_kernel(const uint8_t* gathered /* [W * bytes] */, const 
                                int64_t bytes, int64_t pairs, int64_t rank, DType wire, float inv_w,
                                const int32_t* status /* [2] */, float* acc /* [n] */) {
   if (poisoned(status)) return;
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   const uint8_t* base = gathered + rank * bytes;
   const auto* idx = reinterpret_cast<const int32_t*>(base + kHeaderBytes) + row.first_pair;
-  const uint8_t* values = base + topk_values_offset(pairs) + row.first_pair * (wire == DType::F32 ? 4 : 2);
+  const uint8_t* values = base + topk_values_offset(pairs) + row.first_pair * sparse_value_bytes(wire);
   for (int64_t j = blockIdx.y * blockDim.x + threadIdx.x; j < row.k; j += gridDim.y * blockDim.x) {
     float* p = acc + row.offset + idx[j];
-    *p = sparse_accumulate(*p, load_wire(values, j, wire), inv_w);
+    *p = sparse_accumulate(*p, sparse_load_value(values, j, wire), inv_w);
   }
 }
 
 template <DType D>
 __global__ void convert_kernel(const int64_t* table /* [P, 8] */, const float* acc /* [n] */,
                                typename Elem<D>::storage* bucket /* [n] */) {
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   for (int64_t e = blockIdx.y * blockDim.x + threadIdx.x; e < row.n; e += gridDim.y * blockDim.x)
     Elem<D>::store(bucket, row.offset + e, acc[row.offset + e]);
 }
@@ -478,8 +437,8 @@ template <DType D>
 __global__ void randomk_encode_kernel(const typename Elem<D>::storage* bucket /* [n] */,
                                       const int64_t* table /* [P, 8] */, uint64_t seed, uint64_t step,
                                       float* payload /* [4 + K] */) {
-  const Row row = load_row(table, blockIdx.x);
-  const Src<D> src = src_of<D>(bucket, row);
+  const SparseRow row = sparse_row(table, blockIdx.x);
+  const auto src = sparse_source<D>(bucket, row);
   const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
   for (int64_t j = blockIdx.y * blockDim.x + threadIdx.x; j < row.k; j += gridDim.y * blockDim.x) {
     const int64_t lo = j * row.n / row.k, hi = (j + 1) * row.n / row.k;
@@ -502,7 +461,7 @@ __global__ void randomk_decode_kernel(const float* reduced /* [4 + K] */, const 
                                       typename Elem<D>::storage* bucket /* [n] */) {
   const bool nan = !(reduced[0] == 0.0f);
   const float inv_w = inv_world(world);
-  const Row row = load_row(table, blockIdx.x);
+  const SparseRow row = sparse_row(table, blockIdx.x);
   const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
   for (int64_t j = blockIdx.y * blockDim.x + threadIdx.x; j < row.k; j += gridDim.y * blockDim.x) {
     const int64_t lo = j * row.n / row.k, hi = (j + 1) * row.n / row.k;
@@ -518,8 +477,6 @@ void check_sparse(int64_t rows, int64_t pairs, int64_t world = 1, int64_t tiles 
   if (rows > 0x7fffffff || tiles > 0x7fffffff)
     throw std::invalid_argument("gradcomp: too many sparse rows or tiles for one launch");
 }
-
-int wire_bytes_of(DType wire) { return wire == DType::F32 ? 4 : 2; }
 
 dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>(rows), kRowSpread); }
 
@@ -556,7 +513,7 @@ void topk_encode_cuda(DType dtype, DType wire, bool approx, const void* bucket, 
       scan_kernel<<<(nrows + 127) / 128, 128, 0, s>>>(table, rows, tile_counts, tile_offsets);
       compact_kernel<D><<<ntiles, kThreads, 0, s>>>(x, table, rows, pairs, wire, state, tile_offsets, payload);
     }
-    topk_header_kernel<<<1, kThreads, 0, s>>>(rows, pairs, wire_bytes_of(wire), state, payload);
+    topk_header_kernel<<<1, kThreads, 0, s>>>(rows, pairs, sparse_value_bytes(wire), state, payload);
   });
   check(cudaGetLastError(), "top-k encode launch");
 }
@@ -571,7 +528,7 @@ void topk_decode_cuda(DType dtype, DType wire, const uint8_t* gathered, const in
   auto s = reinterpret_cast<cudaStream_t>(stream);
   check(cudaMemsetAsync(status, 0, 2 * sizeof(int32_t), s), "status memset");
   if (rows == 0) return;
-  const int64_t bytes = topk_payload_bytes(pairs, wire_bytes_of(wire));
+  const int64_t bytes = topk_payload_bytes(pairs, sparse_value_bytes(wire));
   float* acc = dtype == DType::F32 ? static_cast<float*>(bucket) : scratch;
   const auto ranks_y = static_cast<unsigned>(world < 65535 ? world : 65535);
   validate_kernel<<<dim3(static_cast<unsigned>(rows), ranks_y), kThreads, 0, s>>>(gathered, table, world, bytes,

@@ -190,7 +190,8 @@ class TopK(Sparsifier):
     Args:
         ratio: the fraction of each parameter's values sent, in (0, 1].
         approx: take the threshold from a 1% sample (as DGC does) and select among the values
-            above it: one pass over the gradient fewer. Still exactly k pairs, and the exact
+            above it: on CPU one pass over the gradient fewer (the CUDA kernels still run every
+            radix pass, so it saves nothing there yet). Still exactly k pairs, and the exact
             top-k whenever at least k values clear the sampled threshold (set 1.5x lower than
             the sample suggests, so that nearly always); otherwise those and then the
             lowest-indexed others (recall >= their count / k).

@@ -78,6 +78,12 @@ def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=N
                          f"(address {t.data_ptr():#x}); pass a fresh tensor, not a view at an odd offset")
 
 
+def _check_bucket(bucket) -> None:
+    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
+    if bucket.dim() != 1:
+        raise ValueError("gradcomp: bucket must be one-dimensional")
+
+
 def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) -> None:
     if device.type == "cpu":
         getattr(_C, name + "_cpu")(*cpu_args, torch.get_num_threads())
@@ -112,15 +118,20 @@ def _check_table(table, name: str, rows: int, block: int, device, numel: int | N
                          f"in a bucket of {numel} elements")
 
 
+def _check_counters(**values) -> None:
+    """Each name=(value, bits): an int (not a bool) in [0, 2**bits)."""
+    for name, (v, bits) in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << bits:
+            raise ValueError(f"gradcomp: {name} must be an int in [0, 2**{bits}), got {v!r}")
+
+
 def _rounding(bits: int, residual_dtype, stochastic: bool, seed: int, step: int, rank: int) -> tuple:
     """(residual dtype code, seed, step, rank, stochastic) for the core, checked."""
     if residual_dtype not in RESIDUAL_DTYPES:
         raise TypeError(f"gradcomp: residual_dtype must be torch.float32 or torch.bfloat16, got {residual_dtype}")
     if stochastic and bits == 1:
         raise ValueError("gradcomp: the scaled sign (bits=1) has no stochastic rounding")
-    for name, v, hi in (("seed", seed, 1 << 64), ("step", step, 1 << 64), ("rank", rank, 1 << 32)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
-            raise ValueError(f"gradcomp: {name} must be an int in [0, {hi}), got {v!r}")
+    _check_counters(seed=(seed, 64), step=(step, 64), rank=(rank, 32))
     return DTYPE_CODES[residual_dtype], seed, step, rank, bool(stochastic)
 
 
@@ -132,9 +143,7 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
     updated in place (through the table's addresses). Returns the ``[W * SB]`` payload."""
     _check_block(block, bits)
     res_code, seed, step, rank, stochastic = _rounding(bits, residual_dtype, stochastic, seed, step, rank)
-    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
-    if bucket.dim() != 1:
-        raise ValueError("gradcomp: bucket must be one-dimensional")
+    _check_bucket(bucket)
     _check_table(table, "table", world * slots, block, bucket.device, bucket.numel(), check_bounds)
     sb = shard_bytes(slots, block, bits)
     if out is None:
@@ -172,9 +181,7 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
     elements the table names). A flagged payload writes NaN there. Returns ``bucket``."""
     _check_block(block, bits)
     sb = shard_bytes(slots, block, bits)
-    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
-    if bucket.dim() != 1:
-        raise ValueError("gradcomp: bucket must be one-dimensional")
+    _check_bucket(bucket)
     _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb,
                   aligned=True)
     _check_table(table, "table", world * slots, block, bucket.device, bucket.numel(), check_bounds)
@@ -226,10 +233,6 @@ def _check_sparse_table(table, device, pairs: int, numel: int | None, check_boun
         raise ValueError(f"gradcomp: the table's rows hold {total} pairs, not {pairs}")
 
 
-def _check_bucket(bucket) -> None:
-    _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
-    if bucket.dim() != 1:
-        raise ValueError("gradcomp: bucket must be one-dimensional")
 
 
 def _tiles(table: torch.Tensor) -> int:
@@ -288,19 +291,13 @@ def topk_decode(gathered: torch.Tensor, table: torch.Tensor, pairs: int, world: 
     return status[:1]
 
 
-def _check_seed_step(seed: int, step: int) -> None:
-    for name, v in (("seed", seed), ("step", step)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
-            raise ValueError(f"gradcomp: {name} must be an int in [0, 2**64), got {v!r}")
-
-
 def randomk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, seed: int, step: int,
                    out: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
     """Per row: ``a = bucket + residual``; the values at k indices drawn alike on every rank
     from (``seed``, ``step``, the row's ordinal), one per stratum; the residual keeps ``a``
     with those zeroed. Returns the ``[4 + K]`` float32 payload (flag, 0, 0, 0, values)."""
     _check_bucket(bucket)
-    _check_seed_step(seed, step)
+    _check_counters(seed=(seed, 64), step=(step, 64))
     _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
     if out is None:
         out = torch.empty(RANDOMK_HEADER + pairs, dtype=torch.float32, device=bucket.device)
@@ -316,7 +313,7 @@ def randomk_decode(reduced: torch.Tensor, table: torch.Tensor, world: int, bucke
     """The summed payload into ``bucket``: each drawn index gets its value / W, the rest of
     the row 0; NaN everywhere if any rank flagged a non-finite value. Returns ``bucket``."""
     _check_bucket(bucket)
-    _check_seed_step(seed, step)
+    _check_counters(seed=(seed, 64), step=(step, 64))
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"gradcomp: world must be a positive int, got {world!r}")
     pairs = reduced.numel() - RANDOMK_HEADER

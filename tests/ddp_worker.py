@@ -4,10 +4,12 @@ Usage: python ddp_worker.py SCENARIO OUT_DIR JSON_ARGS   (RANK, WORLD_SIZE, MAST
 Writes OUT_DIR/rank{r}.pt with what the scenario records.
 """
 
+import contextlib
 import json
 import os
 import pickle
 import sys
+import time
 from datetime import timedelta
 
 import gradcomp
@@ -76,7 +78,14 @@ def scenario_train(rank, world, args):
         bias = args.get("bias", True)
         model, twin = (make_model(layers, width, dtype=dtype, bias=bias) for _ in range(2))
     twin.load_state_dict(model.state_dict())
-    ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused)
+    group, gworld = None, world
+    if args.get("subgroups"):  # e.g. [[0, 1], [2, 3]]: one DDP per subgroup, side by side
+        groups = [dist.new_group(ranks) for ranks in args["subgroups"]]
+        group, ranks = next((g, r) for g, r in zip(groups, args["subgroups"]) if rank in r)
+        gworld = len(ranks)
+    ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused,
+              process_group=group, static_graph=args.get("static_graph", False),
+              gradient_as_bucket_view=args.get("grad_view", False))
     kwargs = {**args.get("state", {}), **args.get("state_per_rank", {}).get(str(rank), {})}
     codec = args.get("codec_per_rank", {}).get(str(rank), args.get("codec", "int8"))
     if args.get("style") == "torch":
@@ -87,19 +96,22 @@ def scenario_train(rank, world, args):
     opt = torch.optim.SGD(ddp.parameters(), lr=args.get("lr", 0.01))
     twin_opt = torch.optim.SGD(twin.parameters(), lr=args.get("lr", 0.01))
     out = {"grads": [], "exact": [], "losses": []}
+    micro = args.get("accumulate", 1)  # micro-batches per step, all but the last under no_sync
     for step in range(steps):
-        x, y = batch(rank, 0 if args.get("fixed_batch") else step, width, dtype=dtype)
         opt.zero_grad(set_to_none=False)
-        loss = ((ddp(x) - y) ** 2).mean()
-        loss.backward()
-        # exact reference: the same local gradient on the twin (same weights), averaged exactly
         twin.load_state_dict(model.state_dict())
         twin_opt.zero_grad(set_to_none=False)
-        ((twin(x) - y) ** 2).mean().backward()
+        for m in range(micro):
+            x, y = batch(rank, 0 if args.get("fixed_batch") else step * micro + m, width, dtype=dtype)
+            with ddp.no_sync() if m < micro - 1 else contextlib.nullcontext():
+                loss = ((ddp(x) - y) ** 2).mean()
+                loss.backward()
+            # exact reference: the same local gradient on the twin (same weights), averaged exactly
+            ((twin(x) - y) ** 2).mean().backward()
         exact = flat_grads(twin)
         out.setdefault("local", []).append(exact.clone())
-        dist.all_reduce(exact)
-        exact /= world
+        dist.all_reduce(exact, group=group)
+        exact /= gworld
         out["grads"].append(flat_grads(model))
         out["exact"].append(exact)
         out["losses"].append(float(loss))
@@ -171,7 +183,128 @@ def naive_chained_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[t
     return fut.then(phase2)
 
 
-SCENARIOS = {"train": scenario_train, "order": scenario_order}
+def scenario_resume(rank, world, args):
+    """Training with SGD momentum, steps [start, stop): optionally loads (model, optimizer and
+    gradcomp state, torch.load(weights_only=True)) before and saves after, every rank its own
+    file. Records each step's averaged gradient and the final weights."""
+    width, start, stop = args.get("width", 64), args["start"], args["stop"]
+    ckpt = args.get("ckpt")
+    model = make_model(args.get("layers", 6), width)
+    saved = None
+    if args.get("load"):
+        src = args.get("load_rank_map", {}).get(str(rank), rank)
+        saved = torch.load(os.path.join(ckpt, f"rank{src}.ckpt"), weights_only=True)
+        model.load_state_dict(saved["model"])
+    ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02))
+    state = gradcomp.register(ddp, args["codec"], **args.get("state", {}))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    out = {"grads": {}, "losses": {}}
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+        if args.get("load_gradcomp", True):
+            try:
+                state.load_state_dict(saved["gradcomp"], **args.get("load_kwargs", {}))
+            except ValueError as e:
+                out["load_error"] = str(e)
+                return out
+    for step in range(start, stop):
+        x, y = batch(rank, step, width)
+        opt.zero_grad()
+        loss = ((ddp(x) - y) ** 2).mean()
+        loss.backward()
+        out["grads"][step] = flat_grads(model)
+        out["losses"][step] = float(loss)
+        opt.step()
+    out["params"] = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    out["seed"], out["step"], out["stats"] = state.seed, state.step, dict(state.stats)
+    out["residuals"] = {o: r.clone() for o, r in state._residuals.items()}
+    if args.get("save"):
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "gradcomp": state.state_dict()},
+                   os.path.join(ckpt, f"rank{rank}.ckpt"))
+    return out
+
+
+def scenario_nonfinite(rank, world, args):
+    """Training under torch.amp.GradScaler; at one step one rank's gradient of one parameter
+    gets a NaN or Inf (a tensor hook, so it enters DDP's bucket). Records per step the
+    unscaled averaged gradient, whether the step was taken, the scale, the exact mean of the
+    local gradients (twin model) and whether every residual is finite."""
+    width, steps = args.get("width", 64), args["steps"]
+    model, twin = make_model(args.get("layers", 6), width), make_model(args.get("layers", 6), width)
+    ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02))
+    state = gradcomp.register(ddp, args["codec"])
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=args.get("init_scale", 1024.0))
+    target = list(model.parameters())[args.get("bad_param", 2)]
+    bad = float(args.get("value", "nan"))
+
+    def poison(g):
+        g = g.clone()
+        g.view(-1)[5] = bad
+        return g
+
+    out = {k: [] for k in ("grads", "exact", "taken", "scale", "residuals_finite", "param_finite", "losses")}
+    for step in range(steps):
+        x, y = batch(rank, step, width)
+        opt.zero_grad()
+        handle = target.register_hook(poison) if (rank == args["bad_rank"] and step == args["bad_step"]) else None
+        loss = ((ddp(x) - y) ** 2).mean()
+        scaler.scale(loss).backward()
+        if handle is not None:
+            handle.remove()
+        scaler.unscale_(opt)
+        out["grads"].append(flat_grads(model))
+        out["param_finite"].append([bool(torch.isfinite(p.grad).all()) for p in model.parameters()])
+        twin.load_state_dict(model.state_dict())
+        twin.zero_grad()
+        ((twin(x) - y) ** 2).mean().backward()
+        exact = flat_grads(twin)
+        dist.all_reduce(exact)
+        out["exact"].append(exact / world)
+        before = [p.detach().clone() for p in model.parameters()]
+        out["scale"].append(scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        out["taken"].append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
+        out["residuals_finite"].append(all(bool(torch.isfinite(r).all()) for r in state._residuals.values()))
+        out["losses"].append(float(loss))
+    out["stats"] = dict(state.stats)
+    out["n_residuals"] = len(state._residuals)
+    return out
+
+
+def scenario_failure(rank, world, args):
+    """A peer fails at one step: it exits ("exit") or stalls without exiting ("stall"). The
+    survivors record the error their backward raised and how long it took to come."""
+    width = args.get("width", 64)
+    model = make_model(4, width)
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    gradcomp.register(ddp, args.get("codec", "int8"), timeout=timedelta(seconds=args["timeout_s"]))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    out = {"steps_done": 0}
+    for step in range(args["steps"]):
+        if rank == args["bad_rank"] and step == args["bad_step"]:
+            if args["how"] == "exit":
+                os._exit(3)
+            time.sleep(args["stall_s"])
+            os._exit(4)
+        x, y = batch(rank, step, width)
+        opt.zero_grad()
+        t0 = time.monotonic()
+        try:
+            ((ddp(x) - y) ** 2).mean().backward()
+        except Exception as e:  # what a training loop would see
+            out["error"] = f"{type(e).__name__}: {e}"
+            out["seconds"] = time.monotonic() - t0
+            torch.save(out, os.path.join(sys.argv[2], f"rank{rank}.pt"))
+            os._exit(0)  # the group is broken: skip destroy_process_group
+        opt.step()
+        out["steps_done"] = step + 1
+    return out
+
+
+SCENARIOS = {"train": scenario_train, "order": scenario_order, "resume": scenario_resume,
+             "nonfinite": scenario_nonfinite, "failure": scenario_failure}
 
 
 def main():

@@ -41,6 +41,7 @@ logger = logging.getLogger("gradcomp")
 
 DEFAULT_MIN_NUMEL = 1024
 DEFAULT_TIMEOUT = timedelta(minutes=5)
+_STATE_DICT_FORMAT = "gradcomp.State/1"
 
 
 class GradcompError(RuntimeError):
@@ -121,7 +122,7 @@ class State:
         "codec", "process_group", "min_numel", "start_step", "force_compression", "timeout", "seed",
         "step", "stats", "_residuals", "_ordinal_of", "_pinned_params", "_first_block", "_next_block",
         "_plans", "_worker", "_private_group", "_checked", "_side_streams", "_logged", "_pending_checks",
-        "_warned_over_int8",
+        "_warned_over_int8", "_saved_by", "_logged_fallback",
     )
 
     def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
@@ -145,6 +146,7 @@ class State:
         self.step = 0
         self.stats = _new_stats()
         self._residuals: dict[int, torch.Tensor] = {}  # parameter ordinal -> residual (codec's residual_dtype)
+        self._saved_by: tuple | None = None  # (rank, world size) of a loaded state_dict, checked at the first hook
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -160,6 +162,7 @@ class State:
         self._logged = False
         self._pending_checks: list = []  # CUDA: (event, pinned host count, bucket) of top-k decodes
         self._warned_over_int8 = False
+        self._logged_fallback = False
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -169,7 +172,7 @@ class State:
             "codec": self.codec, "min_numel": self.min_numel, "start_step": self.start_step,
             "force_compression": self.force_compression, "timeout": self.timeout, "seed": self.seed,
             "step": self.step,
-            "stats": dict(self.stats), "residuals": dict(self._residuals),
+            "stats": dict(self.stats), "residuals": dict(self._residuals), "saved_by": self._saved_by,
         }
 
     def __setstate__(self, d):
@@ -183,7 +186,91 @@ class State:
         self.step = d["step"]
         self.stats = {**_new_stats(), **d["stats"]}
         self._residuals = d["residuals"]
+        self._saved_by = d.get("saved_by")
         self._init_runtime()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's hook state for a checkpoint: tensors and plain types only, so
+        ``torch.load(path, weights_only=True)`` reads it back.
+
+        Holds the step counter, the seed (the draws of stochastic rounding and random-k are
+        keyed by seed and step), the statistics, this rank's own error-feedback residuals
+        (keyed by parameter ordinal; not copied, as ``Module.state_dict`` does not copy), and
+        for checking at load time the rank, the world size and the configuration. Every rank
+        saves its own: residuals are local to their rank, so one rank's file is not another's.
+        """
+        rank = world = None
+        if dist.is_available() and dist.is_initialized():
+            world, rank = self._world_rank()
+        return {
+            "format": _STATE_DICT_FORMAT, "rank": rank, "world_size": world, "config": self.config(),
+            "step": self.step, "seed": self.seed, "stats": dict(self.stats),
+            "residuals": {o: r.detach() for o, r in sorted(self._residuals.items())},
+        }
+
+    def load_state_dict(self, state_dict: dict, *, on_world_change: str = "error") -> None:
+        """Restores what :meth:`state_dict` saved on this rank, for a bit-identical resume.
+
+        The configuration (codec, min_numel, start_step, force_compression) must be the one
+        saved; a seed given to this State must equal the saved one (None adopts it). The rank
+        and world size must match too: checked here when the process group is up, otherwise
+        at the first hook call.
+
+        on_world_change: what to do when the checkpoint comes from another world size.
+            ``"error"`` (default) raises. ``"reset"`` keeps the step, seed and statistics but
+            starts the residuals from zero: a residual holds what this rank's compression has
+            not sent yet (and, for the quantizers, the re-encoding error of the slice this rank
+            reduced, whose owner depends on the world size), so it has no meaning on another
+            rank layout. Dropping them loses about one step's compression error, once.
+        """
+        if on_world_change not in ("error", "reset"):
+            raise ValueError(f"gradcomp: on_world_change must be 'error' or 'reset', got {on_world_change!r}")
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_DICT_FORMAT:
+            raise ValueError("gradcomp: not a gradcomp State state_dict (its 'format' entry is missing or "
+                             f"not {_STATE_DICT_FORMAT!r})")
+        saved_cfg, mine = dict(state_dict["config"]), self.config()
+        saved_cfg.pop("seed", None)
+        mine.pop("seed")
+        if saved_cfg != mine:
+            differ = sorted(k for k in saved_cfg.keys() | mine.keys() if saved_cfg.get(k) != mine.get(k))
+            raise ValueError("gradcomp: this checkpoint was saved with another hook configuration: "
+                             + ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, here {mine.get(k)!r}" for k in differ))
+        seed = state_dict["seed"]
+        if self.seed is not None and seed is not None and seed != self.seed:
+            raise ValueError(f"gradcomp: this checkpoint was saved with seed {seed}, this State has seed {self.seed}")
+        residuals = state_dict["residuals"]
+        for o, r in residuals.items():
+            if not isinstance(o, int) or not isinstance(r, torch.Tensor) or r.dim() != 1:
+                raise ValueError(f"gradcomp: residual entry {o!r} is not a parameter ordinal and a 1-D tensor")
+        saved_by = (state_dict["rank"], state_dict["world_size"])
+        drop = False
+        if saved_by[1] is not None and dist.is_available() and dist.is_initialized():
+            drop = self._check_saved_by(saved_by, on_world_change)
+            saved_by = None
+        self._saved_by = None if saved_by is None or saved_by[1] is None else (*saved_by, on_world_change)
+        self.seed = self.seed if seed is None else seed
+        self.step = int(state_dict["step"])
+        self.stats = {**_new_stats(), **state_dict["stats"]}
+        self._residuals = {} if drop else {o: r.detach().clone() for o, r in residuals.items()}
+        self._plans.clear()  # cached tables hold the old residuals' addresses
+
+    def _check_saved_by(self, saved_by: tuple, on_world_change: str) -> bool:
+        """Checks a loaded state_dict's (rank, world size) against the group's; returns whether
+        the residuals must be dropped (another world size, on_world_change="reset")."""
+        (rank, world), (my_world, my_rank) = saved_by, self._world_rank()
+        if world != my_world:
+            if on_world_change == "error":
+                raise ValueError(f"gradcomp: this checkpoint was saved at world size {world}, the group now has "
+                                 f"{my_world} ranks; residuals are per rank and do not carry over: load with "
+                                 "on_world_change='reset' to start them from zero")
+            logger.warning("gradcomp: checkpoint saved at world size %d, now %d: residuals start from zero", world,
+                           my_world)
+            return True
+        if rank != my_rank:
+            raise ValueError(f"gradcomp: this checkpoint was saved by rank {rank} and is loaded on rank {my_rank}: "
+                             "each rank must load its own (residuals are local to their rank)")
+        return False
 
     def __repr__(self) -> str:
         return (f"gradcomp.State(codec={self.codec!r}, min_numel={self.min_numel}, start_step={self.start_step}, "
@@ -259,6 +346,8 @@ class State:
             return plan
         if isinstance(self.codec, codecs.Cast):
             cast = buf.dtype in self.codec.dtypes
+            if not cast:
+                self._log_fallback(len(params), buf.numel(), bucket.index())
             plan = _Plan(None, None, None, None, len(params) if cast else 0, 0 if cast else len(params), [],
                          self.codec.wire_dtype if cast else None)
             self._plans[key] = plan
@@ -287,6 +376,8 @@ class State:
             table_dev = _to_device(table.table, buf.device)
             rows_dev = table_dev[rank * table.slots : (rank + 1) * table.slots]
         fb_index = _to_device(torch.cat(fallback), buf.device) if fallback else None
+        if fallback:
+            self._log_fallback(len(fallback), sum(len(f) for f in fallback), bucket.index())
         plan = _Plan(table, table_dev, rows_dev, fb_index, len(spans), len(ordinals) - len(spans), residuals,
                      sparse=sparse)
         self._plans[key] = plan
@@ -409,6 +500,13 @@ class State:
             logger.info("gradcomp hook: %s over %d ranks (min_numel=%d, start_step=%d)", self.codec, world,
                         self.min_numel, self.start_step)
 
+    def _log_fallback(self, params: int, elements: int, bucket_index: int) -> None:
+        if not self._logged_fallback:  # once: every step would repeat it
+            self._logged_fallback = True
+            logger.info("gradcomp: %d parameters (%d elements) of bucket %d are reduced exactly, uncompressed: "
+                        "fewer than min_numel=%d elements or a dtype %s does not take (State.stats counts them "
+                        "all)", params, elements, bucket_index, self.min_numel, self.codec)
+
 
 class _GlooWorker:
     """One first-in-first-out thread per State: runs buckets whole and in order, on a
@@ -453,6 +551,12 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
     if is_last:
         state.step += 1
         state.stats["steps"] = state.step
+    if state._saved_by is not None:  # a state_dict loaded before the process group was up
+        rank_saved, world_saved, on_world_change = state._saved_by
+        state._saved_by = None
+        if state._check_saved_by((rank_saved, world_saved), on_world_change):
+            state._residuals.clear()
+            state._plans.clear()
     params = bucket.parameters()
     ordinals = state._ordinals(params)
     compress = (world > 1 or state.force_compression) and step >= state.start_step
@@ -520,6 +624,12 @@ def register(ddp_model, codec="int8", **kwargs) -> State:
     if "process_group" in kwargs:
         raise TypeError("gradcomp.register takes the process group from the DDP model; "
                         "use State(process_group=...) with register_comm_hook for another group")
+    if getattr(ddp_model, "_comm_hooks", None):
+        hooks = ", ".join(getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks)
+        raise RuntimeError(f"gradcomp.register: this DDP model already has a communication hook ({hooks}); "
+                           "DDP takes one per model, so register gradcomp once, on a model without one")
     state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
     ddp_model.register_comm_hook(state, comm_hook)
+    world, _ = state._world_rank()
+    state._log_once(world)
     return state

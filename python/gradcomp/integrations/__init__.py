@@ -1,0 +1,8 @@
+"""Integrations with training frameworks (optional extras; nothing here is imported by
+``import gradcomp``):
+
+- ``gradcomp.integrations.lightning``: ``GradcompDDPStrategy``, a Lightning DDP strategy
+  that registers gradcomp on CPU and GPU alike (``pip install gradcomp[lightning]``).
+- Accelerate takes only its built-in hook names; register gradcomp on the model
+  ``accelerator.prepare`` returned (see the README's "Accelerate" section).
+"""

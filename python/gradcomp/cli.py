@@ -1,6 +1,6 @@
 """The ``gradcomp`` command.
 
-    gradcomp demo [--world 2] [--steps 200] [--codec int8] [--baseline]
+    gradcomp demo [--world 2] [--steps 200] [--codec int8] [--start-step 0] [--baseline]
         a short DDP training on CPU ranks over Gloo with gradcomp's hook: prints the loss,
         the bytes each rank sent and the compression ratio (and, with --baseline, the same
         training with plain all-reduce for comparison)
@@ -50,7 +50,7 @@ def _demo_rank(rank: int, world: int, port: int, args, results) -> None:
             torch.manual_seed(1)
             model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
             ddp = DDP(model, bucket_cap_mb=1)
-            state = None if method == "allreduce" else gradcomp.register(ddp, method)
+            state = None if method == "allreduce" else gradcomp.register(ddp, method, start_step=args.start_step)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
             bs = 64
             # what a ring all-reduce of every gradient puts on the wire per rank and step
@@ -91,6 +91,7 @@ def demo(argv=None) -> int:
     p.add_argument("--codec", default="int8", help='codec spec, e.g. "int8" or "int8:block=512"')
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also train with plain all-reduce for comparison (default: on)")
+    p.add_argument("--start-step", type=int, default=0, help="steps of plain all-reduce before compressing")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args(argv)
     if args.world < 1:

@@ -32,10 +32,10 @@ class Permuted(nn.Module):
     buckets follow registration order, its rebuilt ones the order gradients become ready,
     so the rebuild after step 0 really changes which parameters sit where."""
 
-    def __init__(self, layers: int, width: int, dtype=torch.float32):
+    def __init__(self, layers: int, width: int, dtype=torch.float32, bias: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers)).to(dtype)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(layers)).to(dtype)
 
     def forward(self, x):
         for layer in reversed(self.layers):
@@ -73,7 +73,8 @@ def scenario_train(rank, world, args):
     if unused:
         model, twin = WithUnused(width), WithUnused(width)
     elif args.get("permuted"):
-        model, twin = Permuted(layers, width, dtype), Permuted(layers, width, dtype)
+        bias = args.get("bias", True)
+        model, twin = Permuted(layers, width, dtype, bias), Permuted(layers, width, dtype, bias)
     else:
         bias = args.get("bias", True)
         model, twin = (make_model(layers, width, dtype=dtype, bias=bias) for _ in range(2))
@@ -85,12 +86,24 @@ def scenario_train(rank, world, args):
         gworld = len(ranks)
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02), find_unused_parameters=unused,
               process_group=group, static_graph=args.get("static_graph", False),
-              gradient_as_bucket_view=args.get("grad_view", False))
+              gradient_as_bucket_view=args.get("grad_view", False),
+              **({"bucket_cap_mb_list": args["bucket_cap_mb_list"]} if "bucket_cap_mb_list" in args else {}))
     kwargs = {**args.get("state", {}), **args.get("state_per_rank", {}).get(str(rank), {})}
     codec = args.get("codec_per_rank", {}).get(str(rank), args.get("codec", "int8"))
+    layouts = []  # (step, bucket index, ordinals of its parameters)
     if args.get("style") == "torch":
         state = gradcomp.State(codec=codec, **kwargs)
         ddp.register_comm_hook(state, gradcomp.comm_hook)
+    elif args.get("style") == "recording":
+        state = gradcomp.State(codec=codec, **kwargs)
+
+        def recording_hook(st, bucket):
+            step = st.step
+            fut = gradcomp.comm_hook(st, bucket)
+            layouts.append((step, bucket.index(), tuple(st._ordinal_of[id(p)] for p in bucket.parameters())))
+            return fut
+
+        ddp.register_comm_hook(state, recording_hook)
     else:
         state = gradcomp.register(ddp, codec, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.get("lr", 0.01))
@@ -117,6 +130,7 @@ def scenario_train(rank, world, args):
         out["losses"].append(float(loss))
         opt.step()
     out["stats"] = dict(state.stats)
+    out["layouts"] = layouts
     out["residual_norm"] = float(sum(r.float().norm() ** 2 for r in state._residuals.values()) ** 0.5)
     out["ordinals"] = [state._ordinal_of.get(id(p), -1) for p in model.parameters()]
     out["residuals"] = {o: r.clone() for o, r in state._residuals.items()}

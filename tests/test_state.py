@@ -116,6 +116,27 @@ def test_state_dict_loaded_before_the_process_group_is_checked_at_the_first_hook
     assert state.step == 2 and len(state._residuals) > 0
 
 
+@pytest.mark.parametrize("codec", ["int8", "topk:0.05"])
+def test_rebuild_that_keeps_bucket_sizes_moves_no_residual(tmp_path, codec):
+    """Equal-sized layers, one per bucket (per-bucket caps apply to DDP's first layout and to
+    its rebuild): after the rebuild bucket i has the same size but another parameter. A
+    residual keyed by bucket would now be applied to the wrong parameter; ours are keyed by
+    parameter, so every gradient equals that of a run with one bucket for everything."""
+    steps = 5
+    args = {"steps": steps, "permuted": True, "layers": 6, "bias": False, "codec": codec, "style": "recording"}
+    per_layer = _run("train", 2, tmp_path / "per_layer", bucket_cap_mb_list=[0.015] * 6, **args)
+    one = _run("train", 2, tmp_path / "one", bucket_cap_mb=1.0, **args)
+    layout = per_layer[0]["layouts"]
+    before = {i: o for s, i, o in layout if s == 0}
+    after = {i: o for s, i, o in layout if s == steps - 1}
+    assert len(before) == len(after) == 6 and all(len(o) == 1 for o in (*before.values(), *after.values()))
+    moved = [i for i in before if before[i] != after[i]]
+    assert len(moved) >= 4, (before, after)  # same sizes, other parameters
+    for s in range(steps):
+        assert torch.equal(per_layer[0]["grads"][s], one[0]["grads"][s]), f"step {s}"
+        assert torch.equal(per_layer[0]["grads"][s], per_layer[1]["grads"][s])
+
+
 # ---------------------------------------------------------------------------- non-finite
 @pytest.mark.parametrize(("codec", "world", "value", "bad_param"), [
     ("int8", 3, "nan", 2), ("int8", 2, "inf", 2), ("sign", 2, "nan", 4), ("int4:stochastic", 2, "-inf", 2),

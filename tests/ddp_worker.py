@@ -329,8 +329,10 @@ def main():
     try:
         out = SCENARIOS[scenario](rank, world, args)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        print(f"rank {rank}: scenario done, output saved", flush=True)  # tells a crash at exit from one before
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,9 @@ def test_state_dict_is_weights_only_and_round_trips(tmp_path):
 
 
 def test_state_dict_loaded_before_the_process_group_is_checked_at_the_first_hook(tmp_path):
-    """Loaded before init_process_group (rank unknown then), a mismatching rank fails at the
-    first hook call."""
+    """Loaded before init_process_group (rank unknown then), the checkpoint's rank and world
+    size are checked at the first hook call: another world size fails there, or with
+    on_world_change="reset" starts the residuals from zero."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     _run("resume", 2, tmp_path / "first", codec="int8", start=0, stop=2, save=True, ckpt=str(ckpt))
@@ -114,6 +115,24 @@ def test_state_dict_loaded_before_the_process_group_is_checked_at_the_first_hook
     state.load_state_dict(sd)  # no process group: nothing to check against yet
     assert state._saved_by == (1, 2, "error")
     assert state.step == 2 and len(state._residuals) > 0
+    reset = gradcomp.State("int8")
+    reset.load_state_dict(sd, on_world_change="reset")
+
+    # now a 1-rank group: the first hook call finds the checkpoint's world size 2
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for st in (state, reset):
+            ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))
+            ddp.register_comm_hook(st, gradcomp.comm_hook)
+            if st is state:
+                with pytest.raises(Exception, match="saved at world size 2, the group now has 1 ranks"):
+                    ddp(torch.randn(4, 64)).sum().backward()
+                assert st.step == 2  # the failing call did not count a step
+            else:
+                ddp(torch.randn(4, 64)).sum().backward()
+                assert st.step == 3 and st._residuals == {} and st._saved_by is None
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("codec", ["int8", "topk:0.05"])
@@ -141,7 +160,7 @@ def test_rebuild_that_keeps_bucket_sizes_moves_no_residual(tmp_path, codec):
 @pytest.mark.parametrize(("codec", "world", "value", "bad_param"), [
     ("int8", 3, "nan", 2), ("int8", 2, "inf", 2), ("sign", 2, "nan", 4), ("int4:stochastic", 2, "-inf", 2),
     ("topk:0.05", 2, "nan", 2), ("randomk:0.1", 2, "inf", 2), ("fp16", 2, "nan", 2), ("bf16", 2, "inf", 2),
-    ("int8", 2, "nan", 1),  # a bias: below min_numel, in the exact lane
+    ("int2", 2, "nan", 2), ("int8", 2, "nan", 1),  # the last: a bias, below min_numel, in the exact lane
 ])
 def test_nonfinite_on_one_rank_skips_the_step_everywhere(tmp_path, codec, world, value, bad_param):
     """One rank's gradient gets a NaN/Inf at step 2. Every rank's reduced gradient of that

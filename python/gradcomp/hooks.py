@@ -146,7 +146,8 @@ class State:
         self.step = 0
         self.stats = _new_stats()
         self._residuals: dict[int, torch.Tensor] = {}  # parameter ordinal -> residual (codec's residual_dtype)
-        self._saved_by: tuple | None = None  # (rank, world size) of a loaded state_dict, checked at the first hook
+        # (rank, world size, on_world_change) of a state_dict loaded before the process group was up
+        self._saved_by: tuple | None = None
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -243,22 +244,21 @@ class State:
         for o, r in residuals.items():
             if not isinstance(o, int) or not isinstance(r, torch.Tensor) or r.dim() != 1:
                 raise ValueError(f"gradcomp: residual entry {o!r} is not a parameter ordinal and a 1-D tensor")
-        saved_by = (state_dict["rank"], state_dict["world_size"])
-        drop = False
-        if saved_by[1] is not None and dist.is_available() and dist.is_initialized():
-            drop = self._check_saved_by(saved_by, on_world_change)
-            saved_by = None
-        self._saved_by = None if saved_by is None or saved_by[1] is None else (*saved_by, on_world_change)
+        saved_by = (state_dict["rank"], state_dict["world_size"], on_world_change)
+        group_up = dist.is_available() and dist.is_initialized()
+        # checked now when it can be (before anything changes), else at the first hook call
+        drop = saved_by[1] is not None and group_up and self._check_saved_by(saved_by)
+        self._saved_by = saved_by if saved_by[1] is not None and not group_up else None
         self.seed = self.seed if seed is None else seed
         self.step = int(state_dict["step"])
         self.stats = {**_new_stats(), **state_dict["stats"]}
         self._residuals = {} if drop else {o: r.detach().clone() for o, r in residuals.items()}
         self._plans.clear()  # cached tables hold the old residuals' addresses
 
-    def _check_saved_by(self, saved_by: tuple, on_world_change: str) -> bool:
-        """Checks a loaded state_dict's (rank, world size) against the group's; returns whether
-        the residuals must be dropped (another world size, on_world_change="reset")."""
-        (rank, world), (my_world, my_rank) = saved_by, self._world_rank()
+    def _check_saved_by(self, saved_by: tuple) -> bool:
+        """Checks a loaded state_dict's (rank, world size, on_world_change) against the group;
+        returns whether the residuals must be dropped (another world size, "reset")."""
+        (rank, world, on_world_change), (my_world, my_rank) = saved_by, self._world_rank()
         if world != my_world:
             if on_world_change == "error":
                 raise ValueError(f"gradcomp: this checkpoint was saved at world size {world}, the group now has "
@@ -548,15 +548,14 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
     world, rank = state._world_rank()
     is_last = bucket.is_last()
     step = state.step
+    if state._saved_by is not None:  # a state_dict loaded before the process group was up
+        saved_by, state._saved_by = state._saved_by, None
+        if state._check_saved_by(saved_by):
+            state._residuals.clear()
+            state._plans.clear()
     if is_last:
         state.step += 1
         state.stats["steps"] = state.step
-    if state._saved_by is not None:  # a state_dict loaded before the process group was up
-        rank_saved, world_saved, on_world_change = state._saved_by
-        state._saved_by = None
-        if state._check_saved_by((rank_saved, world_saved), on_world_change):
-            state._residuals.clear()
-            state._plans.clear()
     params = bucket.parameters()
     ordinals = state._ordinals(params)
     compress = (world > 1 or state.force_compression) and step >= state.start_step

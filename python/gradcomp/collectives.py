@@ -1,8 +1,12 @@
 """Compressed all-reduce algorithms over torch.distributed.
 
-Each function runs one bucket's whole exchange, issuing its collectives in a fixed order
-(DESIGN rule 7): the callers make sure every rank calls them for the same buckets in the
-same order (one FIFO worker per State on Gloo; the hook call itself on NCCL).
+Each exchange is a generator of two steps: the first ``next()`` runs the encode pass and
+issues the first collective, asynchronously; running it to the end waits for that, runs
+the rest, and returns the result (``StopIteration.value``; ``run_to_end`` does both). The
+Gloo worker starts bucket k+1 before it finishes bucket k, so one bucket's encode runs
+while another's bytes are on the wire. Collectives are issued in a fixed order (DESIGN rule
+7): the callers make sure every rank starts and finishes the same buckets in the same order
+(one FIFO worker per State on Gloo; the hook call itself, straight through, on NCCL).
 """
 
 from __future__ import annotations
@@ -18,10 +22,19 @@ from .layout import BlockTable, SparseTable
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def all_gather_single(output: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """Blocking gather of equal-sized tensors into ``output``; on Gloo read ``output``,
-    not the future's value (a list of chunks)."""
-    _all_gather_single(output, inp, group=group)
+def all_gather_single(output: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
+    """Gather of equal-sized tensors into ``output``; on Gloo read ``output``, not the
+    future's value (a list of chunks). With ``async_op`` returns the work handle."""
+    return _all_gather_single(output, inp, group=group, async_op=async_op)
+
+
+def run_to_end(exchange):
+    """Runs an exchange generator (started or not) to its end; returns its result."""
+    try:
+        while True:
+            next(exchange)
+    except StopIteration as done:
+        return done.value
 
 
 def ring_allreduce_bytes(nbytes: int, world: int) -> float:
@@ -32,9 +45,10 @@ def ring_allreduce_bytes(nbytes: int, world: int) -> float:
 def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: torch.Tensor,
                          my_rows_dev: torch.Tensor, rank: int, group, bits: int = 8, *,
                          residual_dtype: torch.dtype = torch.float32, stochastic: bool = False, seed: int = 0,
-                         step: int = 0) -> tuple[int, float]:
+                         step: int = 0):
     """Scatter-reduce / all-gather of ``bucket``'s compressed blocks, averaged over the
-    group, written back into ``bucket`` in place. Returns (bytes this rank sent, seconds
+    group, written back into ``bucket`` in place (a generator: module docstring). Returns
+    (bytes this rank sent, seconds
     spent in the codec passes — measured on CPU only, where they run synchronously; 0 on
     CUDA, where timing them would need a host sync). ``residual_dtype`` is the element type
     the table's residual addresses point to; ``stochastic``, ``seed`` and ``step`` choose the
@@ -54,7 +68,9 @@ def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: tor
     send = ops.quant_encode(bucket, table_dev, world, slots, block, bits=bits, check_bounds=False, **rounding)
     codec_s = time.perf_counter() - t0
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    yield
+    work.wait()
     t0 = time.perf_counter()
     reduced = ops.quant_reduce(recv, my_rows_dev, world, slots, block, bits=bits, check_bounds=False, **rounding)
     codec_s += time.perf_counter() - t0
@@ -79,7 +95,7 @@ def topk_allgather_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.
                     approx: bool = False, value_dtype: torch.dtype = torch.float32):
     """Top-k of each compressed parameter of ``bucket`` (error feedback through the table's
     residual addresses), all-gather of the fixed-size payloads, deterministic decode: the
-    average, written back into ``bucket`` in place. Returns (bytes this rank sent, codec
+    average, written back into ``bucket`` in place (a generator: module docstring). Returns (bytes this rank sent, codec
     seconds (CPU only), rejected index lists: an int on CPU, a device tensor on CUDA)."""
     timed = bucket.device.type == "cpu"
     t0 = time.perf_counter()
@@ -87,7 +103,9 @@ def topk_allgather_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.
                               check_bounds=False, tiles=sparse.tiles)
     codec_s = time.perf_counter() - t0
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=bucket.device)
-    all_gather_single(gathered, payload, group)
+    work = all_gather_single(gathered, payload, group, async_op=True)
+    yield
+    work.wait()
     t0 = time.perf_counter()
     rejected = ops.topk_decode(gathered, table_dev, sparse.pairs, world, bucket, value_dtype=value_dtype,
                                check_bounds=False)
@@ -96,15 +114,17 @@ def topk_allgather_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.
 
 
 def randomk_allreduce_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.Tensor, group, world: int, *,
-                       seed: int, step: int) -> tuple[float, float]:
+                       seed: int, step: int):
     """Random-k of each compressed parameter of ``bucket`` (the same indices on every rank),
-    a summing all-reduce of the values, decode of the average into ``bucket`` in place.
-    Returns (bytes this rank sent, codec seconds (CPU only))."""
+    a summing all-reduce of the values, decode of the average into ``bucket`` in place (a
+    generator: module docstring). Returns (bytes this rank sent, codec seconds (CPU only))."""
     timed = bucket.device.type == "cpu"
     t0 = time.perf_counter()
     payload = ops.randomk_encode(bucket, table_dev, sparse.pairs, seed=seed, step=step, check_bounds=False)
     codec_s = time.perf_counter() - t0
-    dist.all_reduce(payload, group=group)
+    work = dist.all_reduce(payload, group=group, async_op=True)
+    yield
+    work.wait()
     t0 = time.perf_counter()
     ops.randomk_decode(payload, table_dev, world, bucket, seed=seed, step=step, check_bounds=False)
     codec_s += time.perf_counter() - t0

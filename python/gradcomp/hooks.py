@@ -30,6 +30,7 @@ from .collectives import (
     quantized_allreduce_,
     randomk_allreduce_,
     ring_allreduce_bytes,
+    run_to_end,
     start_exact_allreduce,
     topk_allgather_,
 )
@@ -386,8 +387,17 @@ class State:
     # ------------------------------------------------------------------ the reduction of one bucket
     def _reduce(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int,
                 step: int = 0, what: str = "a bucket") -> torch.Tensor:
+        """Averages ``buf`` over the group in place, straight through (see ``_exchange``)."""
+        return run_to_end(self._exchange(buf, plan, group, world, rank, step, what))
+
+    def _exchange(self, buf: torch.Tensor, plan: _Plan | None, group, world: int, rank: int,
+                  step: int = 0, what: str = "a bucket"):
         """Averages ``buf`` over the group in place; ``plan`` None means plainly. ``step`` keys
-        stochastic rounding's and random-k's draws; ``what`` names the bucket in logs."""
+        stochastic rounding's and random-k's draws; ``what`` names the bucket in logs.
+
+        A generator of two steps, as in collectives.py: the first ``next()`` encodes and
+        issues this bucket's first collectives; the end waits for them, finishes, and
+        returns ``buf``. Every rank issues the same collectives in the same order either way."""
         es = buf.element_size()
         s = self.stats
         if world == 1 and plan is None:  # nothing to average, nothing forced: no collective at all
@@ -399,13 +409,17 @@ class State:
             # within the largest |x|: no overflow while every rank's gradient fits the wire dtype
             wire = torch.empty_like(buf, dtype=plan.cast_dtype)
             torch.div(buf, world, out=wire)
-            dist.all_reduce(wire, group=group)
+            work = dist.all_reduce(wire, group=group, async_op=True)
+            yield
+            work.wait()
             buf.copy_(wire)
             s["bytes_sent"] += ring_allreduce_bytes(wire.numel() * wire.element_size(), world)
             s["buckets_compressed"] += 1
             s["params_compressed"] += plan.params_compressed
         elif plan is None or (plan.table is None and plan.sparse is None):
-            start_exact_allreduce(buf, world, group).wait()
+            work = start_exact_allreduce(buf, world, group)
+            yield
+            work.wait()
             s["bytes_sent"] += ring_allreduce_bytes(buf.numel() * es, world)
             s["buckets_fallback"] += 1
             if plan is not None:
@@ -418,17 +432,17 @@ class State:
                 s["bytes_sent"] += ring_allreduce_bytes(fb.numel() * es, world)
             c = self.codec
             if isinstance(c, codecs.TopK):
-                sent, codec_s, rejected = topk_allgather_(buf, plan.sparse, plan.table_dev, group, world,
-                                                          approx=c.approx, value_dtype=c.value_dtype)
+                sent, codec_s, rejected = yield from topk_allgather_(buf, plan.sparse, plan.table_dev, group, world,
+                                                                     approx=c.approx, value_dtype=c.value_dtype)
                 self._watch_rejections(rejected, what)
                 self._compare_with_int8(sent, plan.sparse.numel, world, what)
             elif isinstance(c, codecs.RandomK):
-                sent, codec_s = randomk_allreduce_(buf, plan.sparse, plan.table_dev, group, world,
-                                                   seed=self.seed or 0, step=step)
+                sent, codec_s = yield from randomk_allreduce_(buf, plan.sparse, plan.table_dev, group, world,
+                                                              seed=self.seed or 0, step=step)
             else:
-                sent, codec_s = quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev, rank,
-                                                     group, c.bits, residual_dtype=c.residual_dtype,
-                                                     stochastic=c.stochastic, seed=self.seed or 0, step=step)
+                sent, codec_s = yield from quantized_allreduce_(
+                    buf, plan.table, plan.table_dev, plan.my_rows_dev, rank, group, c.bits,
+                    residual_dtype=c.residual_dtype, stochastic=c.stochastic, seed=self.seed or 0, step=step)
             s["bytes_sent"] += sent
             s["codec_seconds"] += codec_s
             if work is not None:
@@ -509,8 +523,12 @@ class State:
 
 
 class _GlooWorker:
-    """One first-in-first-out thread per State: runs buckets whole and in order, on a
-    private Gloo group over the same ranks (made lazily, on the first bucket)."""
+    """One first-in-first-out thread per State, on a private Gloo group over the same ranks
+    (made lazily, on the first bucket). It pipelines two buckets: when bucket k arrives it
+    encodes it and issues its first collectives, then finishes bucket k-1 (whose bytes were
+    on the wire meanwhile), so encoding overlaps the network. The order is a function of
+    the bucket sequence alone (start k, finish k-1; the step's last bucket is finished at
+    once), so every rank issues the same collectives in the same order."""
 
     def __init__(self, state: State):
         self.state = state
@@ -519,25 +537,53 @@ class _GlooWorker:
         self.thread = threading.Thread(target=self._run, name="gradcomp-gloo", daemon=True)
         self.thread.start()
 
-    def submit(self, job, fut: torch.futures.Future, what: str) -> None:
-        self.jobs.put((job, fut, what))
+    def submit(self, job, fut: torch.futures.Future, what: str, last: bool) -> None:
+        """``job()`` returns the bucket's exchange generator; ``last``: the step's last bucket."""
+        self.jobs.put((job, fut, what, last))
+
+    def _fail(self, e: Exception, what: str, *futs) -> None:
+        logger.exception("gradcomp: %s failed", what, exc_info=e)
+        msg = e.args[0] if isinstance(e, GradcompError) and e.args else f"{type(e).__name__}: {e}"
+        self.failure = GradcompError(f"gradcomp: {what} failed: {msg}")
+        for fut in futs:  # the group may be out of step: every bucket in flight fails with it
+            fut.set_exception(self.failure)
 
     def _run(self) -> None:
+        pending = None  # (exchange, fut, what): started, its first collectives in flight
         while True:
-            job, fut, what = self.jobs.get()
+            job, fut, what, last = self.jobs.get()
             if self.failure is not None:  # the group may be out of step: never run more collectives
                 fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
                                                 f"({self.failure})"))
                 continue
+            finished, result = False, None
             try:
-                result = job()
-            except Exception as e:  # surfaces in DDP's wait as a GradcompError
-                logger.exception("gradcomp: %s failed", what)
-                msg = e.args[0] if isinstance(e, GradcompError) and e.args else f"{type(e).__name__}: {e}"
-                self.failure = GradcompError(f"gradcomp: {what} failed: {msg}")
-                fut.set_exception(self.failure)
-            else:
+                exchange = job()
+                try:
+                    next(exchange)
+                except StopIteration as done:
+                    finished, result = True, done.value
+            except Exception as e:
+                self._fail(e, what, fut, *([pending[1]] if pending else []))
+                pending = None
+                continue
+            if pending is not None:
+                p_exchange, p_fut, p_what = pending
+                pending = None
+                try:
+                    p_fut.set_result(run_to_end(p_exchange))
+                except Exception as e:
+                    self._fail(e, p_what, p_fut, fut)
+                    continue
+            if finished:
                 fut.set_result(result)
+            elif last:
+                try:
+                    fut.set_result(run_to_end(exchange))
+                except Exception as e:
+                    self._fail(e, what, fut)
+            else:
+                pending = (exchange, fut, what)
 
 
 def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -582,10 +628,10 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
         if not state._checked:
             state._check_config(state._private_group, torch.device("cpu"))
             state._checked = True
-        return state._reduce(buf, plan, state._private_group, world, rank, step, what)
+        return state._exchange(buf, plan, state._private_group, world, rank, step, what)
 
     fut = torch.futures.Future()
-    state._worker.submit(job, fut, what)
+    state._worker.submit(job, fut, what, is_last)
     return fut
 
 

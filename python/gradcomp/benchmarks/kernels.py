@@ -18,9 +18,10 @@ moved per element of each pass are counted from what the kernel must read and wr
 BYTES below: they depend on the code width and the residual's dtype); GB/s = bytes moved /
 median time.
 
-    python bench/bench_kernels.py [--device cpu|cuda] [--sizes 1e6,3e6,1e7,3e7] [--block 256]
-                                  [--world 4] [--codecs int8,int4,...] [--repeat N]
-                                  [--out bench/results/kernels-<device>.json]
+    gradcomp bench kernels [--device auto|cpu|cuda] [--sizes 1e6,3e6,1e7,3e7] [--block 256]
+                           [--world 4] [--codecs int8,int4,...] [--repeat N]
+                           [--out kernels-<device>.json]
+    (python bench/bench_kernels.py ... in the repository: the same, writing under bench/results/)
 
 Inputs are rotated over several sets (at least 2, enough that the sets together exceed
 twice the last-level cache), so a pass does not find its inputs in cache from the previous
@@ -41,8 +42,9 @@ import statistics
 import sys
 import time
 
-import gradcomp
 import torch
+
+import gradcomp
 from gradcomp import layout, ops
 
 HEADER = 16  # codec.h kHeaderBytes
@@ -429,10 +431,11 @@ def goal_check(rows, dev_type: str) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv=None, out_dir: str = ".") -> int:
+    ap = argparse.ArgumentParser(prog="gradcomp bench kernels", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default): cuda when gradcomp's CUDA backend can run here, else cpu")
     ap.add_argument("--sizes", default="1e6,3e6,1e7,3e7", help="bucket sizes in elements, comma-separated")
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--world", type=int, default=4)
@@ -443,28 +446,29 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-check", action="store_true",
                     help="skip the bitwise agreement check against torch ops")
-    ap.add_argument("--out", default=None, help="JSON output (default: bench/results/kernels-<device>.json)")
+    ap.add_argument("--out", default=None, help=f"JSON output (default: {out_dir}/kernels-<device>.json)")
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if gradcomp.cuda_available() else "cpu"
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
     codecs = []
     for spec in args.codecs.split(","):
         c = gradcomp.codecs.parse(f"{spec.strip()}:block={args.block}")
         if not isinstance(c, gradcomp.codecs.BlockQuantizer):
-            sys.exit(f"bench_kernels: {spec!r} is not a block codec")
+            sys.exit(f"gradcomp bench kernels: {spec!r} is not a block codec")
         codecs.append(c)
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            sys.exit("bench_kernels: --device cuda, but torch sees no CUDA device")
+            sys.exit("gradcomp bench kernels: --device cuda, but torch sees no CUDA device")
         if not gradcomp.cuda_available():
-            sys.exit("bench_kernels: --device cuda, but gradcomp was built without CUDA "
+            sys.exit("gradcomp bench kernels: --device cuda, but gradcomp was built without CUDA "
                      "(or cannot see the device)")
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
     repeat = args.repeat or (50 if dev.type == "cuda" else 20)
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = args.out or os.path.join(here, "results", f"kernels-{dev.type}.json")
+    out = args.out or os.path.join(out_dir, f"kernels-{dev.type}.json")
 
     torch.manual_seed(0)
     timer = Timer(dev, repeat, args.warmup)

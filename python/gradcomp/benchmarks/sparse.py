@@ -13,8 +13,9 @@ and reports ours / torch speed-ups and reads-equivalent (time / half the copy's 
 many times ours costs what reading the gradient once does). The approximate variant's
 recall against the exact selection is measured on the same data (Gaussian gradients).
 
-    python bench/bench_sparse.py [--device cpu|cuda] [--sizes 1e6,1e7] [--ratios 0.01,0.001]
-                                 [--repeat N] [--out bench/results/sparse-<device>.json]
+    gradcomp bench sparse [--device auto|cpu|cuda] [--sizes 1e6,1e7] [--ratios 0.01,0.001]
+                          [--repeat N] [--out sparse-<device>.json]
+    (python bench/bench_sparse.py ... in the repository: the same, writing under bench/results/)
 
 Goals (issue 4): CPU ≥ 3× torch.topk at N = 1e7, k = 1%; GPU ≥ 10× torch.topk and ≤ 3
 reads-equivalent at N = 6.4e7, k = 1%.
@@ -31,9 +32,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import Timer, cache_bytes, copy_times, device_name, num_sets  # noqa: E402
-from gradcomp import layout, ops  # noqa: E402
+import gradcomp
+from gradcomp import layout, ops
+from gradcomp.benchmarks.kernels import Timer, cache_bytes, copy_times, device_name, num_sets
 
 
 def table_for(n: int, ratio: float, residual: torch.Tensor | None, dev: torch.device):
@@ -101,14 +102,19 @@ def bench_one(n: int, ratio: float, dev: torch.device, timer: Timer, cache: int)
     return row
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+def main(argv=None, out_dir: str = ".") -> int:
+    ap = argparse.ArgumentParser(prog="gradcomp bench sparse", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default): cuda when gradcomp's CUDA backend can run here, else cpu")
     ap.add_argument("--sizes", default=None, help="elements, comma-separated (CPU 1e6,1e7; CUDA 1e7,6.4e7)")
     ap.add_argument("--ratios", default="0.01,0.001")
     ap.add_argument("--repeat", type=int, default=None)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help=f"JSON output (default: {out_dir}/sparse-<device>.json)")
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if gradcomp.cuda_available() else "cpu"
+    if args.device == "cuda" and not gradcomp.cuda_available():
+        sys.exit("gradcomp bench sparse: --device cuda, but gradcomp's CUDA backend cannot run here (gradcomp info)")
     dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     sizes = args.sizes or ("1e6,1e7" if dev.type == "cpu" else "1e7,6.4e7")
     repeat = args.repeat or (7 if dev.type == "cpu" else 30)
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
                   f"{m['approx']:>9.2f} | {m['torch_ef']:>9.2f} {m['torch']:>9.2f} {m['copy']:>7.2f} | "
                   f"{s['exact_ef']:5.1f}x {s['approx_ef']:5.1f}x {s['exact']:5.1f}x {s['approx']:5.1f}x | "
                   f"{r['reads_equivalent']['exact_ef']:6.1f} | {r['approx_recall']:.4f}", flush=True)
-    out = args.out or f"bench/results/sparse-{dev.type}.json"
+    out = args.out or os.path.join(out_dir, f"sparse-{dev.type}.json")
     with open(out, "w") as f:
         json.dump({"device": device_name(dev), "date": datetime.date.today().isoformat(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)

@@ -1,0 +1,1 @@
+"""gradcomp's benchmarks and the training methods they compare (``gradcomp bench ...``)."""

@@ -1,0 +1,116 @@
+"""The gradient-exchange methods the demo and the network benchmark compare.
+
+    "allreduce"       DDP's own all-reduce, no hook
+    "torch-fp16"      torch's fp16_compress_hook
+    "torch-powersgd"  torch's powerSGD_hook (rank ``powersgd_rank``)
+    anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
+
+``attach(ddp, method)`` registers the method on a DistributedDataParallel model and returns
+a ``Method`` that counts the bytes this rank put on the wire.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+from .. import codecs
+from ..collectives import ring_allreduce_bytes
+
+TORCH_METHODS = ("allreduce", "torch-fp16", "torch-powersgd")
+DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
+
+
+def parse_methods(text: str) -> list[str]:
+    """A comma-separated list of methods; a bad gradcomp spec raises ValueError naming it."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("no methods given")
+    for m in methods:
+        if m not in TORCH_METHODS:
+            try:
+                codecs.parse(m)
+            except ValueError as e:
+                raise ValueError(f"{m!r} is neither one of {', '.join(TORCH_METHODS)} nor a gradcomp codec: {e}") from e
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is listed twice: {text}")
+    return methods
+
+
+def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: float) -> float:
+    """DDP's bucket cap for ``method``. torch's PowerSGD hook on Gloo needs one bucket: it
+    issues its second all-reduce (Q) from the callback of the first (P), and Gloo runs the
+    callbacks of different buckets on its own threads in whatever order they finish, so with
+    several buckets the ranks issue their collectives in different orders and Gloo aborts
+    ("Received data size doesn't match expected size"). NCCL takes several buckets."""
+    if method == "torch-powersgd" and backend == "gloo":
+        return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
+    return default
+
+
+class Method:
+    """A method attached to a DDP model; ``bytes_sent(steps)`` is what this rank put on the
+    wire. Use it as a context manager: torch's PowerSGD sends a data-dependent set of P, Q
+    and uncompressed tensors, so while it is attached ``torch.distributed.all_reduce`` is
+    wrapped to count them (its future callbacks look the function up when they run)."""
+
+    def __init__(self, name: str, ddp, *, start_step: int = 0, powersgd_rank: int = 4):
+        self.name = name
+        self.state = None  # gradcomp's State, for gradcomp codecs
+        self.world = dist.get_world_size(ddp.process_group)
+        self._counted = 0.0
+        self._lock = threading.Lock()
+        self._saved_all_reduce = None
+        grad_bytes = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
+        self._per_step = None  # bytes per step, where they are fixed
+        group = ddp.process_group
+        if name == "allreduce":
+            self._per_step = ring_allreduce_bytes(grad_bytes, self.world)
+        elif name == "torch-fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+            self._per_step = ring_allreduce_bytes(grad_bytes // 2, self.world)
+        elif name == "torch-powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+            # with error feedback PowerSGD can start at DDP's third iteration at the earliest
+            state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=powersgd_rank,
+                                                start_powerSGD_iter=max(2, start_step), random_seed=0)
+            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            self._saved_all_reduce = dist.all_reduce
+            dist.all_reduce = self._counting_all_reduce
+        else:
+            from .. import register
+
+            self.state = register(ddp, name, start_step=start_step)
+
+    def _counting_all_reduce(self, tensor, *args, **kwargs):
+        with self._lock:
+            self._counted += ring_allreduce_bytes(tensor.numel() * tensor.element_size(), self.world)
+        return self._saved_all_reduce(tensor, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._saved_all_reduce is not None:
+            dist.all_reduce, self._saved_all_reduce = self._saved_all_reduce, None
+
+    def bytes_sent(self, steps: int) -> float:
+        """Bytes this rank has sent in its first ``steps`` steps (all of them so far)."""
+        if self.state is not None:
+            return float(self.state.stats["bytes_sent"])
+        if self._per_step is not None:
+            return self._per_step * steps
+        with self._lock:
+            return self._counted
+
+    def codec_seconds(self) -> float:
+        """gradcomp's codec time so far (CPU); 0 for torch's methods."""
+        return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0

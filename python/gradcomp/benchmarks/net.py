@@ -1,0 +1,503 @@
+"""``gradcomp bench net``: real DDP steps over a link of a set bandwidth, per method.
+
+Every rank runs in its own network namespace. A veth pair joins it to a bridge that lives
+in one more namespace (nothing is added to the host's own network); the egress of both
+ends of each pair is shaped with ``tc qdisc ... tbf rate R burst B latency L``, so every
+rank sends and receives at R, like a host with a full-duplex NIC of that speed. Gloo
+talks real TCP across it (``GLOO_SOCKET_IFNAME=eth0``).
+
+Two phases, each a fresh set of rank processes: the same links unshaped (the floor),
+then shaped, repeated for ``--rounds`` rounds so that a slow spell of a shared machine hits
+both. Each phase first measures the link (rank 1 streams bytes to rank 0 over plain TCP)
+and a step without any communication (forward + backward only), then times ``--steps``
+DDP steps of a ``--params``-parameter MLP per method after ``--warmup`` untimed ones. The
+table gives each method's median step (over all rounds) on the shaped and the unshaped
+link and its ratio to the floor (plain all-reduce's unshaped step), with the bytes it
+sent, the time those bytes take at the measured rate and gradcomp's codec time per step,
+which show where a step's time goes.
+
+Needs root (namespaces and tc); it removes its namespaces on the way out, on failure and
+on Ctrl-C too. Namespaces left by a run that was killed outright (SIGKILL) are removed by
+the next run.
+
+    gradcomp bench net [--rate 1gbit] [--world 2] [--methods allreduce,torch-fp16,...]
+                       [--params 16e6] [--batch 32] [--steps 10] [--warmup 5] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from .methods import DEFAULT_METHODS, parse_methods
+
+PREFIX = "gcnet"
+SUBNET = "10.213.77"  # used only inside the namespaces this creates
+PORT = 29500
+RATE_PORT = PORT + 1
+UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+         "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+
+
+def parse_rate(text: str) -> float:
+    """tc's rate syntax ("1gbit", "100mbit", "125mbps") in bits per second."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]+)\s*", text.lower())
+    if not m or m.group(2) not in UNITS:
+        raise ValueError(f"rate {text!r}: use a number and one of {', '.join(UNITS)} (tc's units), e.g. 1gbit")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def _run(*cmd: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+
+
+class Namespaces:
+    """The bridge namespace and one namespace a rank, joined by veth pairs."""
+
+    def __init__(self, world: int):
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.bridge = f"{self.tag}-br"
+        self.ranks = [f"{self.tag}-r{r}" for r in range(world)]
+        self.created: list[str] = []
+
+    @staticmethod
+    def address(rank: int) -> str:
+        return f"{SUBNET}.{rank + 1}"
+
+    def create(self) -> None:
+        self._add(self.bridge)
+        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
+        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+        for r, ns in enumerate(self.ranks):
+            self._add(ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            # eth0 in the rank's namespace, its peer p<r> in the bridge's: never in the host's
+            _run("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{r}", "netns", self.bridge)
+            _run("ip", "-n", self.bridge, "link", "set", f"p{r}", "master", "br0")
+            _run("ip", "-n", self.bridge, "link", "set", f"p{r}", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.address(r)}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def _add(self, ns: str) -> None:
+        _run("ip", "netns", "add", ns)
+        self.created.append(ns)
+
+    def shape(self, rate: str, burst: str, latency: str) -> None:
+        """tbf on the egress of both ends of every pair: each rank sends and receives at ``rate``."""
+        tbf = ("root", "tbf", "rate", rate, "burst", burst, "latency", latency)
+        for r, ns in enumerate(self.ranks):
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", *tbf)
+            _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "replace", "dev", f"p{r}", *tbf)
+
+    def unshape(self) -> None:
+        for r, ns in enumerate(self.ranks):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"],
+                           capture_output=True)  # fails when there is none: fine
+            subprocess.run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "del", "dev", f"p{r}", "root"],
+                           capture_output=True)
+
+    def destroy(self) -> None:
+        # deleting a namespace deletes the veth ends in it, and with them their peers
+        for ns in reversed(self.created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.created.clear()
+
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Namespaces of earlier runs whose process is gone (killed with SIGKILL)."""
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        removed = []
+        for line in out.splitlines():
+            m = re.match(rf"({PREFIX}(\d+)-\S+)", line.strip())
+            if m and not os.path.exists(f"/proc/{m.group(2)}"):
+                subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True)
+                removed.append(m.group(1))
+        return removed
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="gradcomp bench net", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--rate", default="1gbit", help="link rate in tc's syntax (default 1gbit)")
+    p.add_argument("--burst", default="512kb", help="tbf burst (default 512kb; too small caps the rate lower)")
+    p.add_argument("--latency", default="100ms", help="tbf latency: how long a packet may queue (default 100ms)")
+    p.add_argument("--world", type=int, default=2, help="ranks, each in its own namespace (default 2)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"default {','.join(DEFAULT_METHODS)}")
+    p.add_argument("--params", type=float, default=16e6,
+                   help="model size: an MLP of 4 square layers with about this many parameters (default 16e6)")
+    p.add_argument("--batch", type=int, default=32, help="batch per rank (default 32)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method and link (default 10)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (unshaped, shaped); medians are over the steps of all rounds (default 2)")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket cap (default 25, DDP's own)")
+    p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / world)")
+    p.add_argument("--no-unshaped", action="store_true", help="skip the unshaped phase (no floor, no ratios)")
+    p.add_argument("--out", default=None, help="JSON output (default net-<rate>-w<world>.json)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a phase may take (default 1800)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a rank, given its JSON config
+    args = p.parse_args(argv)
+    if args.worker:
+        return args
+    try:
+        args.methods = parse_methods(args.methods)
+        args.rate_bps = parse_rate(args.rate)
+    except ValueError as e:
+        p.error(str(e))
+    if args.world < 2:
+        p.error("--world must be >= 2: a link needs two ends")
+    if args.world > 200:
+        p.error("--world must be <= 200")
+    for name in ("batch", "steps", "powersgd_rank", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 3:
+        p.error("--warmup must be >= 3 (DDP rebuilds its buckets after its first step; PowerSGD starts at the third)")
+    return args
+
+
+def main(argv=None, out_dir: str = ".") -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    if os.geteuid() != 0:
+        print("gradcomp bench net: needs root, to create network namespaces and shape links with tc; "
+              "nothing was done (run it as root, e.g. sudo $(which gradcomp) bench net ...)", file=sys.stderr)
+        return 1
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        print(f"gradcomp bench net: needs iproute2's {' and '.join(missing)} on PATH", file=sys.stderr)
+        return 1
+    out = args.out or os.path.join(out_dir, f"net-{args.rate}-w{args.world}.json")
+    stale = Namespaces.remove_stale()
+    if stale:
+        print(f"removed namespaces left by an earlier killed run: {', '.join(stale)}")
+
+    netns = Namespaces(args.world)
+    old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    workdir = tempfile.mkdtemp(prefix="gradcomp-bench-net-")
+    try:
+        netns.create()
+        runs = {"unshaped": [], "shaped": []}
+        # rounds alternate the two links, so a slow spell of a shared machine hits both
+        for round_ in range(args.rounds):
+            for phase in ([] if args.no_unshaped else ["unshaped"]) + ["shaped"]:
+                if phase == "shaped":
+                    netns.shape(args.rate, args.burst, args.latency)
+                else:
+                    netns.unshape()
+                print(f"== round {round_ + 1}/{args.rounds}, {phase} link"
+                      + (f": tbf rate {args.rate} burst {args.burst} latency {args.latency}"
+                         if phase == "shaped" else ""), flush=True)
+                runs[phase].append(_run_phase(netns, args, phase, workdir, round_))
+        result = _summarize(args, {phase: _merge(r) for phase, r in runs.items() if r}, runs)
+    except KeyboardInterrupt:
+        print("\ngradcomp bench net: interrupted; namespaces removed", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as e:
+        print(f"gradcomp bench net: {e}", file=sys.stderr)
+        return 1
+    finally:
+        netns.destroy()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -> dict:
+    """Runs one set of rank processes in the namespaces; returns rank 0's measurements."""
+    phase_tag = f"{phase}{round_}"
+    result_path = os.path.join(workdir, f"{phase_tag}.json")
+    config = {k: getattr(args, k) for k in ("world", "methods", "params", "batch", "steps", "warmup",
+                                            "bucket_cap_mb", "powersgd_rank", "threads", "rate_bps")}
+    config.update(phase=phase, result=result_path, master=netns.address(0))
+    config_path = os.path.join(workdir, f"{phase_tag}-config.json")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    procs, logs = [], []
+    try:
+        for r, ns in enumerate(netns.ranks):
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.world), MASTER_ADDR=netns.address(0),
+                       MASTER_PORT=str(PORT), GLOO_SOCKET_IFNAME="eth0", PYTHONUNBUFFERED="1")
+            log = open(os.path.join(workdir, f"{phase_tag}-rank{r}.log"), "w")  # closed in the finally below
+            logs.append(log)
+            # rank 0 prints progress here; every rank's output is also in its log for errors
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "gradcomp.benchmarks.net", "--worker", config_path]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else log, stderr=log,
+                                          start_new_session=True))
+        deadline = time.monotonic() + args.timeout
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"{phase} phase: rank {failed[0]} exited with {procs[failed[0]].returncode}:\n"
+                                   + _tail(logs[failed[0]].name))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{phase} phase took over {args.timeout:.0f} s; rank 1's log:\n"
+                                   + _tail(logs[min(1, len(logs) - 1)].name))
+            time.sleep(0.2)
+        bad = [r for r, p in enumerate(procs) if p.returncode != 0]
+        if bad:
+            raise RuntimeError(f"{phase} phase: rank {bad[0]} exited with {procs[bad[0]].returncode}:\n"
+                               + _tail(logs[bad[0]].name))
+        with open(result_path) as f:
+            return json.load(f)
+    finally:
+        for p in procs:  # on failure or Ctrl-C: the ranks run in their own sessions
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+        for log in logs:
+            log.close()
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One phase's rounds as one: the medians over every timed step of every round."""
+    merged = dict(runs[-1])
+    merged["link_bps"] = statistics.median(r["link_bps"] for r in runs)
+    merged["compute_ms"] = statistics.median(r["compute_ms"] for r in runs)
+    merged["methods"] = {}
+    for method in runs[0]["methods"]:
+        ms = [r["methods"][method] for r in runs]
+        steps = [t for m in ms for t in m["steps_ms"]]
+        merged["methods"][method] = {
+            "step_ms": statistics.median(steps), "steps_ms": steps,
+            "bytes_per_step": statistics.fmean(m["bytes_per_step"] for m in ms),
+            "codec_ms_per_step": statistics.fmean(m["codec_ms_per_step"] for m in ms),
+            "round_medians_ms": [m["step_ms"] for m in ms],
+        }
+    return merged
+
+
+def _summarize(args, phases: dict, runs: dict) -> dict:
+    shaped = phases["shaped"]
+    unshaped = phases.get("unshaped")
+    floor = unshaped["methods"]["allreduce"]["step_ms"] if unshaped and "allreduce" in unshaped["methods"] else None
+    rate = shaped["link_bps"]
+    print()
+    print(f"gradcomp bench net: {args.world} ranks, MLP of {shaped['parameters'] / 1e6:.1f} M parameters, batch "
+          f"{args.batch} per rank, {shaped['threads']} thread(s) a rank, median of {args.rounds} × {args.steps} steps")
+    print(f"link: tbf rate {args.rate} burst {args.burst}: measured {rate / 1e9:.3f} Gbit/s"
+          + (f"; unshaped {unshaped['link_bps'] / 1e9:.2f} Gbit/s" if unshaped else ""))
+    print(f"step without communication: {shaped['compute_ms']:.0f} ms"
+          + (f"; floor (plain all-reduce, unshaped link): {floor:.0f} ms" if floor else ""))
+    print(f"{'method':<16} {'shaped ms':>9} {'unshaped':>9} {'x floor':>8} {'x own':>6} {'MB sent':>8} "
+          f"{'wire ms':>8} {'codec ms':>8}")
+    rows = {}
+    for method, s in shaped["methods"].items():
+        u = unshaped["methods"].get(method) if unshaped else None
+        wire_ms = 1e3 * s["bytes_per_step"] * 8 / rate
+        row = {"shaped_step_ms": s["step_ms"], "unshaped_step_ms": u["step_ms"] if u else None,
+               "ratio_to_floor": s["step_ms"] / floor if floor else None,
+               "ratio_to_own_unshaped": s["step_ms"] / u["step_ms"] if u else None,
+               "bytes_per_step": s["bytes_per_step"], "wire_ms_at_measured_rate": wire_ms,
+               "codec_ms_per_step": s["codec_ms_per_step"],
+               "shaped_steps_ms": s["steps_ms"], "unshaped_steps_ms": u["steps_ms"] if u else None,
+               "shaped_round_medians_ms": s["round_medians_ms"],
+               "unshaped_round_medians_ms": u["round_medians_ms"] if u else None}
+        rows[method] = row
+
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+
+        print(f"{method:<16} {s['step_ms']:>9.0f} {fmt(row['unshaped_step_ms'], '>9.0f')} "
+              f"{fmt(row['ratio_to_floor'], '>7.2f')}x {fmt(row['ratio_to_own_unshaped'], '>5.2f')}x "
+              f"{s['bytes_per_step'] / 1e6:>8.2f} {wire_ms:>8.0f} {s['codec_ms_per_step']:>8.0f}")
+    print("(x floor: shaped step / plain all-reduce's unshaped step; x own: shaped / the method's unshaped step; "
+          "wire ms: the bytes rank 0 sent per step at the measured rate; codec ms: gradcomp's encode + decode)")
+    return {
+        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "host": platform.node(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                 "python": platform.python_version(), "argv": sys.argv[1:], "rate": args.rate, "burst": args.burst,
+                 "latency": args.latency, "world": args.world, "batch_per_rank": args.batch, "steps": args.steps,
+                 "warmup": args.warmup, "rounds": args.rounds, "bucket_cap_mb": args.bucket_cap_mb,
+                 "statistic": "median",
+                 "link_bps_shaped": rate, "link_bps_unshaped": unshaped["link_bps"] if unshaped else None,
+                 "floor_ms": floor, "compute_ms_shaped_phase": shaped["compute_ms"],
+                 "compute_ms_unshaped_phase": unshaped["compute_ms"] if unshaped else None,
+                 **{k: shaped[k] for k in ("parameters", "layers", "width", "threads", "torch", "gradcomp")}},
+        "methods": rows,
+        "rounds": runs,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ---- inside a namespace: one rank ------------------------------------------------------
+
+
+def _measure_link(rank: int, master: str, nbytes: int) -> float | None:
+    """Rank 1 streams ``nbytes`` to rank 0 over plain TCP; rank 0 returns the bits per
+    second from the first byte to the last (others return None)."""
+    if rank == 0:
+        with socket.create_server((master, RATE_PORT)) as server:
+            server.settimeout(120)
+            conn, _ = server.accept()
+            with conn:
+                buf = bytearray(1 << 20)
+                got = first = conn.recv_into(buf)
+                t0 = time.perf_counter()
+                while got < nbytes:
+                    n = conn.recv_into(buf)
+                    if n == 0:
+                        raise RuntimeError("the link measurement's sender closed early")
+                    got += n
+                elapsed = time.perf_counter() - t0
+                conn.sendall(b"k")
+        return 8 * (nbytes - first) / max(elapsed, 1e-9)
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection((master, RATE_PORT), timeout=120)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with conn:
+            chunk = bytes(1 << 20)
+            sent = 0
+            while sent < nbytes:
+                conn.sendall(chunk[: min(len(chunk), nbytes - sent)])
+                sent += min(len(chunk), nbytes - sent)
+            conn.recv(1)
+    return None
+
+
+def _model(params: float):
+    import torch.nn as nn
+
+    layers = 4
+    width = max(16, round((params / layers) ** 0.5))
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(width, width)] + ([nn.ReLU()] if i < layers - 1 else [])
+    return nn.Sequential(*mods), layers, width
+
+
+def _worker(config_path: str) -> int:
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import gradcomp
+
+    from .methods import Method, bucket_cap_mb
+
+    with open(config_path) as f:
+        cfg = json.load(f)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    # about 2 s of traffic at the nominal rate (at least 16 MB)
+    link_bps = _measure_link(rank, cfg["master"], max(16 << 20, int(cfg["rate_bps"] / 8 * 2)))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    try:
+        torch.manual_seed(1000 + rank)
+        model, layers, width = _model(cfg["params"])
+        x = torch.randn(cfg["batch"], width)
+        y = torch.randint(0, width, (cfg["batch"],))
+
+        def timed_steps(step_fn, n_warmup: int, n: int) -> list[float]:
+            for _ in range(n_warmup):
+                step_fn()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                step_fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return times
+
+        # every rank computes at once, as in training, so the cores are shared as they are then
+        def compute_only():
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+
+        dist.barrier()
+        compute_ms = statistics.median(timed_steps(compute_only, 2, cfg["steps"]))
+        methods = {}
+        for method in cfg["methods"]:
+            torch.manual_seed(0)
+            net, _, _ = _model(cfg["params"])
+            ddp = DDP(net, bucket_cap_mb=bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
+            opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(ddp=ddp, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+
+            with Method(method, ddp, powersgd_rank=cfg["powersgd_rank"]) as m:
+                dist.barrier()
+                for _ in range(cfg["warmup"]):
+                    step()
+                sent0, codec0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds()
+                times = timed_steps(step, 0, cfg["steps"])
+                total = cfg["warmup"] + cfg["steps"]
+                methods[method] = {
+                    "step_ms": statistics.median(times), "steps_ms": times,
+                    "bytes_per_step": (m.bytes_sent(total) - sent0) / cfg["steps"],
+                    "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / cfg["steps"],
+                    "stats": dict(m.state.stats) if m.state is not None else None,
+                }
+            if rank == 0:
+                r = methods[method]
+                print(f"  {cfg['phase']:>8} {method:<16} {r['step_ms']:8.0f} ms/step  "
+                      f"{r['bytes_per_step'] / 1e6:8.2f} MB sent/step", flush=True)
+        if rank == 0:
+            with open(cfg["result"], "w") as f:
+                json.dump({"link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,
+                           "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
+                           "width": width, "threads": threads, "torch": torch.__version__,
+                           "gradcomp": gradcomp.build_info()}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

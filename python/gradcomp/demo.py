@@ -1,0 +1,327 @@
+"""``gradcomp demo``: the same DDP training once per gradient-exchange method, side by side.
+
+The data is scikit-learn's handwritten digits (1,797 8×8 images, 10 classes), which ship
+inside the scikit-learn package: nothing is downloaded. A fixed 80/20 split; each rank
+trains on its own shard of the training set, and the held-out 20% gives the accuracy.
+
+Launch:
+  * ``gradcomp demo`` spawns ``--world`` ranks itself: Gloo on CPU, or NCCL with one GPU a
+    rank when there are that many GPUs (and gradcomp was built with CUDA);
+  * under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR set) every process is
+    one rank and nothing is spawned.
+
+Rank 0 shows a tqdm bar per method, then prints a table (final loss on the whole training
+set, test accuracy, bytes it sent per step, the ratio to plain all-reduce's bytes, median
+step time), writes a PNG of the loss curves and, with ``--json``, the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+
+from .benchmarks.methods import DEFAULT_METHODS, parse_methods
+
+NEEDS = ("gradcomp demo needs tqdm, matplotlib and scikit-learn (for its bundled digits dataset): "
+         "pip install 'gradcomp[demo]'")
+
+
+def _missing_packages() -> list[str]:
+    import importlib.util
+
+    return [m for m in ("tqdm", "matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
+
+
+def load_digits_split(seed: int = 0):
+    """(x_train, y_train, x_test, y_test): the digits scaled to [0, 1], a fixed 80/20 split."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train = int(0.8 * len(y))
+    train, test = order[:n_train], order[n_train:]
+    return x[train], y[train], x[test], y[test]
+
+
+def make_model(width: int):
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="gradcomp demo",
+                                description="DDP training on the digits dataset, once per method, side by side")
+    p.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated: allreduce, torch-fp16, torch-powersgd and gradcomp codec specs "
+                        f"(default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--codec", help="shorthand for --methods allreduce,CODEC")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch", type=int, default=32, help="batch per rank")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--width", type=int, default=1024, help="hidden width of the MLP (default 1024: 1.1M parameters)")
+    p.add_argument("--bucket-cap-mb", type=float, default=1.0, help="DDP's bucket cap (default 1: several buckets)")
+    p.add_argument("--start-step", type=int, default=0, help="steps of plain all-reduce before compressing")
+    p.add_argument("--powersgd-rank", type=int, default=4, help="matrix_approximation_rank of torch's PowerSGD")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA with NCCL when there is a GPU per rank, else CPU with Gloo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="gradcomp-demo.png", help="PNG of the loss curves ('' for none)")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        args.methods = parse_methods(f"allreduce,{args.codec}" if args.codec else args.methods)
+    except ValueError as e:
+        p.error(str(e))
+    for name in ("world", "epochs", "batch", "width", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.start_step < 0:
+        p.error("--start-step must be >= 0")
+    return args
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def _pick_device(args, world: int, local_rank: int):
+    import torch
+
+    import gradcomp
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda_ok = gradcomp.cuda_available() and gpus > 0
+    if args.device == "cuda" and not cuda_ok:
+        raise SystemExit("gradcomp demo: --device cuda, but no CUDA device is usable by torch and gradcomp "
+                         "(gradcomp info says why)")
+    if args.device == "cpu" or not cuda_ok:
+        return torch.device("cpu"), "gloo"
+    spawned = not _under_torchrun()
+    if gpus < (world if spawned else local_rank + 1):
+        if args.device == "cuda":
+            raise SystemExit(f"gradcomp demo: {world} ranks need a GPU each (NCCL refuses two ranks on one GPU); "
+                             f"{gpus} visible")
+        return torch.device("cpu"), "gloo"
+    return torch.device("cuda", local_rank), "nccl"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_one(method: str, args, rank: int, world: int, device, backend: str, data, progress):
+    """One training run with ``method``; returns its record (loss curve on this rank)."""
+    import torch
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .benchmarks.methods import Method, bucket_cap_mb
+
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, for every method
+    model = make_model(args.width).to(device)
+    cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
+    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    n = len(y_train)
+    steps_per_epoch = n // (args.batch * world)
+    losses, step_seconds, test_acc = [], [], []
+    with Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank) as m:
+        for epoch in range(args.epochs):
+            # one permutation on every rank, each rank takes its own interleaved shard
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            mine = order[rank::world]
+            for i in range(steps_per_epoch):
+                idx = mine[i * args.batch:(i + 1) * args.batch]
+                xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(ddp(xb), yb)
+                loss.backward()
+                opt.step()
+                loss_value = loss.item()  # waits for the device: the step is done
+                step_seconds.append(time.perf_counter() - t0)
+                losses.append(loss_value)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            with torch.no_grad():
+                test_acc.append(float((model(x_test.to(device)).argmax(1) == y_test.to(device)).float().mean()))
+        steps = steps_per_epoch * args.epochs
+        sent = m.bytes_sent(steps)
+        codec_s = m.codec_seconds()
+        stats = dict(m.state.stats) if m.state is not None else None
+    # the loss curve averaged over ranks (after training: not part of any timed step)
+    curve = torch.tensor(losses, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(curve)
+    with torch.no_grad():
+        final_loss = float(nn.functional.cross_entropy(model(x_train.to(device)), y_train.to(device)))
+    skip = min(len(step_seconds) - 1, max(2, len(step_seconds) // 10))  # DDP's first steps build buckets
+    return {
+        "final_loss": final_loss,
+        "test_accuracy": test_acc[-1],
+        "test_accuracy_per_epoch": test_acc,
+        "bytes_per_step": sent / steps,
+        "step_ms": 1e3 * statistics.median(step_seconds[skip:]),
+        "codec_ms_per_step": 1e3 * codec_s / steps,
+        "steps": steps,
+        "loss_curve": (curve / world).tolist(),
+        "bucket_cap_mb": cap,
+        "stats": stats,
+    }
+
+
+def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
+    """Trains every method on this rank; rank 0 returns the results, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    device, backend = _pick_device(args, world, local_rank)
+    if device.type == "cpu":
+        # the ranks share this machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+    else:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        data = load_digits_split(args.seed)
+        n_train = len(data[1])
+        steps = (n_train // (args.batch * world)) * args.epochs
+        if steps == 0:
+            raise SystemExit(f"gradcomp demo: {n_train} training samples make no step of {args.batch} × {world}")
+        results = {}
+        for method in args.methods:
+            progress = None
+            if rank == 0 and not args.no_progress:
+                from tqdm import tqdm
+
+                progress = tqdm(total=steps, desc=f"{method:<14}", unit="step", mininterval=0.5, file=sys.stderr)
+            try:
+                results[method] = _train_one(method, args, rank, world, device, backend, data, progress)
+            finally:
+                if progress is not None:
+                    progress.close()
+        meta = {"world": world, "backend": backend, "device": str(device), "epochs": args.epochs,
+                "batch_per_rank": args.batch, "steps": steps, "width": args.width, "lr": args.lr,
+                "parameters": sum(p.numel() for p in make_model(args.width).parameters()),
+                "train_samples": n_train, "test_samples": len(data[3]), "torch": torch.__version__}
+        return {"meta": meta, "results": results} if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def report(out: dict, args) -> None:
+    meta, results = out["meta"], out["results"]
+    plain = results.get("allreduce", {}).get("bytes_per_step")
+    if plain is None:  # no allreduce run: the ratio is against what plain all-reduce would send
+        from .collectives import ring_allreduce_bytes
+
+        plain = ring_allreduce_bytes(4 * meta["parameters"], meta["world"])
+    for r in results.values():
+        r["ratio"] = plain / r["bytes_per_step"] if r["bytes_per_step"] else math.inf
+    print(f"\ngradcomp demo: digits, MLP of {meta['parameters']:,} parameters, {meta['world']} ranks "
+          f"({meta['backend']}, {meta['device'].split(':')[0]}), {meta['steps']} steps of {meta['batch_per_rank']} "
+          "per rank")
+    print(f"{'method':<16} {'final loss':>10} {'test acc':>9} {'bytes sent/step':>16} {'ratio':>8} {'step ms':>8}")
+    for method, r in results.items():
+        print(f"{method:<16} {r['final_loss']:>10.4f} {r['test_accuracy']:>9.3f} {r['bytes_per_step']:>16,.0f}"
+              f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f}")
+    print("(final loss: cross-entropy on the whole training set at the end; test acc: the held-out 20%; bytes: what "
+          "rank 0 put on the wire per step; ratio: plain all-reduce's bytes over the method's; step: median)")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"loss curves: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"results: {args.json}")
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, r in out["results"].items():
+        curve = r["loss_curve"]
+        smooth, ema = [], curve[0]
+        for v in curve:  # exponential moving average, as loss curves are usually shown
+            ema = 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax_loss.plot(range(1, len(curve) + 1), smooth, label=f"{method} ({r['ratio']:.0f}x fewer bytes)")
+        acc = r["test_accuracy_per_epoch"]
+        ax_acc.plot(range(1, len(acc) + 1), acc, label=method)
+    meta = out["meta"]
+    ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", yscale="log",
+                title=f"digits, {meta['parameters']:,}-parameter MLP, {meta['world']} ranks")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="held-out accuracy")
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)
+    ax_acc.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _spawned_rank(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    out = run_rank(args, rank, world, rank)
+    if out is not None:
+        queue.put(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missing = _missing_packages()
+    if missing:
+        print(f"{NEEDS} (missing: {', '.join(missing)})", file=sys.stderr)
+        return 1
+    if _under_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if rank == 0:
+            print(f"gradcomp demo under torchrun: {world} ranks, methods {', '.join(args.methods)}", flush=True)
+        out = run_rank(args, rank, world, int(os.environ["LOCAL_RANK"]))
+        if out is not None:
+            report(out, args)
+        return 0
+
+    import torch.multiprocessing as mp
+
+    world = args.world
+    print(f"gradcomp demo: {world} ranks, methods {', '.join(args.methods)}", flush=True)
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise
+    if any(proc.exitcode != 0 for proc in procs) or queue.empty():
+        codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
+        print(f"gradcomp demo: a rank failed ({codes})", file=sys.stderr)
+        return 1
+    report(queue.get(), args)
+    return 0

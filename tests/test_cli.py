@@ -1,0 +1,243 @@
+"""The ``gradcomp`` command: demo (spawned and under torchrun), info, bench kernels and
+bench net (real network namespaces, where the tests run as root), and the torchrun example.
+Each runs as a real subprocess, the way a user runs it."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "train_ddp.py")
+GRADCOMP = [sys.executable, "-m", "gradcomp"]
+
+
+def run(cmd, tmp_path, timeout=600, env=None):
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
+    assert r.returncode == 0, f"{cmd} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-5000:]}"
+    return r
+
+
+def torchrun(nproc: int, *args: str):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def test_info_names_version_build_and_backends(tmp_path):
+    import gradcomp
+
+    out = run([*GRADCOMP, "info"], tmp_path).stdout
+    assert f"gradcomp {gradcomp.__version__}" in out
+    for key, value in gradcomp.build_info().items():
+        assert f"  {key}: {value}" in out
+    assert f"torch {torch.__version__}" in out
+    assert "gradcomp CPU backend: yes" in out
+    assert f"gradcomp CUDA backend: {'yes' if gradcomp.cuda_available() else 'no ('}" in out
+    assert "torch.distributed gloo: yes" in out
+    assert f"CUDA devices visible to torch: {torch.cuda.device_count()}" in out
+
+
+def test_usage_and_bad_input(tmp_path):
+    r = subprocess.run([*GRADCOMP], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "gradcomp demo" in r.stdout and "gradcomp bench net" in r.stdout
+    r = subprocess.run([*GRADCOMP, "demo", "--methods", "allreduce,int9"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "'int9' is neither" in r.stderr
+    r = subprocess.run([*GRADCOMP, "bench", "net", "--rate", "fast"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "rate 'fast'" in r.stderr
+    r = subprocess.run([*GRADCOMP, "bench", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "kernels|sparse|net" in r.stdout
+
+
+def _demo_results(path):
+    with open(path) as f:
+        out = json.load(f)
+    return out["meta"], out["results"]
+
+
+def test_demo_trains_every_kind_of_method_and_reports(tmp_path):
+    methods = "allreduce,torch-fp16,torch-powersgd,int8,topk:0.01"
+    r = run([*GRADCOMP, "demo", "--methods", methods, "--epochs", "3", "--json", "d.json", "--plot", "d.png"],
+            tmp_path)
+    meta, res = _demo_results(tmp_path / "d.json")
+    assert list(res) == methods.split(",")
+    assert meta["world"] == 2 and meta["backend"] == "gloo" and meta["steps"] == 3 * (1437 // 64)
+    # the table: one row a method, with its ratio
+    for m in res:
+        assert re.search(rf"^{re.escape(m)}\s+\d+\.\d{{4}}\s+\d\.\d{{3}}\s+[\d,]+\s+[\d.]+x", r.stdout, re.M), r.stdout
+    # tqdm's bars went to stderr, one per method, to the end
+    for m in res:
+        assert re.search(rf"{re.escape(m)}\s*:\s*100%.*\b{meta['steps']}/{meta['steps']}\b", r.stderr), r.stderr[-2000:]
+
+    params, world = meta["parameters"], meta["world"]
+    assert params == sum(p.numel() for p in torch.nn.Sequential(
+        torch.nn.Linear(64, 1024), torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 10)).parameters())
+    ring = 2 * (world - 1) / world * 4 * params  # what plain all-reduce puts on the wire per rank and step
+    assert res["allreduce"]["bytes_per_step"] == ring
+    assert res["torch-fp16"]["bytes_per_step"] == ring / 2
+    # int8: 1 byte a value plus a 4-byte scale a 256-block (and a tiny exact lane): between 3.8x and 4x
+    assert 3.8 < res["int8"]["ratio"] < 4.0
+    assert res["torch-powersgd"]["ratio"] > 10 and res["topk:0.01"]["ratio"] > 10
+    plain = res["allreduce"]
+    for m, v in res.items():
+        assert len(v["loss_curve"]) == meta["steps"]
+        first, last = sum(v["loss_curve"][:5]) / 5, sum(v["loss_curve"][-5:]) / 5
+        assert last < first / 2, (m, first, last)
+    for m in ("torch-fp16", "int8"):  # near-lossless methods train like plain all-reduce
+        assert abs(res[m]["final_loss"] - plain["final_loss"]) < 0.05 * plain["final_loss"], (m, res[m], plain)
+        assert abs(res[m]["test_accuracy"] - plain["test_accuracy"]) < 0.03
+    assert plain["test_accuracy"] > 0.85
+    png = (tmp_path / "d.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_demo_under_torchrun_is_the_same_training(tmp_path):
+    """Under torchrun each process is a rank (nothing spawned) and trains exactly what the
+    spawned demo trains."""
+    args = ["demo", "--methods", "allreduce,int8", "--epochs", "2", "--plot", "", "--no-progress"]
+    r = run(torchrun(2, "--no-python", "gradcomp", *args, "--json", "t.json"), tmp_path)
+    assert "under torchrun: 2 ranks" in r.stdout
+    run([*GRADCOMP, *args, "--json", "s.json"], tmp_path)
+    meta_t, res_t = _demo_results(tmp_path / "t.json")
+    meta_s, res_s = _demo_results(tmp_path / "s.json")
+    assert meta_t["world"] == 2
+    for m in ("allreduce", "int8"):
+        assert res_t[m]["loss_curve"] == pytest.approx(res_s[m]["loss_curve"], rel=1e-5)
+        assert res_t[m]["bytes_per_step"] == res_s[m]["bytes_per_step"]
+
+
+def test_example_trains_under_torchrun_with_one_gradcomp_line(tmp_path):
+    with open(EXAMPLE) as f:
+        source = f.read()
+    assert [line.strip() for line in source.splitlines() if "gradcomp." in line and not line.lstrip().startswith(
+        ("#", '"', "'"))] == ['gradcomp.register(model, args.codec)  # the one gradcomp line: compress DDP\'s '
+                              'gradient exchange']
+    r = run(torchrun(2, EXAMPLE, "--epochs", "3", "--save", "m.pt"), tmp_path)
+    losses = [float(v) for v in re.findall(r"^epoch \d+: loss ([\d.]+)$", r.stdout, re.M)]
+    assert len(losses) == 3 and losses[2] < losses[0] / 2, r.stdout
+    assert "[rank 0] gradcomp hook: Int8" in r.stderr and "[rank 1] gradcomp hook: Int8" in r.stderr
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert state["0.weight"].shape == (1024, 128) and torch.isfinite(state["4.weight"]).all()
+
+
+def test_bench_kernels_writes_a_table_and_json(tmp_path):
+    r = run([*GRADCOMP, "bench", "kernels", "--device", "cpu", "--sizes", "2e4", "--codecs", "int8,sign",
+             "--repeat", "2", "--warmup", "1", "--out", "k.json"], tmp_path)
+    rows = json.loads((tmp_path / "k.json").read_text())["results"]
+    assert sorted((r["codec"], r["pass"]) for r in rows) == sorted(
+        (c, p) for c in ("int8", "sign") for p in ("encode", "reduce", "decode"))
+    assert all(r["ms"] > 0 and r["N"] == 20000 for r in rows)
+    assert all(r["agrees_with_torch_ops"] for r in rows if r["codec"] == "int8")
+    assert "encode" in r.stdout and "% copy" in r.stdout
+
+
+# ---- bench net -----------------------------------------------------------------------
+
+
+def test_bench_net_without_root_says_so_and_does_nothing(monkeypatch, capsys):
+    from gradcomp.benchmarks import net
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(net.Namespaces, "create", lambda self: pytest.fail("created namespaces without root"))
+    assert net.main(["--world", "2"]) == 1
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_parse_rate():
+    from gradcomp.benchmarks.net import parse_rate
+
+    assert parse_rate("1gbit") == 1e9
+    assert parse_rate("100mbit") == 1e8
+    assert parse_rate("2.5Gbit") == 2.5e9
+    assert parse_rate("125mbps") == 1e9
+    for bad in ("1 gigabit", "fast", "", "-1gbit"):
+        with pytest.raises(ValueError, match="rate"):
+            parse_rate(bad)
+
+
+def _can_make_namespaces() -> bool:
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return False
+    name = f"gctest{os.getpid()}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ok
+
+
+needs_netns = pytest.mark.skipif(not _can_make_namespaces(), reason="needs root, iproute2 and network namespaces")
+
+
+def _namespaces_of(pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"gcnet{pid}-")]
+
+
+@needs_netns
+def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
+    cmd = [*GRADCOMP, "bench", "net", "--rate", "200mbit", "--params", "4e5", "--steps", "3", "--warmup", "3",
+           "--methods", "allreduce,int8,torch-fp16", "--out", "n.json"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    assert _namespaces_of(proc.pid) == []
+    res = json.loads((tmp_path / "n.json").read_text())
+    meta, methods = res["meta"], res["methods"]
+    # tbf really limits the link (a little under the setting: TCP/IP headers ride in the rate)
+    assert 0.7 * 200e6 < meta["link_bps_shaped"] < 1.05 * 200e6, meta
+    assert meta["link_bps_unshaped"] > 2 * 200e6
+    assert list(methods) == ["allreduce", "int8", "torch-fp16"]
+    params = meta["parameters"]
+    assert methods["allreduce"]["bytes_per_step"] == 4 * params  # ring at W = 2: 2(W-1)/W of 4 bytes a value
+    assert methods["torch-fp16"]["bytes_per_step"] == 2 * params
+    assert 3.8 < methods["allreduce"]["bytes_per_step"] / methods["int8"]["bytes_per_step"] < 4.0
+    for m in methods.values():
+        assert m["shaped_step_ms"] > 0 and m["unshaped_step_ms"] > 0 and len(m["shaped_steps_ms"]) == 2 * 3
+        assert len(m["unshaped_round_medians_ms"]) == 2  # two rounds of each link, 3 steps each
+    # 1.6 MB a step over 200 Mbit/s is at least 64 ms of wire on top of the compute
+    assert methods["allreduce"]["shaped_step_ms"] > methods["allreduce"]["unshaped_step_ms"] + 30
+    assert re.search(r"measured 0\.1\d\d Gbit/s", out), out
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
+    cmd = [*GRADCOMP, "bench", "net", "--rate", "50mbit", "--params", "4e5", "--steps", "50", "--methods", "allreduce",
+           "--out", "n.json"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_namespaces_of(proc.pid)) < 3:  # the bridge's and both ranks'
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)  # the ranks are running in them
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted; namespaces removed" in err
+    assert _namespaces_of(proc.pid) == []
+    assert not (tmp_path / "n.json").exists()
+    # no rank process is left behind: a rank's config file lives in the run's work folder,
+    # which is removed last, so a surviving rank would name a path that is gone
+    time.sleep(0.5)
+    for cmdline in _cmdlines():
+        if "gradcomp.benchmarks.net" in cmdline and "--worker" in cmdline:
+            assert os.path.exists(cmdline[cmdline.index("--worker") + 1]), cmdline
+
+
+def _cmdlines():
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    yield [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                pass

@@ -329,11 +329,11 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
                "unshaped_round_medians_ms": u["round_medians_ms"] if u else None}
         rows[method] = row
 
-        def fmt(v, spec):
-            return format(v, spec) if v is not None else "-"
+        def fmt(v, spec, width, unit=""):
+            return format(v, spec) + unit if v is not None else "-".rjust(width)
 
-        print(f"{method:<16} {s['step_ms']:>9.0f} {fmt(row['unshaped_step_ms'], '>9.0f')} "
-              f"{fmt(row['ratio_to_floor'], '>7.2f')}x {fmt(row['ratio_to_own_unshaped'], '>5.2f')}x "
+        print(f"{method:<16} {s['step_ms']:>9.0f} {fmt(row['unshaped_step_ms'], '>9.0f', 9)} "
+              f"{fmt(row['ratio_to_floor'], '>7.2f', 8, 'x')} {fmt(row['ratio_to_own_unshaped'], '>5.2f', 6, 'x')} "
               f"{s['bytes_per_step'] / 1e6:>8.2f} {wire_ms:>8.0f} {s['codec_ms_per_step']:>8.0f}")
     print("(x floor: shaped step / plain all-reduce's unshaped step; x own: shaped / the method's unshaped step; "
           "wire ms: the bytes rank 0 sent per step at the measured rate; codec ms: gradcomp's encode + decode)")

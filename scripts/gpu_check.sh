@@ -26,6 +26,9 @@ $PY -m pip install --no-build-isolation --no-deps --no-index -q \
 echo "built in $(( $(date +%s) - t0 )) s"
 (cd /tmp && $PY -c 'import gradcomp; print(gradcomp.build_info(), "cuda_available:", gradcomp.cuda_available())') | tee -a "$OUT/device.txt"
 
+step "gradcomp info"
+(cd /tmp && $PY -m gradcomp info) | tee "$OUT/info.txt"
+
 step "GPU tests"
 $PY -m pytest tests/test_cuda.py -q -rA 2>&1 | tee "$OUT/test_cuda.log" | tail -15 || status=1
 

@@ -13,14 +13,13 @@ import argparse
 import logging
 import os
 
+import gradcomp
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
-
-import gradcomp
 
 
 def main() -> None:

@@ -75,13 +75,10 @@ def test_demo_trains_every_kind_of_method_and_reports(tmp_path):
     for m in res:
         assert re.search(rf"{re.escape(m)}\s*:\s*100%.*\b{meta['steps']}/{meta['steps']}\b", r.stderr), r.stderr[-2000:]
 
-    params, world = meta["parameters"], meta["world"]
-    assert params == sum(p.numel() for p in torch.nn.Sequential(
+    assert meta["parameters"] == sum(p.numel() for p in torch.nn.Sequential(
         torch.nn.Linear(64, 1024), torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 10)).parameters())
-    ring = 2 * (world - 1) / world * 4 * params  # what plain all-reduce puts on the wire per rank and step
-    assert res["allreduce"]["bytes_per_step"] == ring
-    assert res["torch-fp16"]["bytes_per_step"] == ring / 2
-    # int8: 1 byte a value plus a 4-byte scale a 256-block (and a tiny exact lane): between 3.8x and 4x
+    # int8 (from gradcomp's own byte count): 1 byte a value plus a 4-byte scale a 256-block
+    # (and a tiny exact lane), against the ring all-reduce of fp32: between 3.8x and 4x
     assert 3.8 < res["int8"]["ratio"] < 4.0
     assert res["torch-powersgd"]["ratio"] > 10 and res["topk:0.01"]["ratio"] > 10
     plain = res["allreduce"]
@@ -192,16 +189,20 @@ def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
     assert 0.7 * 200e6 < meta["link_bps_shaped"] < 1.05 * 200e6, meta
     assert meta["link_bps_unshaped"] > 2 * 200e6
     assert list(methods) == ["allreduce", "int8", "torch-fp16"]
-    params = meta["parameters"]
-    assert methods["allreduce"]["bytes_per_step"] == 4 * params  # ring at W = 2: 2(W-1)/W of 4 bytes a value
-    assert methods["torch-fp16"]["bytes_per_step"] == 2 * params
+    # the bytes each method is said to send are what rank 0's interface really sent (plus
+    # headers, counted once per GSO packet on veth, and ACKs: well under the tolerance)
+    ratios = {name: m["eth0_tx_bytes_per_step"] / m["bytes_per_step"] for name, m in methods.items()}
+    assert all(0.97 < r < 1.1 for r in ratios.values()), ratios
+    params = meta["parameters"]  # ring at W = 2: 2(W-1)/W of 4 bytes a value
+    assert 0.97 * 4 * params < methods["allreduce"]["eth0_tx_bytes_per_step"] < 1.1 * 4 * params
     assert 3.8 < methods["allreduce"]["bytes_per_step"] / methods["int8"]["bytes_per_step"] < 4.0
     for m in methods.values():
         assert m["shaped_step_ms"] > 0 and m["unshaped_step_ms"] > 0 and len(m["shaped_steps_ms"]) == 2 * 3
         assert len(m["unshaped_round_medians_ms"]) == 2  # two rounds of each link, 3 steps each
     # 1.6 MB a step over 200 Mbit/s is at least 64 ms of wire on top of the compute
     assert methods["allreduce"]["shaped_step_ms"] > methods["allreduce"]["unshaped_step_ms"] + 30
-    assert re.search(r"measured 0\.1\d\d Gbit/s", out), out
+    printed = re.search(r"measured ([\d.]+) Gbit/s", out)
+    assert printed and float(printed.group(1)) == pytest.approx(meta["link_bps_shaped"] / 1e9, abs=1e-3), out
 
 
 @needs_netns
@@ -212,10 +213,11 @@ def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while len(_namespaces_of(proc.pid)) < 3:  # the bridge's and both ranks'
+        while len(_namespaces_of(proc.pid)) < 3 or len(_workers()) < 2:  # 3 namespaces, both ranks running
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        time.sleep(1.0)  # the ranks are running in them
+        workers = _workers()
+        time.sleep(1.0)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -225,19 +227,21 @@ def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
     assert "interrupted; namespaces removed" in err
     assert _namespaces_of(proc.pid) == []
     assert not (tmp_path / "n.json").exists()
-    # no rank process is left behind: a rank's config file lives in the run's work folder,
-    # which is removed last, so a surviving rank would name a path that is gone
+    # no rank process is left behind
     time.sleep(0.5)
-    for cmdline in _cmdlines():
-        if "gradcomp.benchmarks.net" in cmdline and "--worker" in cmdline:
-            assert os.path.exists(cmdline[cmdline.index("--worker") + 1]), cmdline
+    assert not set(workers) & set(_workers()), workers
 
 
-def _cmdlines():
+def _workers() -> list[int]:
+    """Pids of running `gradcomp bench net` ranks."""
+    pids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    yield [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+                    args = f.read().split(b"\0")
             except OSError:
-                pass
+                continue
+            if b"gradcomp.benchmarks.net" in args and b"--worker" in args:
+                pids.append(int(pid))
+    return pids

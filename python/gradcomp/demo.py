@@ -81,7 +81,9 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        args.methods = parse_methods(f"allreduce,{args.codec}" if args.codec else args.methods)
+        if args.codec:
+            args.methods = "allreduce" if args.codec == "allreduce" else f"allreduce,{args.codec}"
+        args.methods = parse_methods(args.methods)
     except ValueError as e:
         p.error(str(e))
     for name in ("world", "epochs", "batch", "width", "powersgd_rank"):
@@ -108,8 +110,9 @@ def _pick_device(args, world: int, local_rank: int):
                          "(gradcomp info says why)")
     if args.device == "cpu" or not cuda_ok:
         return torch.device("cpu"), "gloo"
-    spawned = not _under_torchrun()
-    if gpus < (world if spawned else local_rank + 1):
+    # every rank must choose alike: NCCL only if each rank on this node gets a GPU
+    ranks_here = world if not _under_torchrun() else int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    if gpus < ranks_here:
         if args.device == "cuda":
             raise SystemExit(f"gradcomp demo: {world} ranks need a GPU each (NCCL refuses two ranks on one GPU); "
                              f"{gpus} visible")
@@ -280,11 +283,31 @@ def plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _spawned_rank(rank: int, world: int, port: int, args, queue) -> None:
+def _spawned_rank(rank: int, world: int, port: int, args, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     out = run_rank(args, rank, world, rank)
-    if out is not None:
-        queue.put(out)
+    if out is not None:  # a file, not a pipe: a pipe holds 64 KiB, and the parent reads after the join
+        with open(result_path, "w") as f:
+            json.dump(out, f)
+
+
+def _join(procs) -> None:
+    """Waits for every rank; when one fails, stops the others (they would wait for it in a
+    collective until the group's timeout)."""
+    from multiprocessing.connection import wait
+
+    running = list(procs)
+    while running:
+        for sentinel in wait([p.sentinel for p in running]):
+            proc = next(p for p in running if p.sentinel == sentinel)
+            proc.join()
+            running.remove(proc)
+            if proc.exitcode != 0:
+                for p in running:
+                    p.terminate()
+                for p in running:
+                    p.join()
+                return
 
 
 def main(argv=None) -> int:
@@ -302,26 +325,33 @@ def main(argv=None) -> int:
             report(out, args)
         return 0
 
+    import tempfile
+
     import torch.multiprocessing as mp
 
     world = args.world
     print(f"gradcomp demo: {world} ranks, methods {', '.join(args.methods)}", flush=True)
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, queue)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
+    with tempfile.TemporaryDirectory(prefix="gradcomp-demo-") as tmp:
+        result_path = os.path.join(tmp, "rank0.json")
+        procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, result_path)) for r in range(world)]
         for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        raise
-    if any(proc.exitcode != 0 for proc in procs) or queue.empty():
-        codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
-        print(f"gradcomp demo: a rank failed ({codes})", file=sys.stderr)
-        return 1
-    report(queue.get(), args)
+            proc.start()
+        try:
+            _join(procs)
+        except KeyboardInterrupt:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.join()
+            print("gradcomp demo: interrupted", file=sys.stderr)
+            return 130
+        if any(proc.exitcode != 0 for proc in procs) or not os.path.exists(result_path):
+            codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
+            print(f"gradcomp demo: a rank failed ({codes})", file=sys.stderr)
+            return 1
+        with open(result_path) as f:
+            out = json.load(f)
+    report(out, args)
     return 0

@@ -537,53 +537,66 @@ class _GlooWorker:
         self.thread = threading.Thread(target=self._run, name="gradcomp-gloo", daemon=True)
         self.thread.start()
 
-    def submit(self, job, fut: torch.futures.Future, what: str, last: bool) -> None:
+    def submit(self, job, fut: torch.futures.Future, what: str, step: int, last: bool) -> None:
         """``job()`` returns the bucket's exchange generator; ``last``: the step's last bucket."""
-        self.jobs.put((job, fut, what, last))
+        self.jobs.put((job, fut, what, step, last))
 
     def _fail(self, e: Exception, what: str, *futs) -> None:
-        logger.exception("gradcomp: %s failed", what, exc_info=e)
+        logger.error("gradcomp: %s failed", what, exc_info=e)
         msg = e.args[0] if isinstance(e, GradcompError) and e.args else f"{type(e).__name__}: {e}"
         self.failure = GradcompError(f"gradcomp: {what} failed: {msg}")
         for fut in futs:  # the group may be out of step: every bucket in flight fails with it
-            fut.set_exception(self.failure)
+            if not fut.done():
+                fut.set_exception(self.failure)
 
     def _run(self) -> None:
-        pending = None  # (exchange, fut, what): started, its first collectives in flight
+        pending = None  # (exchange, fut, what, step): started, its first collectives in flight
         while True:
-            job, fut, what, last = self.jobs.get()
-            if self.failure is not None:  # the group may be out of step: never run more collectives
-                fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
-                                                f"({self.failure})"))
-                continue
-            finished, result = False, None
+            job, fut, what, step, last = self.jobs.get()
             try:
-                exchange = job()
-                try:
-                    next(exchange)
-                except StopIteration as done:
-                    finished, result = True, done.value
-            except Exception as e:
+                pending = self._handle(job, fut, what, step, last, pending)
+            except Exception as e:  # never let the thread die: DDP would wait for these futures forever
                 self._fail(e, what, fut, *([pending[1]] if pending else []))
                 pending = None
-                continue
-            if pending is not None:
-                p_exchange, p_fut, p_what = pending
-                pending = None
-                try:
-                    p_fut.set_result(run_to_end(p_exchange))
-                except Exception as e:
-                    self._fail(e, p_what, p_fut, fut)
-                    continue
-            if finished:
-                fut.set_result(result)
-            elif last:
-                try:
-                    fut.set_result(run_to_end(exchange))
-                except Exception as e:
-                    self._fail(e, what, fut)
-            else:
-                pending = (exchange, fut, what)
+
+    def _handle(self, job, fut, what: str, step: int, last: bool, pending):
+        """Starts this bucket, finishes the pending one; returns what is pending now."""
+        if self.failure is not None:  # the group may be out of step: never run more collectives
+            fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
+                                            f"({self.failure})"))
+            return None
+        if pending is not None and pending[3] != step:
+            # the previous step's backward ended early (an error the caller caught): finishing
+            # its bucket now would write old averages into a buffer DDP is filling again
+            raise GradcompError(f"{pending[2]} was left unfinished when step {step} began (that step's backward "
+                                "pass was interrupted); the hook's group is out of step")
+        finished, result = False, None
+        try:
+            exchange = job()
+            try:
+                next(exchange)
+            except StopIteration as done:
+                finished, result = True, done.value
+        except Exception as e:
+            self._fail(e, what, fut, *([pending[1]] if pending else []))
+            return None
+        if pending is not None:
+            p_exchange, p_fut, p_what, _ = pending
+            try:
+                p_fut.set_result(run_to_end(p_exchange))
+            except Exception as e:
+                self._fail(e, p_what, p_fut, fut)
+                return None
+        if finished:
+            fut.set_result(result)
+        elif last:
+            try:
+                fut.set_result(run_to_end(exchange))
+            except Exception as e:
+                self._fail(e, what, fut)
+        else:
+            return (exchange, fut, what, step)
+        return None
 
 
 def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -631,7 +644,7 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
         return state._exchange(buf, plan, state._private_group, world, rank, step, what)
 
     fut = torch.futures.Future()
-    state._worker.submit(job, fut, what, is_last)
+    state._worker.submit(job, fut, what, step, is_last)
     return fut
 
 

@@ -104,6 +104,9 @@ class Namespaces:
             _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", *tbf)
             _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "replace", "dev", f"p{r}", *tbf)
 
+    def all_names(self) -> list[str]:
+        return [self.bridge, *self.ranks]
+
     def unshape(self) -> None:
         for r, ns in enumerate(self.ranks):
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"],
@@ -112,9 +115,8 @@ class Namespaces:
                            capture_output=True)
 
     def destroy(self) -> None:
-        # deleting a namespace deletes the veth ends in it, and with them their peers
         for ns in reversed(self.created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            _delete_namespace(ns)
         self.created.clear()
 
     @staticmethod
@@ -124,10 +126,35 @@ class Namespaces:
         removed = []
         for line in out.splitlines():
             m = re.match(rf"({PREFIX}(\d+)-\S+)", line.strip())
-            if m and not os.path.exists(f"/proc/{m.group(2)}"):
-                subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True)
+            # ours by name but from an earlier process that had our pid, or from a dead one
+            if m and (int(m.group(2)) == os.getpid() or not os.path.exists(f"/proc/{m.group(2)}")):
+                _delete_namespace(m.group(1))
                 removed.append(m.group(1))
         return removed
+
+
+def _delete_namespace(ns: str) -> None:
+    """Kills what still runs in ``ns`` (it would keep the namespace alive after its name is
+    gone), then deletes it; the veth ends in it go with it, and their peers with them."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _die_with_parent() -> None:
+    """In a rank, before exec: SIGKILL when the benchmark's process dies, however it dies."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _namespace_exists(ns: str) -> bool:
+    return os.path.exists(f"/run/netns/{ns}") or os.path.exists(f"/var/run/netns/{ns}")
 
 
 def _interrupt(signum, frame):
@@ -171,6 +198,14 @@ def parse_args(argv):
     for name in ("batch", "steps", "powersgd_rank", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rate_bps <= 0:
+        p.error("--rate must be above 0")
+    if args.params < 64:
+        p.error("--params must be >= 64")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: cores / world)")
+    if args.bucket_cap_mb <= 0 or args.timeout <= 0:
+        p.error("--bucket-cap-mb and --timeout must be above 0")
     if args.warmup < 3:
         p.error("--warmup must be >= 3 (DDP rebuilds its buckets after its first step; PowerSGD starts at the third)")
     return args
@@ -189,6 +224,11 @@ def main(argv=None, out_dir: str = ".") -> int:
         print(f"gradcomp bench net: needs iproute2's {' and '.join(missing)} on PATH", file=sys.stderr)
         return 1
     out = args.out or os.path.join(out_dir, f"net-{args.rate}-w{args.world}.json")
+    out_folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_folder, exist_ok=True)
+    if not os.access(out_folder, os.W_OK):  # before minutes of measuring, not after
+        print(f"gradcomp bench net: cannot write {out}", file=sys.stderr)
+        return 1
     stale = Namespaces.remove_stale()
     if stale:
         print(f"removed namespaces left by an earlier killed run: {', '.join(stale)}")
@@ -212,17 +252,24 @@ def main(argv=None, out_dir: str = ".") -> int:
                 runs[phase].append(_run_phase(netns, args, phase, workdir, round_))
         result = _summarize(args, {phase: _merge(r) for phase, r in runs.items() if r}, runs)
     except KeyboardInterrupt:
-        print("\ngradcomp bench net: interrupted; namespaces removed", file=sys.stderr)
-        return 130
+        failure, status = "interrupted", 130
     except (RuntimeError, TimeoutError) as e:
-        print(f"gradcomp bench net: {e}", file=sys.stderr)
-        return 1
+        failure, status = str(e), 1
+    else:
+        failure, status = None, 0
     finally:
+        # a second Ctrl-C must not cut the clean-up short
+        cleanup_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in cleanup_signals}
         netns.destroy()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        for sig, handler in {**saved, **old_handlers}.items():
+            signal.signal(sig, handler)
+    if failure is not None:
+        left = [ns for ns in netns.all_names() if _namespace_exists(ns)]
+        print(f"\ngradcomp bench net: {failure}; " + (f"namespaces NOT removed: {', '.join(left)}" if left
+                                                      else "namespaces removed"), file=sys.stderr)
+        return status
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
@@ -249,7 +296,7 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             # rank 0 prints progress here; every rank's output is also in its log for errors
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "gradcomp.benchmarks.net", "--worker", config_path]
             procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else log, stderr=log,
-                                          start_new_session=True))
+                                          start_new_session=True, preexec_fn=_die_with_parent))
         deadline = time.monotonic() + args.timeout
         while any(p.poll() is None for p in procs):
             failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
@@ -295,6 +342,7 @@ def _merge(runs: list[dict]) -> dict:
         merged["methods"][method] = {
             "step_ms": statistics.median(steps), "steps_ms": steps,
             "bytes_per_step": statistics.fmean(m["bytes_per_step"] for m in ms),
+            "eth0_tx_bytes_per_step": statistics.fmean(m["eth0_tx_bytes_per_step"] for m in ms),
             "codec_ms_per_step": statistics.fmean(m["codec_ms_per_step"] for m in ms),
             "round_medians_ms": [m["step_ms"] for m in ms],
         }
@@ -314,7 +362,7 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
     print(f"step without communication: {shaped['compute_ms']:.0f} ms"
           + (f"; floor (plain all-reduce, unshaped link): {floor:.0f} ms" if floor else ""))
     print(f"{'method':<16} {'shaped ms':>9} {'unshaped':>9} {'x floor':>8} {'x own':>6} {'MB sent':>8} "
-          f"{'wire ms':>8} {'codec ms':>8}")
+          f"{'eth0 MB':>8} {'wire ms':>8} {'codec ms':>8}")
     rows = {}
     for method, s in shaped["methods"].items():
         u = unshaped["methods"].get(method) if unshaped else None
@@ -322,7 +370,8 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
         row = {"shaped_step_ms": s["step_ms"], "unshaped_step_ms": u["step_ms"] if u else None,
                "ratio_to_floor": s["step_ms"] / floor if floor else None,
                "ratio_to_own_unshaped": s["step_ms"] / u["step_ms"] if u else None,
-               "bytes_per_step": s["bytes_per_step"], "wire_ms_at_measured_rate": wire_ms,
+               "bytes_per_step": s["bytes_per_step"], "eth0_tx_bytes_per_step": s["eth0_tx_bytes_per_step"],
+               "wire_ms_at_measured_rate": wire_ms,
                "codec_ms_per_step": s["codec_ms_per_step"],
                "shaped_steps_ms": s["steps_ms"], "unshaped_steps_ms": u["steps_ms"] if u else None,
                "shaped_round_medians_ms": s["round_medians_ms"],
@@ -334,9 +383,11 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
 
         print(f"{method:<16} {s['step_ms']:>9.0f} {fmt(row['unshaped_step_ms'], '>9.0f', 9)} "
               f"{fmt(row['ratio_to_floor'], '>7.2f', 8, 'x')} {fmt(row['ratio_to_own_unshaped'], '>5.2f', 6, 'x')} "
-              f"{s['bytes_per_step'] / 1e6:>8.2f} {wire_ms:>8.0f} {s['codec_ms_per_step']:>8.0f}")
+              f"{s['bytes_per_step'] / 1e6:>8.2f} {s['eth0_tx_bytes_per_step'] / 1e6:>8.2f} {wire_ms:>8.0f} "
+              f"{s['codec_ms_per_step']:>8.0f}")
     print("(x floor: shaped step / plain all-reduce's unshaped step; x own: shaped / the method's unshaped step; "
-          "wire ms: the bytes rank 0 sent per step at the measured rate; codec ms: gradcomp's encode + decode)")
+          "MB sent: what rank 0 sent a step, counted; eth0 MB: what its interface sent, headers included; "
+          "wire ms: the counted bytes at the measured rate; codec ms: gradcomp's encode + decode, wall time)")
     return {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
@@ -404,6 +455,13 @@ def _measure_link(rank: int, master: str, nbytes: int) -> float | None:
                 sent += min(len(chunk), nbytes - sent)
             conn.recv(1)
     return None
+
+
+def _tx_bytes() -> int:
+    """Bytes this rank's eth0 has sent, headers included (``ip netns exec`` mounts the
+    namespace's own /sys)."""
+    with open("/sys/class/net/eth0/statistics/tx_bytes") as f:
+        return int(f.read())
 
 
 def _model(params: float):
@@ -474,12 +532,14 @@ def _worker(config_path: str) -> int:
                 dist.barrier()
                 for _ in range(cfg["warmup"]):
                     step()
-                sent0, codec0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds()
+                sent0, codec0, tx0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds(), _tx_bytes()
                 times = timed_steps(step, 0, cfg["steps"])
+                tx1 = _tx_bytes()
                 total = cfg["warmup"] + cfg["steps"]
                 methods[method] = {
                     "step_ms": statistics.median(times), "steps_ms": times,
                     "bytes_per_step": (m.bytes_sent(total) - sent0) / cfg["steps"],
+                    "eth0_tx_bytes_per_step": (tx1 - tx0) / cfg["steps"],
                     "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / cfg["steps"],
                     "stats": dict(m.state.stats) if m.state is not None else None,
                 }

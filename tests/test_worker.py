@@ -3,7 +3,6 @@ collectives themselves are covered by the DDP tests, over real Gloo processes)."
 
 import pytest
 import torch
-
 from gradcomp.hooks import GradcompError, _GlooWorker
 
 

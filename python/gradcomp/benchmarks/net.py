@@ -405,14 +405,11 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    import torch
+
+    from .kernels import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 # ---- inside a namespace: one rank ------------------------------------------------------

@@ -5,8 +5,9 @@
     ddp_model.register_comm_hook(gradcomp.State(codec="int8"), gradcomp.comm_hook)
 
 Collective order (DESIGN rule 7). On Gloo every collective of a State goes through one
-first-in-first-out worker thread on a private Gloo group, so buckets run whole and in
-order on every rank. On NCCL each bucket's pipeline is issued from the hook call itself
+first-in-first-out worker thread on a private Gloo group; it starts bucket k before it
+finishes bucket k-1 (``_GlooWorker``), an order that depends only on the bucket sequence,
+so it is the same on every rank. On NCCL each bucket's pipeline is issued from the hook call itself
 (DDP calls hooks in bucket order on one thread) on a side stream of the State, and the
 returned future is completed on that stream: the autograd stream is never blocked and the
 host never waits for the device.

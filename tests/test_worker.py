@@ -74,3 +74,16 @@ def test_a_bucket_left_pending_by_an_interrupted_backward_fails_the_next_step():
         with pytest.raises(GradcompError, match="bucket 0 was left unfinished when step 1 began"):
             fut.wait()
     assert log.events == ["start 0"]  # neither old averages written late nor new collectives issued
+
+
+def test_stop_finishes_what_was_submitted_ends_the_thread_and_drops_the_private_group():
+    from types import SimpleNamespace
+
+    from gradcomp import hooks
+
+    state = SimpleNamespace(_private_group=object())
+    worker, log = _GlooWorker(state=state), Log()
+    assert worker in hooks._workers  # stopped by the atexit handler too
+    fut = submit(worker, log, 0, step=0, last=True)
+    worker.stop()
+    assert fut.wait() == 0 and not worker.thread.is_alive() and state._private_group is None

@@ -13,12 +13,14 @@ returned future is completed on that stream: the autograd stream is never blocke
 host never waits for the device.
 """
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -537,6 +539,15 @@ class _GlooWorker:
         self.failure: GradcompError | None = None
         self.thread = threading.Thread(target=self._run, name="gradcomp-gloo", daemon=True)
         self.thread.start()
+        _workers.add(self)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ends the thread once the buckets already submitted are done, then drops the
+        private group, so that it is destroyed now rather than during interpreter teardown."""
+        self.jobs.put(None)
+        self.thread.join(timeout)
+        if not self.thread.is_alive() and self.state is not None:
+            self.state._private_group = None
 
     def submit(self, job, fut: torch.futures.Future, what: str, step: int, last: bool) -> None:
         """``job()`` returns the bucket's exchange generator; ``last``: the step's last bucket."""
@@ -553,7 +564,10 @@ class _GlooWorker:
     def _run(self) -> None:
         pending = None  # (exchange, fut, what, step): started, its first collectives in flight
         while True:
-            job, fut, what, step, last = self.jobs.get()
+            item = self.jobs.get()
+            if item is None:  # stop()
+                return
+            job, fut, what, step, last = item
             try:
                 pending = self._handle(job, fut, what, step, last, pending)
             except Exception as e:  # never let the thread die: DDP would wait for these futures forever
@@ -598,6 +612,18 @@ class _GlooWorker:
         else:
             return (exchange, fut, what, step)
         return None
+
+
+_workers: "weakref.WeakSet[_GlooWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # At exit, while torch's C++ side is still whole: a private Gloo group (and the daemon
+    # thread that uses it) left to interpreter teardown aborted a process now and then with
+    # "terminate called without an active exception" after all its work was done.
+    for worker in list(_workers):
+        worker.stop()
 
 
 def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

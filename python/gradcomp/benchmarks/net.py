@@ -461,6 +461,21 @@ def _tx_bytes() -> int:
         return int(f.read())
 
 
+def _drained_tx_bytes() -> int:
+    """``_tx_bytes`` once every rank is here and what this rank sent has left its queue: a
+    step ends when this rank has received, while its own last bytes may still wait in tbf."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    last, stable_since = _tx_bytes(), time.monotonic()
+    while time.monotonic() - stable_since < 0.05:
+        time.sleep(0.005)
+        now = _tx_bytes()
+        if now != last:
+            last, stable_since = now, time.monotonic()
+    return last
+
+
 def _model(params: float):
     import torch.nn as nn
 
@@ -529,9 +544,9 @@ def _worker(config_path: str) -> int:
                 dist.barrier()
                 for _ in range(cfg["warmup"]):
                     step()
-                sent0, codec0, tx0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds(), _tx_bytes()
+                sent0, codec0, tx0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds(), _drained_tx_bytes()
                 times = timed_steps(step, 0, cfg["steps"])
-                tx1 = _tx_bytes()
+                tx1 = _drained_tx_bytes()
                 total = cfg["warmup"] + cfg["steps"]
                 methods[method] = {
                     "step_ms": statistics.median(times), "steps_ms": times,

@@ -232,6 +232,34 @@ def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
     assert not set(workers) & set(_workers()), workers
 
 
+@needs_netns
+def test_bench_net_killed_outright_takes_its_ranks_along_and_the_next_run_removes_its_namespaces(tmp_path):
+    cmd = [*GRADCOMP, "bench", "net", "--rate", "50mbit", "--params", "4e5", "--steps", "50", "--methods", "allreduce",
+           "--out", "n.json"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_namespaces_of(proc.pid)) < 3 or len(_workers()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = _workers()
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while set(workers) & set(_workers()):  # PR_SET_PDEATHSIG: the ranks get SIGKILL too
+        assert time.monotonic() < deadline, "ranks outlived their killed parent"
+        time.sleep(0.05)
+    assert len(_namespaces_of(proc.pid)) == 3  # nothing could clean up after SIGKILL
+    r = subprocess.run([*GRADCOMP, "bench", "net", "--rate", "fast"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2  # a bad option: stops before touching anything
+    assert len(_namespaces_of(proc.pid)) == 3
+    r = subprocess.run([*GRADCOMP, "bench", "net", "--params", "4e5", "--steps", "1", "--warmup", "3", "--rounds", "1",
+                        "--no-unshaped", "--methods", "allreduce", "--out", "n2.json"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "removed namespaces left by an earlier killed run" in r.stdout
+    assert _namespaces_of(proc.pid) == []
+
+
 def _workers() -> list[int]:
     """Pids of running `gradcomp bench net` ranks."""
     pids = []

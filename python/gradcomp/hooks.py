@@ -7,8 +7,8 @@
 Collective order (DESIGN rule 7). On Gloo every collective of a State goes through one
 first-in-first-out worker thread on a private Gloo group; it starts bucket k before it
 finishes bucket k-1 (``_GlooWorker``), an order that depends only on the bucket sequence,
-so it is the same on every rank. On NCCL each bucket's pipeline is issued from the hook call itself
-(DDP calls hooks in bucket order on one thread) on a side stream of the State, and the
+so it is the same on every rank. On NCCL each bucket's pipeline is issued from the hook
+call itself (DDP calls hooks in bucket order on one thread) on a side stream of the State, and the
 returned future is completed on that stream: the autograd stream is never blocked and the
 host never waits for the device.
 """
@@ -542,8 +542,9 @@ class _GlooWorker:
         _workers.add(self)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ends the thread once the buckets already submitted are done, then drops the
-        private group, so that it is destroyed now rather than during interpreter teardown."""
+        """Ends the thread after the buckets already submitted (a bucket still waiting for
+        its step's next one is left unfinished: only called at exit), then drops the private
+        group, so that it is destroyed now rather than during interpreter teardown."""
         self.jobs.put(None)
         self.thread.join(timeout)
         if not self.thread.is_alive() and self.state is not None:
@@ -568,50 +569,38 @@ class _GlooWorker:
             if item is None:  # stop()
                 return
             job, fut, what, step, last = item
+            if self.failure is not None:  # the group may be out of step: never run more collectives
+                fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
+                                                f"({self.failure})"))
+                continue
+            in_flight = [fut] + ([pending[1]] if pending else [])
+            failing = what  # the bucket an exception is reported against
             try:
-                pending = self._handle(job, fut, what, step, last, pending)
+                if pending is not None and pending[3] != step:
+                    # the previous step's backward ended early (an error the caller caught):
+                    # finishing its bucket now would write old averages into a buffer DDP is
+                    # filling again
+                    raise GradcompError(f"{pending[2]} was left unfinished when step {step} began (that step's "
+                                        "backward pass was interrupted); the hook's group is out of step")
+                exchange = job()
+                try:
+                    next(exchange)
+                    finished, result = False, None
+                except StopIteration as done:
+                    finished, result = True, done.value
+                if pending is not None:
+                    failing = pending[2]
+                    pending[1].set_result(run_to_end(pending[0]))
+                    failing, pending = what, None
+                if finished:
+                    fut.set_result(result)
+                elif last:
+                    fut.set_result(run_to_end(exchange))
+                else:
+                    pending = (exchange, fut, what, step)
             except Exception as e:  # never let the thread die: DDP would wait for these futures forever
-                self._fail(e, what, fut, *([pending[1]] if pending else []))
+                self._fail(e, failing, *in_flight)
                 pending = None
-
-    def _handle(self, job, fut, what: str, step: int, last: bool, pending):
-        """Starts this bucket, finishes the pending one; returns what is pending now."""
-        if self.failure is not None:  # the group may be out of step: never run more collectives
-            fut.set_exception(GradcompError(f"gradcomp: {what} not reduced: an earlier bucket failed "
-                                            f"({self.failure})"))
-            return None
-        if pending is not None and pending[3] != step:
-            # the previous step's backward ended early (an error the caller caught): finishing
-            # its bucket now would write old averages into a buffer DDP is filling again
-            raise GradcompError(f"{pending[2]} was left unfinished when step {step} began (that step's backward "
-                                "pass was interrupted); the hook's group is out of step")
-        finished, result = False, None
-        try:
-            exchange = job()
-            try:
-                next(exchange)
-            except StopIteration as done:
-                finished, result = True, done.value
-        except Exception as e:
-            self._fail(e, what, fut, *([pending[1]] if pending else []))
-            return None
-        if pending is not None:
-            p_exchange, p_fut, p_what, _ = pending
-            try:
-                p_fut.set_result(run_to_end(p_exchange))
-            except Exception as e:
-                self._fail(e, p_what, p_fut, fut)
-                return None
-        if finished:
-            fut.set_result(result)
-        elif last:
-            try:
-                fut.set_result(run_to_end(exchange))
-            except Exception as e:
-                self._fail(e, what, fut)
-        else:
-            return (exchange, fut, what, step)
-        return None
 
 
 _workers: "weakref.WeakSet[_GlooWorker]" = weakref.WeakSet()

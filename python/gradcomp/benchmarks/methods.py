@@ -5,8 +5,8 @@
     "torch-powersgd"  torch's powerSGD_hook (rank ``powersgd_rank``)
     anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
 
-``attach(ddp, method)`` registers the method on a DistributedDataParallel model and returns
-a ``Method`` that counts the bytes this rank put on the wire.
+``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
+the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs.
 """
 
 from __future__ import annotations

@@ -298,19 +298,18 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else log, stderr=log,
                                           start_new_session=True, preexec_fn=_die_with_parent))
         deadline = time.monotonic() + args.timeout
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                raise RuntimeError(f"{phase} phase: rank {failed[0]} exited with {procs[failed[0]].returncode}:\n"
+                raise RuntimeError(f"{phase} phase: rank {failed[0]} exited with {codes[failed[0]]}:\n"
                                    + _tail(logs[failed[0]].name))
+            if None not in codes:
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{phase} phase took over {args.timeout:.0f} s; rank 1's log:\n"
                                    + _tail(logs[min(1, len(logs) - 1)].name))
             time.sleep(0.2)
-        bad = [r for r, p in enumerate(procs) if p.returncode != 0]
-        if bad:
-            raise RuntimeError(f"{phase} phase: rank {bad[0]} exited with {procs[bad[0]].returncode}:\n"
-                               + _tail(logs[bad[0]].name))
         with open(result_path) as f:
             return json.load(f)
     finally:

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 #include "gradcomp.h"
 
 namespace py = pybind11;
@@ -52,13 +53,8 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_compiled"] = cuda_compiled();
     d["cuda_version"] = cuda_runtime_version();
     d["cuda_archs"] = cuda_archs();
-#if defined(_OPENMP)
-    d["openmp"] = true;
-    d["openmp_version"] = static_cast<int>(_OPENMP);
-#else
-    d["openmp"] = false;
-    d["openmp_version"] = 0;
-#endif
+    // Found at run time, not linked: the runtime torch loaded, "" before torch is imported
+    d["openmp_runtime"] = std::string(parallel::runtime_path());
     d["compiler"] = compiler_name();
     d["cpu_isa"] = cpu_isa();
     return d;
@@ -69,6 +65,12 @@ PYBIND11_MODULE(_C, m) {
       "Chooses the CPU kernels: 'auto', 'avx2' or 'baseline' (the same bits either way). False, changing "
       "nothing, for a name this build or processor cannot run.");
   m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_driver_version", &cuda_driver_version, "cudaDriverGetVersion (e.g. 12040); 0 without a driver");
+  m.def("cuda_problem", &cuda_problem, "Why the CUDA backend cannot run on this driver, or ''");
+  // The messages' logic, for the tests (a real old driver is rarely at hand)
+  m.def("_cuda_driver_problem", &cuda_driver_problem);
+  m.def("_cuda_ptx_problem", &cuda_ptx_problem);
+  m.def("_cuda_arch_problem", &cuda_arch_problem);
 
   m.def(
       "quant_encode_cpu",

@@ -94,6 +94,14 @@ bool cuda_compiled();
 int cuda_device_count();     // 0 when no driver or no device
 std::string cuda_archs();    // the architectures really compiled, e.g. "75,80,90"
 int cuda_runtime_version();  // CUDART_VERSION the backend was built with, 0 if none
+int cuda_driver_version();   // what cudaDriverGetVersion says (e.g. 12040), 0 without a driver or CUDA
+// Why the CUDA backend cannot run on this machine's driver, or "" (no device is touched).
+std::string cuda_problem();
+// The messages (cuda/driver.cpp): "" when a driver for CUDA driver_version runs a build made
+// with CUDA runtime_version; the reason and the fix otherwise.
+std::string cuda_driver_problem(int driver_version, int runtime_version);
+std::string cuda_ptx_problem(int driver_version, int runtime_version, int major, int minor, const std::string& archs);
+std::string cuda_arch_problem(int major, int minor, const std::string& archs);
 
 void quant_encode_cuda(int bits, int64_t block, DType dtype, DType residual_dtype, const void* bucket,
                        const int64_t* table, int64_t world, int64_t slots, uint8_t* send, codec::Rounding rounding,

@@ -11,10 +11,7 @@
 
 #include "../codec.h"
 #include "isa.h"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 #ifndef GC_CPU_ISA
 #define GC_CPU_ISA isa_baseline
@@ -158,11 +155,9 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
   const int64_t code_bytes = block_code_bytes(block, Bits);
   for (int64_t r = 0; r < world; ++r) zero_unused(send + r * sb, slots);
   const int64_t rows = world * slots;
-#pragma omp parallel num_threads(threads)
-  {
+  parallel::for_static(threads, rows, [&](int64_t lo, int64_t hi) {
     float a[kMaxBlock], u[kMaxBlock];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
       const int64_t slot = i / world, owner = i % world;  // slot-major: the bucket's own order
       const int64_t* t = table + (owner * slots + slot) * kRowWords;
       uint8_t* shard = send + owner * sb;
@@ -185,12 +180,9 @@ void encode_impl(int64_t block, const void* bucket_v, const int64_t* table, int6
       bool bad = false;
       const float* noise = draw_noise(rounding, kStageEncode, t, len, u);
       scales[slot] = encode_block<Bits, R>(a, m, len, block, noise, codes, res, false, 1.0f, &bad);
-      if (bad) {
-#pragma omp atomic
-        *flag_ptr(shard) |= 1u;
-      }
+      if (bad) parallel::atomic_or(flag_ptr(shard), 1u);
     }
-  }
+  });
 }
 
 // The codes of every byte value as floats: unpacking a byte is one copy of 8 / Bits floats
@@ -245,11 +237,9 @@ void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int
   *flag_ptr(slice) = incoming ? 1u : 0u;
   float* out_scales = reinterpret_cast<float*>(slice + shard_scales_offset());
   const float world_f = static_cast<float>(world), inv_w = inv_world(world);
-#pragma omp parallel num_threads(threads)
-  {
+  parallel::for_static(threads, slots, [&](int64_t lo, int64_t hi) {
     float a[kMaxBlock], u[kMaxBlock], q[Bits == 8 ? 1 : kMaxBlock];
-#pragma omp for schedule(static)
-    for (int64_t slot = 0; slot < slots; ++slot) {
+    for (int64_t slot = lo; slot < hi; ++slot) {
       const int64_t* t = my_rows + slot * kRowWords;
       const int64_t len = t[1];
       if (slot + 1 < slots) {
@@ -278,12 +268,9 @@ void reduce_impl(int64_t block, const uint8_t* recv, const int64_t* my_rows, int
       bool bad = false;
       const float* noise = draw_noise(rounding, kStageReduce, t, len, u);
       out_scales[slot] = encode_block<Bits, R>(a, m, len, block, noise, codes, residual_ptr<R>(t), true, world_f, &bad);
-      if (bad) {
-#pragma omp atomic
-        *flag_ptr(slice) |= 1u;
-      }
+      if (bad) parallel::atomic_or(flag_ptr(slice), 1u);
     }
-  }
+  });
 }
 
 template <int Bits, DType D>
@@ -297,11 +284,9 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
   uint32_t flagged = 0;
   for (int64_t r = 0; r < world; ++r) flagged |= flag_of(gathered + r * sb);
   const int64_t rows = world * slots;
-#pragma omp parallel num_threads(threads)
-  {
+  parallel::for_static(threads, rows, [&](int64_t lo, int64_t hi) {
     float q[Bits == 8 ? 1 : kMaxBlock];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = lo; i < hi; ++i) {
       const int64_t slot = i / world, owner = i % world;  // slot-major: the bucket's own order
       const int64_t* t = table + (owner * slots + slot) * kRowWords;
       const uint8_t* shard = gathered + owner * sb;
@@ -315,7 +300,7 @@ void decode_impl(int64_t block, const uint8_t* gathered, const int64_t* table, i
         for (int64_t i = 0; i < len; ++i) E::store(bucket, off + i, dequant_at<Bits>(codes, q, i, scale));
       }
     }
-  }
+  });
 }
 
 template <int B>

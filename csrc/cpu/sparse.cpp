@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../gradcomp.h"
+#include "parallel.h"
 
 namespace gradcomp {
 namespace {
@@ -37,8 +38,7 @@ uint32_t scan(const SparseSource<D>& src, int64_t n, int threads, bool first,
   std::vector<uint32_t> hists(hist0 ? static_cast<size_t>(chunks) * bins : 0, 0u);
   std::vector<std::vector<Cand>> parts(cands ? chunks : 0);
   std::vector<uint32_t> maxima(chunks, 0u);
-#pragma omp parallel for num_threads(chunks) schedule(static) if (chunks > 1)
-  for (int c = 0; c < chunks; ++c) {
+  parallel::for_dynamic(chunks, chunks, [&](int64_t c) {
     const int64_t lo = c * n / chunks, hi = (c + 1) * n / chunks;
     uint32_t* h = hist0 ? hists.data() + static_cast<size_t>(c) * bins : nullptr;
     std::vector<Cand>* part = cands ? &parts[c] : nullptr;
@@ -57,7 +57,7 @@ uint32_t scan(const SparseSource<D>& src, int64_t n, int threads, bool first,
       if (part && key >= min_key) part->push_back({static_cast<uint32_t>(i), key});
     }
     maxima[c] = m;
-  }
+  });
   if (hist0) {
     for (int b = 0; b < bins; ++b) hist0[b] = 0;
     for (int c = 0; c < chunks; ++c)
@@ -165,9 +165,9 @@ void topk_encode_t(bool approx, DType wire, const void* bucket, const int64_t* t
   for (int64_t i = 0; i < rows; ++i) (sparse_row(table, i).n >= kParallelMin ? large : small).push_back(i);
   std::vector<uint8_t> bad(rows, 0);
   const int64_t n_small = static_cast<int64_t>(small.size());
-#pragma omp parallel for num_threads(threads) schedule(dynamic) if (n_small > 1)
-  for (int64_t s = 0; s < n_small; ++s)
+  parallel::for_dynamic(threads, n_small, [&](int64_t s) {
     bad[small[s]] = encode_row<D>(bucket, sparse_row(table, small[s]), approx, wire, pairs, payload, 1);
+  });
   for (int64_t i : large) bad[i] = encode_row<D>(bucket, sparse_row(table, i), approx, wire, pairs, payload, threads);
   const uint32_t flag = std::find(bad.begin(), bad.end(), 1) != bad.end() ? 1u : 0u;
   std::memcpy(payload, &flag, 4);
@@ -188,11 +188,10 @@ bool row_indices_valid(const int32_t* idx,  // [k]
 template <DType D>
 void fill_rows(void* bucket_v, const int64_t* table, int64_t rows, float v, int threads) {
   auto* bucket = static_cast<typename Elem<D>::storage*>(bucket_v);
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t i = 0; i < rows; ++i) {
+  parallel::for_dynamic(threads, rows, [&](int64_t i) {
     const SparseRow row = sparse_row(table, i);
     for (int64_t e = 0; e < row.n; ++e) Elem<D>::store(bucket, row.offset + e, v);
-  }
+  });
 }
 
 template <DType D>
@@ -206,21 +205,19 @@ int64_t topk_decode_t(DType wire, const uint8_t* gathered, const int64_t* table,
     flags |= f;
   }
   int64_t rejected = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(+ : rejected)
-  for (int64_t t = 0; t < world * rows; ++t) {
+  parallel::for_dynamic(threads, world * rows, [&](int64_t t) {
     const int64_t r = t / rows;
     const SparseRow row = sparse_row(table, t % rows);
     const auto* idx = reinterpret_cast<const int32_t*>(gathered + r * bytes + kHeaderBytes) + row.first_pair;
-    if (!row_indices_valid(idx, row.k, row.n)) ++rejected;
-  }
+    if (!row_indices_valid(idx, row.k, row.n)) parallel::atomic_add(&rejected, 1);
+  });
   if (flags != 0 || rejected != 0) {  // non-finite or corrupted: the compressed values become NaN
     fill_rows<D>(bucket_v, table, rows, quiet_nan(), threads);
     return rejected;
   }
   auto* bucket = static_cast<typename Elem<D>::storage*>(bucket_v);
   const float inv_w = inv_world(world);
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t i = 0; i < rows; ++i) {
+  parallel::for_dynamic(threads, rows, [&](int64_t i) {
     const SparseRow row = sparse_row(table, i);
     std::vector<float> scratch(D == DType::F32 ? 0 : row.n, 0.0f);
     float* acc = D == DType::F32 ? reinterpret_cast<float*>(bucket) + row.offset : scratch.data();
@@ -234,7 +231,7 @@ int64_t topk_decode_t(DType wire, const uint8_t* gathered, const int64_t* table,
     }
     if (D != DType::F32)
       for (int64_t e = 0; e < row.n; ++e) Elem<D>::store(bucket, row.offset + e, acc[e]);
-  }
+  });
   return 0;
 }
 
@@ -251,19 +248,20 @@ void randomk_encode_t(const void* bucket_v, const int64_t* table, int64_t rows, 
     const auto src = sparse_source<D>(bucket, row);
     const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
     const int64_t n = row.n, k = row.k;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (n >= kParallelMin)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t lo = j * n / k, hi = (j + 1) * n / k;
-      const int64_t pick = randomk_index(key, j, n, k);
+    parallel::for_static(n >= kParallelMin ? threads : 1, k, [&](int64_t j0, int64_t j1) {
       uint32_t m = 0;
-      for (int64_t e = lo; e < hi; ++e) {
-        const float a = src.first(e);
-        m = std::max(m, abs_bits(a));
-        if (e == pick) values[row.first_pair + j] = a;
-        if (src.r) src.r[e] = (e == pick || !is_finite(a)) ? 0.0f : a;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t lo = j * n / k, hi = (j + 1) * n / k;
+        const int64_t pick = randomk_index(key, j, n, k);
+        for (int64_t e = lo; e < hi; ++e) {
+          const float a = src.first(e);
+          m = std::max(m, abs_bits(a));
+          if (e == pick) values[row.first_pair + j] = a;
+          if (src.r) src.r[e] = (e == pick || !is_finite(a)) ? 0.0f : a;
+        }
       }
-      bad |= m >= 0x7f800000u ? 1u : 0u;
-    }
+      if (m >= 0x7f800000u) parallel::atomic_or(&bad, 1u);
+    });
   }
   payload[0] = bad ? 1.0f : 0.0f;
   payload[1] = payload[2] = payload[3] = 0.0f;
@@ -283,13 +281,14 @@ void randomk_decode_t(const float* reduced, const int64_t* table, int64_t rows, 
     const SparseRow row = sparse_row(table, i);
     const uint64_t key = randomk_key(seed, step, static_cast<uint64_t>(row.ordinal));
     const int64_t n = row.n, k = row.k;
-#pragma omp parallel for num_threads(threads) schedule(static) if (n >= kParallelMin)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t lo = j * n / k, hi = (j + 1) * n / k;
-      const int64_t pick = randomk_index(key, j, n, k);
-      const float v = sparse_accumulate(0.0f, values[row.first_pair + j], inv_w);
-      for (int64_t e = lo; e < hi; ++e) Elem<D>::store(bucket, row.offset + e, e == pick ? v : 0.0f);
-    }
+    parallel::for_static(n >= kParallelMin ? threads : 1, k, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t lo = j * n / k, hi = (j + 1) * n / k;
+        const int64_t pick = randomk_index(key, j, n, k);
+        const float v = sparse_accumulate(0.0f, values[row.first_pair + j], inv_w);
+        for (int64_t e = lo; e < hi; ++e) Elem<D>::store(bucket, row.offset + e, e == pick ? v : 0.0f);
+      }
+    });
   }
 }
 

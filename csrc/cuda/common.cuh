@@ -32,13 +32,20 @@ void with_dtype(DType d, F&& f) {
   throw std::invalid_argument("gradcomp: unsupported dtype");
 }
 
-// Makes `device` current for the launch. The caller (python/gradcomp/ops.py) wraps the call
-// in torch's device guard, which restores the previous device the way torch does (without
-// creating a context on a device that has none), so this is a no-op in practice.
+// Throws, saying why and what to do, when this machine's driver cannot run this build, or
+// `device` (current) has no kernels it can load. Checked once per process and device.
+void ensure_ready(int device);
+
+// Makes `device` current for the launch, after ensure_ready's checks. The caller
+// (python/gradcomp/ops.py) wraps the call in torch's device guard, which restores the
+// previous device the way torch does (without creating a context on a device that has
+// none), so the switch is a no-op in practice.
 inline void use_device(int device) {
   int now = -1;
+  ensure_ready(-1);  // the driver first: cudaGetDevice would only say "insufficient driver"
   check(cudaGetDevice(&now), "get device");
   if (now != device) check(cudaSetDevice(device), "set device");
+  ensure_ready(device);
 }
 
 }  // namespace cuda_util

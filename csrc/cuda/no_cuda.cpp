@@ -15,6 +15,8 @@ bool cuda_compiled() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_archs() { return ""; }
 int cuda_runtime_version() { return 0; }
+int cuda_driver_version() { return 0; }
+std::string cuda_problem() { return "gradcomp was built without CUDA"; }
 
 void quant_encode_cuda(int, int64_t, DType, DType, const void*, const int64_t*, int64_t, int64_t, uint8_t*,
                        codec::Rounding, int, intptr_t) {

@@ -4,6 +4,7 @@
 // same calls the CPU twin makes, so both backends produce the same bits.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -554,6 +555,52 @@ std::string cuda_archs() {
 }
 
 int cuda_runtime_version() { return CUDART_VERSION; }
+
+int cuda_driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {  // 0 and success without a driver; be sure
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+std::string cuda_problem() {
+  static const std::string problem = cuda_driver_problem(cuda_driver_version(), CUDART_VERSION);
+  return problem;
+}
+
+namespace cuda_util {
+namespace {
+__global__ void probe_kernel() {}
+}  // namespace
+
+void ensure_ready(int device) {
+  if (device < 0) {
+    const std::string& problem = cuda_problem();
+    if (!problem.empty()) throw std::runtime_error("gradcomp: " + problem);
+    return;
+  }
+  static std::atomic<uint64_t> ready{0};  // one bit per device ordinal checked
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (ready.load(std::memory_order_acquire) & bit)) return;
+  cudaFuncAttributes attrs;
+  const cudaError_t err = cudaFuncGetAttributes(&attrs, probe_kernel);  // loads the module for `device`
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err == cudaErrorUnsupportedPtxVersion)
+      throw std::runtime_error("gradcomp: " +
+                               cuda_ptx_problem(cuda_driver_version(), CUDART_VERSION, major, minor, cuda_archs()));
+    if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
+      throw std::runtime_error("gradcomp: " + cuda_arch_problem(major, minor, cuda_archs()));
+    check(err, "loading kernels");
+  }
+  if (bit) ready.fetch_or(bit, std::memory_order_acq_rel);
+}
+}  // namespace cuda_util
 
 void quant_encode_cuda(int bits, int64_t block, DType dtype, DType residual_dtype, const void* bucket,
                        const int64_t* table, int64_t world, int64_t slots, uint8_t* send, Rounding rounding, int device,

@@ -19,8 +19,11 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """How this gradcomp was built: version, cuda_compiled, cuda_version (e.g. 13000),
-    cuda_archs (the architectures really compiled, e.g. "750,800,900"), openmp, compiler."""
+    """How this gradcomp was built: version, cuda_compiled, cuda_version (CUDART_VERSION,
+    e.g. 12090 for 12.9), cuda_archs (the architectures really compiled, from nvcc's
+    __CUDA_ARCH_LIST__, e.g. "750,800,900"), compiler, cpu_isa; and openmp_runtime: the file
+    of the OpenMP runtime the CPU kernels use, the one torch loaded (found at run time, not
+    linked; "" if none: the kernels then run on the calling thread)."""
     return dict(_C.build_info())
 
 

@@ -18,6 +18,7 @@
 Each takes --help.
 """
 
+import struct
 import sys
 
 
@@ -51,6 +52,19 @@ def info(argv) -> int:
     build = gradcomp.build_info()
     for k, v in build.items():
         print(f"  {k}: {v}")
+    from . import _C
+
+    if build["cuda_compiled"]:
+        from . import _fatbin
+
+        try:  # what the module really carries, PTX included
+            code = _fatbin.summary(_C.__file__) or "none"
+        except (OSError, ValueError, struct.error) as e:
+            code = f"? ({e})"
+        print(f"  CUDA kernels: built with CUDA {cuda_version_name(build['cuda_version'])}: {code}")
+        driver = _C.cuda_driver_version()
+        print(f"  NVIDIA driver: {'supports CUDA ' + cuda_version_name(driver) if driver else 'none found'}")
+    print(f"  CPU threads: {build['openmp_runtime'] or 'the calling thread only (no OpenMP runtime loaded)'}")
     print(f"torch {torch.__version__} (built with CUDA {torch.version.cuda})")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"CUDA devices visible to torch: {gpus}")
@@ -63,6 +77,8 @@ def info(argv) -> int:
         cuda = "yes"
     elif not build["cuda_compiled"]:
         cuda = "no (this gradcomp was built without CUDA)"
+    elif _C.cuda_problem():
+        cuda = f"no ({_C.cuda_problem()})"
     elif torch.version.cuda is None:
         cuda = "no (this torch is a CPU-only build)"
     else:
@@ -71,6 +87,11 @@ def info(argv) -> int:
     for name, available in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available())):
         print(f"  torch.distributed {name}: {'yes' if available else 'no'}")
     return 0
+
+
+def cuda_version_name(version: int) -> str:
+    """12090 -> "12.9" (CUDART_VERSION and cudaDriverGetVersion's encoding)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def main(argv=None) -> int:

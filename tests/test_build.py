@@ -207,3 +207,28 @@ def test_info_shows_compiled_code_cuda_version_and_openmp_runtime(tmp_path):
             assert f"gradcomp CUDA backend: no ({_C.cuda_problem()})" in out
     runtime = BUILD["openmp_runtime"]
     assert f"CPU threads: {runtime}" in out if runtime else "CPU threads: the calling thread only" in out
+
+
+def test_register_of_a_gpu_model_fails_at_once_when_the_cuda_backend_cannot_run():
+    """The check register() makes before touching DDP, on a stand-in whose parameters say
+    they are on a GPU (this machine may have none)."""
+    from gradcomp.hooks import _check_cuda_backend
+
+    class OnGpu:
+        is_cuda = True
+
+    class Model:
+        def __init__(self, params):
+            self.params = params
+
+        def parameters(self):
+            return iter(self.params)
+
+    _check_cuda_backend(Model([torch.zeros(1)]))  # a CPU model: nothing to check
+    problem = _C.cuda_problem()
+    if not problem:
+        _check_cuda_backend(Model([torch.zeros(1), OnGpu()]))
+        return
+    with pytest.raises(RuntimeError) as e:
+        _check_cuda_backend(Model([torch.zeros(1), OnGpu()]))
+    assert "the model is on a GPU" in str(e.value) and problem in str(e.value)

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import codecs
+from . import _C, codecs
 from .collectives import (
     all_gather_single,
     quantized_allreduce_,
@@ -687,6 +687,17 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what, step)
     return fut
 
 
+def _check_cuda_backend(ddp_model) -> None:
+    """A model on a GPU fails at registration, not at its first backward, when gradcomp's CUDA
+    backend cannot run here (built without CUDA, or a driver too old for the CUDA it was
+    built with), with the reason and the fix."""
+    if not any(p.is_cuda for p in ddp_model.parameters()):
+        return
+    problem = _C.cuda_problem()
+    if problem:
+        raise RuntimeError(f"gradcomp.register: the model is on a GPU, but {problem}")
+
+
 def register(ddp_model, codec="int8", **kwargs) -> State:
     """Registers gradcomp's hook on a DistributedDataParallel model; returns its State.
 
@@ -702,6 +713,7 @@ def register(ddp_model, codec="int8", **kwargs) -> State:
         hooks = ", ".join(getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks)
         raise RuntimeError(f"gradcomp.register: this DDP model already has a communication hook ({hooks}); "
                            "DDP takes one per model, so register gradcomp once, on a model without one")
+    _check_cuda_backend(ddp_model)
     state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
     ddp_model.register_comm_hook(state, comm_hook)
     world, _ = state._world_rank()

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace gradcomp {
 namespace parallel {
@@ -33,27 +34,45 @@ bool is_openmp_name(const char* path) {
   return false;
 }
 
-// The first loaded OpenMP runtime that exports the three entry points; RTLD_NOLOAD: only an
-// object already in the process, never a second copy.
-int visit(dl_phdr_info* info, size_t, void* out) {
-  auto* rt = static_cast<Runtime*>(out);
-  const char* path = info->dlpi_name;
-  if (!path || !*path || !is_openmp_name(path)) return 0;
-  void* handle = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
-  if (!handle) return 0;
+// The three entry points as `handle` resolves them (the object and what it depends on);
+// false, with the handle closed, when one is missing. The handle stays open otherwise: the
+// runtime must outlive every call through it.
+bool bind(void* handle, Runtime* rt) {
+  if (!handle) return false;
   auto parallel = reinterpret_cast<ParallelFn>(dlsym(handle, "GOMP_parallel"));
   auto thread_num = reinterpret_cast<IntFn>(dlsym(handle, "omp_get_thread_num"));
   auto num_threads = reinterpret_cast<IntFn>(dlsym(handle, "omp_get_num_threads"));
   if (!parallel || !thread_num || !num_threads) {
     dlclose(handle);
-    return 0;
+    return false;
   }
-  // The handle stays open: the runtime must outlive every call through it.
+  Dl_info where{};
   rt->parallel = parallel;
   rt->thread_num = thread_num;
   rt->num_threads = num_threads;
-  rt->path = path;
-  return 1;
+  rt->path = dladdr(reinterpret_cast<void*>(parallel), &where) && where.dli_fname ? where.dli_fname : "";
+  return true;
+}
+
+// Collects the loaded objects named like an OpenMP runtime. Only names: dlopen inside
+// dl_iterate_phdr's callback takes the loader's locks in the opposite order to a dlopen on
+// another thread, and the two can deadlock.
+int collect_openmp_names(dl_phdr_info* info, size_t, void* names /* std::vector<std::string>* */) {
+  const char* path = info->dlpi_name;
+  if (path && *path && is_openmp_name(path)) static_cast<std::vector<std::string>*>(names)->push_back(path);
+  return 0;
+}
+
+// Torch's own runtime first: what libtorch_cpu resolves GOMP_parallel to (whatever its file
+// is called). Else the first loaded libgomp/libiomp/libomp exporting the entry points.
+// RTLD_NOLOAD throughout: only objects already in the process, never a second copy.
+bool find_runtime(Runtime* rt) {
+  if (bind(dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD), rt)) return true;
+  std::vector<std::string> names;
+  dl_iterate_phdr(collect_openmp_names, &names);
+  for (const std::string& name : names)
+    if (bind(dlopen(name.c_str(), RTLD_LAZY | RTLD_NOLOAD), rt)) return true;
+  return false;
 }
 
 std::atomic<const Runtime*> bound{nullptr};
@@ -61,9 +80,8 @@ std::atomic<const Runtime*> bound{nullptr};
 const Runtime* runtime() {
   if (const Runtime* rt = bound.load(std::memory_order_acquire)) return rt;
   Runtime found;
-  dl_iterate_phdr(visit, &found);
-  if (!found.parallel) return nullptr;  // look again next call: torch may not be loaded yet
-  auto* fresh = new Runtime(found);     // kept for the life of the process
+  if (!find_runtime(&found)) return nullptr;  // look again next call: torch may not be loaded yet
+  auto* fresh = new Runtime(found);           // kept for the life of the process
   const Runtime* expected = nullptr;
   if (!bound.compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) {
     delete fresh;  // another thread bound first (the same runtime)

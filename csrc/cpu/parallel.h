@@ -19,8 +19,9 @@ namespace parallel {
 // runtime is bound. Returns when every call has returned.
 void run(int threads, void (*fn)(void* ctx, int index, int team), void* ctx);
 
-// The file of the bound OpenMP runtime, or "" (serial). Binds on first use: looks for a
-// loaded libgomp, libiomp or libomp that exports GOMP_parallel; retries while none is found.
+// The file of the bound OpenMP runtime, or "" (serial). Binds on first use: the runtime
+// libtorch_cpu uses, else a loaded libgomp, libiomp or libomp that exports GOMP_parallel;
+// retries while none is found.
 const char* runtime_path();
 
 // body(lo, hi) once per thread over a static split of [0, n): thread t of T takes

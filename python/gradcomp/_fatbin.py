@@ -50,14 +50,12 @@ def entries(path: str) -> list[tuple[str, int]]:
     if not section:
         return []
     found = []
-    pos = 0
-    while pos + 16 <= len(section):
-        magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", section, pos)
-        if magic != FATBIN_MAGIC:
-            pos += 8  # padding between the fat binaries of two translation units
-            continue
+    magic_bytes = struct.pack("<I", FATBIN_MAGIC)
+    pos = section.find(magic_bytes)  # padding may sit between the fat binaries of two units
+    while pos >= 0 and pos + 16 <= len(section):
+        _magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", section, pos)
         entry = pos + header_size
-        end = entry + fat_size
+        end = min(entry + fat_size, len(section))
         while entry + 32 <= end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", section, entry)
             arch, = struct.unpack_from("<I", section, entry + 28)
@@ -66,7 +64,7 @@ def entries(path: str) -> list[tuple[str, int]]:
             if entry_header == 0:
                 break
             entry += entry_header + payload
-        pos = end
+        pos = section.find(magic_bytes, max(end, pos + 16))  # always forward, even past a bad header
     return found
 
 

@@ -37,7 +37,9 @@ std::string cuda_driver_problem(int driver_version, int runtime_version) {
   const std::string fixes =
       ". Update the driver, or install a gradcomp built with an older CUDA (the release wheels use CUDA 12.9, which "
       "runs on R525 and newer), or build gradcomp from source with the CUDA toolkit your driver supports.";
-  if (driver_version <= 0) return "no NVIDIA driver was found (libcuda.so.1 did not load); " + built + needs + fixes;
+  if (driver_version <= 0)  // most often a machine without a GPU: nothing to update
+    return "no NVIDIA driver was found (libcuda.so.1 did not load); " + built + needs +
+           " and a GPU. The CPU backend works without either.";
   if (driver_version / 1000 < runtime_version / 1000)
     return "the NVIDIA driver supports CUDA " + cuda_name(driver_version) + "; " + built + needs + fixes;
   return "";

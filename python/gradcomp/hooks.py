@@ -687,15 +687,17 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what, step)
     return fut
 
 
-def _check_cuda_backend(ddp_model) -> None:
+def _check_cuda_backend(ddp_model, codec: codecs.Codec) -> None:
     """A model on a GPU fails at registration, not at its first backward, when gradcomp's CUDA
     backend cannot run here (built without CUDA, or a driver too old for the CUDA it was
-    built with), with the reason and the fix."""
-    if not any(p.is_cuda for p in ddp_model.parameters()):
+    built with), with the reason and the fix. Cast codecs (fp16, bf16) are torch ops alone
+    and run without it."""
+    if isinstance(codec, codecs.Cast) or not any(p.is_cuda for p in ddp_model.parameters()):
         return
     problem = _C.cuda_problem()
     if problem:
-        raise RuntimeError(f"gradcomp.register: the model is on a GPU, but {problem}")
+        raise RuntimeError(f"gradcomp.register: the model is on a GPU and codec {codec.name!r} needs "
+                           f"gradcomp's CUDA kernels, but {problem}")
 
 
 def register(ddp_model, codec="int8", **kwargs) -> State:
@@ -713,8 +715,8 @@ def register(ddp_model, codec="int8", **kwargs) -> State:
         hooks = ", ".join(getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks)
         raise RuntimeError(f"gradcomp.register: this DDP model already has a communication hook ({hooks}); "
                            "DDP takes one per model, so register gradcomp once, on a model without one")
-    _check_cuda_backend(ddp_model)
     state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
+    _check_cuda_backend(ddp_model, state.codec)
     ddp_model.register_comm_hook(state, comm_hook)
     world, _ = state._world_rank()
     state._log_once(world)

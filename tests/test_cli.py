@@ -213,10 +213,10 @@ def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while len(_namespaces_of(proc.pid)) < 3 or len(_workers()) < 2:  # 3 namespaces, both ranks running
+        while len(_namespaces_of(proc.pid)) < 3 or len(_workers(proc.pid)) < 2:  # 3 namespaces, both ranks running
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        workers = _workers()
+        workers = _workers(proc.pid)
         time.sleep(1.0)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -238,10 +238,10 @@ def test_bench_net_killed_outright_takes_its_ranks_along_and_the_next_run_remove
            "--out", "n.json"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while len(_namespaces_of(proc.pid)) < 3 or len(_workers()) < 2:
+    while len(_namespaces_of(proc.pid)) < 3 or len(_workers(proc.pid)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    workers = _workers()
+    workers = _workers(proc.pid)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
@@ -260,16 +260,19 @@ def test_bench_net_killed_outright_takes_its_ranks_along_and_the_next_run_remove
     assert _namespaces_of(proc.pid) == []
 
 
-def _workers() -> list[int]:
-    """Pids of running `gradcomp bench net` ranks."""
+def _workers(parent: int | None = None) -> list[int]:
+    """Pids of running `gradcomp bench net` ranks; with `parent`, only that process's children
+    (another test run on the machine may have ranks of its own)."""
     pids = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     args = f.read().split(b"\0")
-            except OSError:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if b"gradcomp.benchmarks.net" in args and b"--worker" in args:
+            if b"gradcomp.benchmarks.net" in args and b"--worker" in args and parent in (None, ppid):
                 pids.append(int(pid))
     return pids

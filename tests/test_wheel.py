@@ -2,7 +2,8 @@
 scripts/build_wheel.sh builds the wheel with every architecture, repairs it, installs it in
 fresh virtual environments with two torch releases, and runs the whole suite against each,
 away from the source tree. CI runs the script's quick form instead (.ci/run), see README.
-GRADCOMP_TEST_WHEEL=path/to/repaired.whl tests that wheel instead of building one."""
+GRADCOMP_TEST_WHEEL=path/to/repaired.whl tests that wheel instead of building one;
+GRADCOMP_TEST_TORCH="2.3.1 2.14.1" tests against those torch releases."""
 
 import os
 import shutil
@@ -35,8 +36,12 @@ def wheel():
     return path
 
 
-# torch 2.13.0: the CPU build this machine's CI uses; 2.14.1: a CUDA 13 build (several GB)
-@pytest.mark.parametrize("torch_version", ["2.13.0", "2.14.1"])
+# torch 2.13.0: the CPU build this machine's CI uses; 2.14.1: a CUDA 13 build (several GB).
+# GRADCOMP_TEST_TORCH="2.3.1 2.13.0" picks others (an older torch comes from PyPI, about 3 GB).
+TORCH_VERSIONS = os.environ.get("GRADCOMP_TEST_TORCH", "2.13.0 2.14.1").split()
+
+
+@pytest.mark.parametrize("torch_version", TORCH_VERSIONS)
 def test_installed_wheel_passes_the_suite(wheel, torch_version, tmp_path):
     if shutil.disk_usage(tmp_path).free < 12 * 2**30:
         pytest.skip("needs 12 GiB free: a torch CUDA build takes about 6 GB in the test environment")

@@ -130,15 +130,14 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
     """One training run with ``method``; returns its record (loss curve on this rank)."""
     import torch
     import torch.nn as nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .benchmarks.methods import Method, bucket_cap_mb
+    from .benchmarks.methods import Method, bucket_cap_mb, make_ddp
 
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)  # the same initial weights on every rank, for every method
     model = make_model(args.width).to(device)
     cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
+    ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     n = len(y_train)
     steps_per_epoch = n // (args.batch * world)

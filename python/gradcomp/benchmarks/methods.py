@@ -6,7 +6,8 @@
     anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
 
 ``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
-the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs.
+the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs and
+``make_ddp`` builds the model with it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: fl
     if method == "torch-powersgd" and backend == "gloo":
         return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
     return default
+
+
+def make_ddp(model: torch.nn.Module, cap_mb: float, **kwargs) -> torch.nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel whose every bucket, the first included, is capped at ``cap_mb``,
+    as torch does today when a cap is given. Older releases (2.3 among them) capped the first
+    bucket at ``dist._DEFAULT_FIRST_BUCKET_BYTES`` (1 MiB) whatever the cap: PowerSGD's one
+    bucket on Gloo would be two there, and Gloo aborts (see bucket_cap_mb)."""
+    saved = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", None)
+    if saved is not None:
+        dist._DEFAULT_FIRST_BUCKET_BYTES = int(cap_mb * 2**20)
+    try:
+        return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap_mb, **kwargs)
+    finally:
+        if saved is not None:
+            dist._DEFAULT_FIRST_BUCKET_BYTES = saved
 
 
 class Method:

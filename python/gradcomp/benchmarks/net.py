@@ -490,11 +490,10 @@ def _worker(config_path: str) -> int:
     import torch
     import torch.distributed as dist
     import torch.nn as nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import gradcomp
 
-    from .methods import Method, bucket_cap_mb
+    from .methods import Method, bucket_cap_mb, make_ddp
 
     with open(config_path) as f:
         cfg = json.load(f)
@@ -531,7 +530,7 @@ def _worker(config_path: str) -> int:
         for method in cfg["methods"]:
             torch.manual_seed(0)
             net, _, _ = _model(cfg["params"])
-            ddp = DDP(net, bucket_cap_mb=bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
+            ddp = make_ddp(net, bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
             opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
 
             def step(ddp=ddp, opt=opt):

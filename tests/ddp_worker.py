@@ -16,7 +16,20 @@ import gradcomp
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
+
+
+def DDP(module, *, bucket_cap_mb: float, **kwargs) -> DistributedDataParallel:
+    """DistributedDataParallel with today's bucket rule on every torch: the cap given caps the
+    first bucket too. Older releases (2.3 among them) capped the first bucket at
+    dist._DEFAULT_FIRST_BUCKET_BYTES (1 MiB) whatever the cap, giving the scenarios fewer
+    buckets than they are written for."""
+    saved = dist._DEFAULT_FIRST_BUCKET_BYTES
+    dist._DEFAULT_FIRST_BUCKET_BYTES = int(bucket_cap_mb * 2**20)
+    try:
+        return DistributedDataParallel(module, bucket_cap_mb=bucket_cap_mb, **kwargs)
+    finally:
+        dist._DEFAULT_FIRST_BUCKET_BYTES = saved
 
 
 def make_model(layers: int, width: int, seed: int = 0, dtype=torch.float32, bias: bool = True) -> nn.Module:

@@ -95,9 +95,7 @@ step "wheel: $WHEEL ($(du -k "$WHEEL" | cut -f1) KiB; $(unzip -l "$WHEEL" | tail
 VENV=${VENV:-$SCRATCH/venv}
 step "test environment $VENV (torch $TORCH)"
 "$PY" -m venv "$VENV"
-TORCH_REQS=("torch==$TORCH")
-case "$TORCH" in 2.[0-3] | 2.[0-3].*) TORCH_REQS+=("numpy<2") ;; esac  # built against NumPy 1 (2.4 is the first on 2)
-"$VENV/bin/pip" install -q "${TORCH_REQS[@]}"
+"$VENV/bin/pip" install -q "torch==$TORCH"
 "$VENV/bin/pip" install -q "$WHEEL[test]"
 SUITE="$SCRATCH/suite"
 mkdir -p "$SUITE"

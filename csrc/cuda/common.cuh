@@ -10,6 +10,15 @@
 
 #include "../codec.h"
 
+// A kernel launch: GC_LAUNCH(grid, block, stream, kernel)(args...) is
+// kernel<<<grid, block, 0, stream>>>(args...) under nvcc; the host emulation
+// (csrc/emu/cuda_runtime.h, docs/emulator.md) queues the same call on its stream instead.
+#if defined(GRADCOMP_CUDA_EMULATION)
+#define GC_LAUNCH(grid, block, stream, ...) ::gcemu::launch(&__VA_ARGS__, grid, block, stream, #__VA_ARGS__)
+#else
+#define GC_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace gradcomp {
 namespace cuda_util {
 

@@ -610,7 +610,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, DType residual_dtyp
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
-  zero_headers<<<1, 32, 0, s>>>(send, world, slots, sb);
+  GC_LAUNCH(1, 32, s, zero_headers)(send, world, slots, sb);
   check(cudaGetLastError(), "zero_headers launch");
   const int64_t rows = world * slots;
   if (rows == 0) return;
@@ -620,7 +620,7 @@ void quant_encode_cuda(int bits, int64_t block, DType dtype, DType residual_dtyp
         constexpr int Bits = decltype(q)::value;
         constexpr DType D = decltype(d)::value;
         constexpr int P = decltype(b)::value;
-        encode_kernel<Bits, D, P><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(
+        GC_LAUNCH(grid_for(rows), kWarpsPerCta * 32, s, encode_kernel<Bits, D, P>)(
             static_cast<const typename Elem<D>::storage*>(bucket), table, rows, world, slots, sb,
             static_cast<int>(block), residual_dtype, rounding, send);
       });
@@ -636,14 +636,14 @@ void quant_reduce_cuda(int bits, int64_t block, DType residual_dtype, const uint
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t sb = shard_bytes(slots, block, bits);
-  reduce_header<<<1, 32, 0, s>>>(recv, world, slots, sb, slice);
+  GC_LAUNCH(1, 32, s, reduce_header)(recv, world, slots, sb, slice);
   check(cudaGetLastError(), "reduce_header launch");
   if (slots == 0) return;
   with_bits(bits, [&](auto q) {
     with_block(block, [&](auto b) {
       constexpr int Bits = decltype(q)::value;
       constexpr int P = decltype(b)::value;
-      reduce_kernel<Bits, P><<<grid_for(slots), kWarpsPerCta * 32, 0, s>>>(
+      GC_LAUNCH(grid_for(slots), kWarpsPerCta * 32, s, reduce_kernel<Bits, P>)(
           recv, my_rows, world, slots, sb, static_cast<int>(block), residual_dtype, rounding, slice);
     });
   });
@@ -664,7 +664,7 @@ void quant_decode_cuda(int bits, int64_t block, DType dtype, const uint8_t* gath
         constexpr int Bits = decltype(q)::value;
         constexpr DType D = decltype(d)::value;
         constexpr int P = decltype(b)::value;
-        decode_kernel<Bits, D, P><<<grid_for(rows), kWarpsPerCta * 32, 0, s>>>(
+        GC_LAUNCH(grid_for(rows), kWarpsPerCta * 32, s, decode_kernel<Bits, D, P>)(
             gathered, table, rows, world, slots, sb, static_cast<int>(block),
             static_cast<typename Elem<D>::storage*>(bucket));
       });

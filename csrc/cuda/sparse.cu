@@ -502,18 +502,18 @@ void topk_encode_cuda(DType dtype, DType wire, bool approx, const void* bucket, 
     const auto nrows = static_cast<unsigned>(rows);
     const auto ntiles = static_cast<unsigned>(tiles);
     if (rows > 0 && tiles > 0) {
-      if (approx) sample_kernel<D><<<nrows, kThreads, 0, s>>>(x, table, state);
-      ef_hist_kernel<D><<<ntiles, kThreads, 0, s>>>(x, table, rows, approx, hist, state);
-      pick_kernel<<<nrows, kThreads, 0, s>>>(table, 0, approx, hist, state);
+      if (approx) GC_LAUNCH(nrows, kThreads, s, sample_kernel<D>)(x, table, state);
+      GC_LAUNCH(ntiles, kThreads, s, ef_hist_kernel<D>)(x, table, rows, approx, hist, state);
+      GC_LAUNCH(nrows, kThreads, s, pick_kernel)(table, 0, approx, hist, state);
       for (int dgt = 1; dgt < kRadixDigits; ++dgt) {
-        digit_hist_kernel<D><<<ntiles, kThreads, 0, s>>>(x, table, rows, dgt, hist, state);
-        pick_kernel<<<nrows, kThreads, 0, s>>>(table, dgt, approx, hist, state);
+        GC_LAUNCH(ntiles, kThreads, s, digit_hist_kernel<D>)(x, table, rows, dgt, hist, state);
+        GC_LAUNCH(nrows, kThreads, s, pick_kernel)(table, dgt, approx, hist, state);
       }
-      count_kernel<D><<<ntiles, kThreads, 0, s>>>(x, table, rows, state, tile_counts);
-      scan_kernel<<<(nrows + 127) / 128, 128, 0, s>>>(table, rows, tile_counts, tile_offsets);
-      compact_kernel<D><<<ntiles, kThreads, 0, s>>>(x, table, rows, pairs, wire, state, tile_offsets, payload);
+      GC_LAUNCH(ntiles, kThreads, s, count_kernel<D>)(x, table, rows, state, tile_counts);
+      GC_LAUNCH((nrows + 127) / 128, 128, s, scan_kernel)(table, rows, tile_counts, tile_offsets);
+      GC_LAUNCH(ntiles, kThreads, s, compact_kernel<D>)(x, table, rows, pairs, wire, state, tile_offsets, payload);
     }
-    topk_header_kernel<<<1, kThreads, 0, s>>>(rows, pairs, sparse_value_bytes(wire), state, payload);
+    GC_LAUNCH(1, kThreads, s, topk_header_kernel)(rows, pairs, sparse_value_bytes(wire), state, payload);
   });
   check(cudaGetLastError(), "top-k encode launch");
 }
@@ -531,19 +531,19 @@ void topk_decode_cuda(DType dtype, DType wire, const uint8_t* gathered, const in
   const int64_t bytes = topk_payload_bytes(pairs, sparse_value_bytes(wire));
   float* acc = dtype == DType::F32 ? static_cast<float*>(bucket) : scratch;
   const auto ranks_y = static_cast<unsigned>(world < 65535 ? world : 65535);
-  validate_kernel<<<dim3(static_cast<unsigned>(rows), ranks_y), kThreads, 0, s>>>(gathered, table, world, bytes,
-                                                                                  status);
-  flags_kernel<<<1, kThreads, 0, s>>>(gathered, world, bytes, status);
+  GC_LAUNCH(dim3(static_cast<unsigned>(rows), ranks_y), kThreads, s, validate_kernel)(gathered, table, world, bytes,
+                                                                                      status);
+  GC_LAUNCH(1, kThreads, s, flags_kernel)(gathered, world, bytes, status);
   check(cudaGetLastError(), "top-k decode validation launch");  // nothing writes unless validation ran
-  fill_kernel<<<row_grid(rows), kThreads, 0, s>>>(table, status, acc);
+  GC_LAUNCH(row_grid(rows), kThreads, s, fill_kernel)(table, status, acc);
   const float inv_w = inv_world(world);
   for (int64_t r = 0; r < world; ++r)
-    scatter_kernel<<<row_grid(rows), kThreads, 0, s>>>(gathered, table, bytes, pairs, r, wire, inv_w, status, acc);
+    GC_LAUNCH(row_grid(rows), kThreads, s, scatter_kernel)(gathered, table, bytes, pairs, r, wire, inv_w, status, acc);
   if (dtype != DType::F32) {
     with_dtype(dtype, [&](auto d) {
       constexpr DType D = decltype(d)::value;
-      convert_kernel<D>
-          <<<row_grid(rows), kThreads, 0, s>>>(table, acc, static_cast<typename Elem<D>::storage*>(bucket));
+      GC_LAUNCH(row_grid(rows), kThreads, s, convert_kernel<D>)(table, acc,
+                                                                static_cast<typename Elem<D>::storage*>(bucket));
     });
   }
   check(cudaGetLastError(), "top-k decode launch");
@@ -558,8 +558,8 @@ void randomk_encode_cuda(DType dtype, const void* bucket, const int64_t* table, 
   if (rows == 0) return;
   with_dtype(dtype, [&](auto d) {
     constexpr DType D = decltype(d)::value;
-    randomk_encode_kernel<D><<<row_grid(rows), kThreads, 0, s>>>(static_cast<const typename Elem<D>::storage*>(bucket),
-                                                                 table, seed, step, payload);
+    GC_LAUNCH(row_grid(rows), kThreads, s, randomk_encode_kernel<D>)(
+        static_cast<const typename Elem<D>::storage*>(bucket), table, seed, step, payload);
   });
   check(cudaGetLastError(), "random-k encode launch");
 }
@@ -572,8 +572,8 @@ void randomk_decode_cuda(DType dtype, const float* reduced, const int64_t* table
   auto s = reinterpret_cast<cudaStream_t>(stream);
   with_dtype(dtype, [&](auto d) {
     constexpr DType D = decltype(d)::value;
-    randomk_decode_kernel<D><<<row_grid(rows), kThreads, 0, s>>>(reduced, table, world, seed, step,
-                                                                 static_cast<typename Elem<D>::storage*>(bucket));
+    GC_LAUNCH(row_grid(rows), kThreads, s, randomk_decode_kernel<D>)(reduced, table, world, seed, step,
+                                                                     static_cast<typename Elem<D>::storage*>(bucket));
   });
   check(cudaGetLastError(), "random-k decode launch");
 }

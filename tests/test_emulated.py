@@ -1,0 +1,575 @@
+"""The CUDA kernels, run on the CPU through the host emulation of CUDA's execution model
+(tests/emulator.py, csrc/emu, docs/emulator.md), compared byte for byte with the CPU
+backend on fresh random inputs.
+
+What this proves: the CUDA sources' indexing, packing, arithmetic and warp/block logic —
+every shuffle's lanes and masks, every barrier, shared memory that starts undefined, vector
+accesses that must be aligned (UBSan), every load and store inside its buffer (ASan), the
+launch configuration checks and the argument checks of the entry points. What it does not:
+the GPU's memory model and data races (a CTA's threads interleave only at barriers, warp
+intrinsics and atomics; CTAs run one after another), performance, and the driver paths.
+Those need a real GPU: scripts/gpu_check.sh runs tests/test_cuda.py and compute-sanitizer
+there.
+
+The inputs are fresh each run: GRADCOMP_TEST_SEED=N reproduces one (every assertion says
+its seed).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from emulator import CSRC, EmulatedCuda, Emulator, EmulatorCrash, build, sparse_table
+from gradcomp import layout, ops
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(not (CSRC / "cuda" / "quant.cu").exists(), reason="needs the source tree (csrc/)"),
+]
+
+SEED = int(os.environ.get("GRADCOMP_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
+POISON_CPU = 0x5A
+BLOCKS = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    e = Emulator(os.environ.get("GRADCOMP_EMULATOR_EXE") or build())  # the variable: a mutant's (mutation tests)
+    yield EmulatedCuda(e, schedule_seed=SEED)
+    e.close()
+
+
+def _gen(*salt) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((SEED, *salt)) & (2**62 - 1))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes (NaN payloads included: both backends write the canonical quiet NaN)."""
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    ua, ub = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    if ua.numel() != ub.numel():
+        return f"sizes {ua.numel()} and {ub.numel()}"
+    i = int((ua != ub).nonzero()[0, 0])
+    return f"byte {i} of {ua.numel()}: cpu {int(ua[i]):#04x}, emulated {int(ub[i]):#04x}"
+
+
+def _assert_same(cpu: dict, emu: dict, what) -> None:
+    for key in cpu:
+        for w, (a, b) in enumerate(zip(cpu[key], emu[key])):
+            pairs = zip(a, b) if isinstance(a, list) else [(a, b)]
+            for j, (x, y) in enumerate(pairs):
+                assert _same(x, y), f"{key} of rank {w} [{j}] differs ({_first_difference(x, y)}); {what}, seed {SEED}"
+
+
+# ---------------------------------------------------------------- block quantizers
+def _inputs(numels, world, dtype, g):
+    """Per-rank buckets spanning magnitudes 1e-30 .. 1e4."""
+    n = sum(numels)
+    return [(torch.randn(n, generator=g) * torch.logspace(-30, 30, n).clamp(max=1e4)).to(dtype) for _ in range(world)]
+
+
+def _exchange(emu, xs, numels, block, world, *, ef=True, bits=8, residual_dtype=torch.float32, stochastic=False,
+              noise_seed=0, step=0, ordinals=None, res_misalign=0, bucket_misalign=0, g=None):
+    """The three passes for W simulated ranks, on the CPU backend (``emu`` None) or the
+    emulated CUDA one, from the same inputs; returns payloads, slices, residuals and outputs.
+    ``res_misalign``: residuals start that many bytes past an aligned address (no vector
+    access); ``bucket_misalign`` likewise for the bucket (emulated only: the CPU has no such
+    path)."""
+    itemsize = torch.empty(0, dtype=residual_dtype).element_size()
+    res, tables = [], []
+    for w in range(world):
+        gw = torch.Generator().manual_seed(int(g.initial_seed()) + w)
+        rr = []
+        for n in numels:
+            r = (torch.randn(n, generator=gw) * 0.01).to(residual_dtype) if ef else None
+            if r is not None and emu is None:  # misaligned as asked on the CPU too (the same values)
+                pad = torch.empty(n + 8, dtype=residual_dtype)
+                r = pad[res_misalign // itemsize :][:n].copy_(r)
+            rr.append(r)
+        res.append(rr)
+        if ef:
+            addrs = [emu.place(r, res_misalign) if emu is not None else r.data_ptr() for r in rr]
+        else:
+            addrs = None
+        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs, ordinals), block, world,
+                                         residual_itemsize=itemsize))
+    slots, sb = tables[0].slots, tables[0].shard_bytes(bits)
+    kw = dict(bits=bits, residual_dtype=residual_dtype, stochastic=stochastic, seed=noise_seed, step=step)
+    if emu is None:
+        def out(n):
+            return torch.full((n,), POISON_CPU, dtype=torch.uint8)
+        sends = [ops.quant_encode(xs[w], tables[w].table, world, slots, block, rank=w, out=out(world * sb), **kw)
+                 for w in range(world)]
+    else:
+        sends = [emu.quant_encode(xs[w], tables[w].table, world, slots, block, rank=w, bucket_misalign=bucket_misalign,
+                                  **kw) for w in range(world)]
+    res_encode = [[r.clone() for r in rr] if ef else [] for rr in res]
+    recvs = [torch.cat([sends[s][w * sb:(w + 1) * sb] for s in range(world)]) for w in range(world)]
+    if emu is None:
+        slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w, out=out(sb),
+                                   **kw) for w in range(world)]
+    else:
+        slices = [emu.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w, **kw)
+                  for w in range(world)]
+    gathered = torch.cat(slices)
+    if emu is None:
+        outs = [ops.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits)
+                for w in range(world)]
+    else:
+        outs = [emu.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits,
+                                 bucket_misalign=bucket_misalign) for w in range(world)]
+        emu.clear()
+    return {"send": sends, "res_encode": res_encode, "slices": slices,
+            "res_final": [[r.clone() for r in rr] if ef else [] for rr in res], "out": outs}
+
+
+def _compare(emu, numels, block, world, dtype, salt, xs=None, **kw):
+    g = _gen(*salt)
+    xs = _inputs(numels, world, dtype, g) if xs is None else xs
+    cpu = _exchange(None, xs, numels, block, world, g=g, **kw)
+    emulated = _exchange(emu, xs, numels, block, world, g=g, **kw)
+    _assert_same(cpu, emulated, dict(numels=numels, block=block, world=world, dtype=dtype, **kw))
+    return cpu, emulated
+
+
+def _numels(block):
+    """Empty and one-element parameters, a partial block, whole blocks, and a parameter of
+    several blocks whose end is ragged."""
+    return [1, 0, 37, block, 3 * block + 7, 4000]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_codec_block_and_world_matches_cpu(emu, bits, block, world):
+    """Round to nearest, float32 residuals; the bucket's dtype rotates through float32,
+    float16 and bfloat16 across the grid. World 3 with narrow codes of small blocks makes
+    shard sizes no multiple of 16: shards after the first start only 4- or 8-byte aligned."""
+    dtype = DTYPES[(bits + BLOCKS.index(block) + world) % 3]
+    _compare(emu, _numels(block), block, world, dtype, ("codec", bits, block, world), bits=bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("block", [32, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("world", [1, 3])
+def test_stochastic_rounding_matches_cpu(emu, bits, block, world):
+    """Draws keyed by (seed, step, rank, pass, ordinal, offset): both backends draw alike; a
+    new step draws anew."""
+    ordinals = [0, 3, 7, 1 << 20, 5, 9]
+    sends = []
+    for step in (0, 1):
+        _, e = _compare(emu, _numels(block), block, world, torch.float32, ("sr", bits, block, world), bits=bits,
+                        stochastic=True, noise_seed=1234 + SEED % 1000, step=step, ordinals=ordinals)
+        sends.append(e["send"])
+    assert not all(torch.equal(a, b) for a, b in zip(*sends)), f"seed {SEED}"
+
+
+@pytest.mark.parametrize("bits,stochastic", [(8, False), (8, True), (4, True), (2, False), (1, False)])
+@pytest.mark.parametrize("block", [32, 256, 2048])
+@pytest.mark.parametrize("res_misalign", [0, 2])
+def test_bf16_residuals_match_cpu(emu, bits, stochastic, block, res_misalign):
+    """bfloat16 residuals (rounded to nearest even at every store), with and without vector
+    access (2 bytes off: every residual row misaligned)."""
+    for dtype in (torch.float32, torch.float16):
+        _compare(emu, _numels(block), block, 3, dtype, ("bf16res", bits, block, res_misalign, str(dtype)), bits=bits,
+                 residual_dtype=torch.bfloat16, stochastic=stochastic, noise_seed=7, step=3,
+                 res_misalign=res_misalign)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [32, 128, 512, 4096])
+def test_misaligned_buckets_and_residuals_match_cpu(emu, dtype, block):
+    """A bucket and float32 residuals that start off a vector boundary take the scalar paths;
+    the values and bytes are the same."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for bits in (8, 1):
+        _compare(emu, _numels(block), block, 2, dtype, ("misaligned", str(dtype), block, bits), bits=bits,
+                 bucket_misalign=elem, res_misalign=4)
+        _compare(emu, [block, 2 * block], block, 2, dtype, ("aligned", str(dtype), block, bits), bits=bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_matches_cpu_and_poisons_every_output(emu, bits, residual_dtype, bad):
+    numels, world = [5000, 700, 1], 3
+    g = _gen("nonfinite", bits, str(residual_dtype), bad)
+    xs = [torch.randn(sum(numels), generator=g) for _ in range(world)]
+    xs[1][int(torch.randint(0, sum(numels), (1,), generator=g))] = bad
+    _, e = _compare(emu, numels, 64, world, torch.float32, ("nf",), xs=xs, bits=bits, residual_dtype=residual_dtype)
+    assert all(torch.isnan(o).all() for o in e["out"]), f"seed {SEED}"
+    assert all(torch.isfinite(r.float()).all() for rr in e["res_final"] for r in rr), f"seed {SEED}"
+
+
+def _extreme_inputs():
+    """Subnormals (the scale underflows: codes 0, the residual keeps them), an all-zero block,
+    normal values, FLT_MAX (the scale steps one ulp down)."""
+    fmax = torch.finfo(torch.float32).max
+    x = torch.cat([torch.randn(256, generator=_gen("x1")) * 1e-40, torch.zeros(256),
+                   torch.randn(256, generator=_gen("x2")), torch.randn(300, generator=_gen("x3"))])
+    x[600] = fmax
+    x[601] = -fmax / 3
+    return [256, 256, 256, 300], [x, -x.flip(0)]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+def test_extreme_magnitudes_match_cpu(emu, bits):
+    numels, xs = _extreme_inputs()
+    for dtype in DTYPES:
+        xd = [v.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype) for v in xs]
+        for residual_dtype in (torch.float32, torch.bfloat16):
+            for stochastic in (False, True) if bits != 1 else (False,):
+                _, e = _compare(emu, numels, 256, 2, dtype, ("extreme",), xs=xd, bits=bits,
+                                residual_dtype=residual_dtype, stochastic=stochastic, noise_seed=99)
+                assert all(torch.isfinite(r.float()).all() for rr in e["res_final"] for r in rr)
+
+
+@pytest.mark.parametrize("bits", [8, 2])
+def test_without_error_feedback_matches_cpu(emu, bits):
+    _compare(emu, [3000, 129, 1], 128, 2, torch.float32, ("noef", bits), bits=bits, ef=False)
+
+
+@pytest.mark.parametrize("bits", [8, 1])
+def test_more_ranks_than_a_warp_has_lanes_match_cpu(emu, bits):
+    """W = 37: the flag loops stride over ranks by 32 lanes, headers by a block's threads."""
+    g = _gen("w37", bits)
+    xs = _inputs([700, 64, 3], 37, torch.float32, g)
+    xs[36][5] = float("nan")
+    _, e = _compare(emu, [700, 64, 3], 32, 37, torch.float32, ("w37", bits), xs=xs, bits=bits)
+    assert all(torch.isnan(o).all() for o in e["out"])
+    _compare(emu, [700, 64, 3], 32, 37, torch.bfloat16, ("w37b", bits), bits=bits)
+
+
+def test_topk_with_more_ranks_than_a_warp_has_lanes_matches_cpu(emu):
+    kw = dict(decoders=(0, 32))  # every rank encodes; two decode all 33 payloads
+    cpu, cpu_rej, _ = _topk_run(None, torch.float32, torch.bfloat16, False, True, 33, ("w33",), **kw)
+    emulated, emu_rej, _ = _topk_run(emu, torch.float32, torch.bfloat16, False, True, 33, ("w33",), **kw)
+    _assert_same(cpu, emulated, "w33")
+    assert cpu_rej == emu_rej == [0, 0]
+
+
+def test_all_zero_and_empty_buckets_match_cpu(emu):
+    """All zeros (scale 0: every code 0); a bucket of only empty parameters (no rows: headers only)."""
+    xs = [torch.zeros(700) for _ in range(2)]
+    _compare(emu, [500, 200], 64, 2, torch.float32, ("zeros",), xs=xs, bits=4)
+    _compare(emu, [0, 0], 64, 3, torch.float32, ("empty",), xs=[torch.zeros(0)] * 3, bits=8)
+
+
+def test_streams_change_nothing(emu):
+    """A call on another stream (an in-order queue) gives the same bytes."""
+    g = _gen("stream")
+    numels = [900, 33]
+    x = torch.randn(sum(numels), generator=g)
+    table = layout.build_table(layout.contiguous_spans(numels, 64), 64, 2)
+    a = emu.quant_encode(x, table.table, 2, table.slots, 64, bits=4)
+    b = emu.quant_encode(x, table.table, 2, table.slots, 64, bits=4, stream=0x5EED)
+    assert _same(a, b)
+
+
+# ---------------------------------------------------------------- argument checks
+def _raw_quant(emu, op, bits, block, world, slots, residual_code=0, stochastic=False):
+    table = torch.zeros(max(world * slots, 0), 4, dtype=torch.int64)
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    bucket = torch.zeros(16)
+    if op == "quant_encode":
+        args = [bits, block, 0, residual_code, bucket, table, world, slots, buf, 0, 0, 0, int(stochastic), 0, 0]
+    elif op == "quant_reduce":
+        args = [bits, block, residual_code, buf, table, world, slots, buf, 0, 0, 0, int(stochastic), 0, 0]
+    else:
+        args = [bits, block, 0, buf, table, world, slots, bucket, 0, 0]
+    return emu.call(op, args)
+
+
+@pytest.mark.parametrize("op", ["quant_encode", "quant_reduce", "quant_decode"])
+def test_quant_entry_points_reject_what_they_cannot_do(emu, op):
+    """The CUDA entry points check their own arguments (not only ops.py), before any launch."""
+    for bits, block, world, slots, match in [(3, 256, 1, 1, "8, 4, 2 or 1 bits"), (8, 48, 1, 1, "power of two"),
+                                            (8, 16, 1, 1, "power of two"), (8, 8192, 1, 1, "power of two"),
+                                            (8, 256, 0, 1, "world size"), (8, 256, 1, -1, "slot count")]:
+        with pytest.raises(ValueError, match=match):
+            _raw_quant(emu, op, bits, block, world, slots)
+    if op != "quant_decode":
+        with pytest.raises(ValueError, match="scaled sign"):
+            _raw_quant(emu, op, 1, 256, 1, 1, stochastic=True)
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            _raw_quant(emu, op, 8, 256, 1, 1, residual_code=1)
+    with pytest.raises(ValueError, match="dtype"):
+        emu.call("quant_decode", [8, 256, 7, torch.zeros(64, dtype=torch.uint8), torch.zeros(1, 4, dtype=torch.int64),
+                                  1, 1, torch.zeros(4), 0, 0])
+
+
+def test_sparse_entry_points_reject_bad_counts(emu):
+    t = torch.zeros(1, 8, dtype=torch.int64)
+    buf = torch.zeros(64, dtype=torch.uint8)
+    x = torch.zeros(4)
+    for rows, pairs, tiles in [(-1, 1, 1), (1, -1, 1), (1, 1, -1), (1 << 31, 1, 1), (1, 1, 1 << 31)]:
+        with pytest.raises(ValueError, match="sparse rows or tiles|row, pair, tile"):
+            emu.call("topk_encode", [0, 0, 0, x, t, rows, tiles, pairs, buf, buf, 0, 0])
+    with pytest.raises(ValueError, match="row, pair, tile or world"):
+        emu.call("topk_decode", [0, 0, buf, t, 1, 1, 0, x, 0, buf, 0, 0])
+    with pytest.raises(ValueError, match="float32 scratch"):
+        emu.call("topk_decode", [1, 0, buf, t, 1, 1, 1, x, 0, buf, 0, 0])
+    with pytest.raises(ValueError, match="row, pair, tile or world"):
+        emu.call("randomk_decode", [0, buf, t, 1, 0, 0, 0, x, 0, 0])
+
+
+# ---------------------------------------------------------------- top-k and random-k
+class _Sparse:
+    """A bucket of parameters separated by gaps no row names (they stand for exactly reduced
+    parameters: a decode must never touch them), with float32 residuals."""
+
+    def __init__(self, numels, dtype, g, ef=True, gap=7, scale=10.0):
+        self.numels = numels
+        self.offsets, off = [], 0
+        for n in numels:
+            off += gap
+            self.offsets.append(off)
+            off += n
+        self.x = (torch.randn(off + gap, generator=g) * scale).to(dtype)
+        self.residuals = [torch.randn(n, generator=g) * 0.1 * scale if ef else None for n in numels]
+
+    def param(self, i):
+        return self.x[self.offsets[i]:self.offsets[i] + self.numels[i]]
+
+    def table(self, emu, ratio):
+        if emu is not None:
+            for r in self.residuals:
+                if r is not None:
+                    emu.place(r)
+        return sparse_table(emu, self.offsets, self.numels, self.residuals, ratio)
+
+
+SPARSE_NUMELS = [1, 100, 4096, 4097, 9000]
+
+
+def _topk_run(emu, dtype, wire, approx, ef, world, salt, corrupt=None, nan_at=None, ratio=0.01, decoders=None):
+    """W ranks' top-k exchange from the same inputs on either backend; ``decoders``: the
+    ranks that decode (all by default)."""
+    buckets = []
+    for w in range(world):
+        b = _Sparse(SPARSE_NUMELS, dtype, _gen("topk", *salt, w), ef=ef)
+        b.param(3)[:] = 1.5  # every value tied, across two tiles
+        if nan_at is not None and w == world - 1:
+            b.param(4)[nan_at] = float("nan")
+        buckets.append(b)
+    tables = [b.table(emu, ratio) for b in buckets]
+    pairs, tiles = tables[0].pairs, tables[0].tiles
+    if emu is None:
+        payloads = [ops.topk_encode(b.x, t.table, pairs, approx=approx, value_dtype=wire,
+                                    out=torch.full((ops.topk_payload_bytes(pairs, wire),), POISON_CPU,
+                                                   dtype=torch.uint8)) for b, t in zip(buckets, tables)]
+    else:
+        payloads = [emu.topk_encode(b.x, t.table, pairs, approx=approx, value_dtype=wire, tiles=tiles)
+                    for b, t in zip(buckets, tables)]
+    gathered = torch.cat(payloads)
+    if corrupt is not None:
+        corrupt(gathered, tables[0])
+    outs, rejected = [], []
+    for w, (b, t) in enumerate(zip(buckets, tables)):
+        if decoders is not None and w not in decoders:
+            continue
+        out = b.x.clone()
+        if emu is None:
+            rejected.append(ops.topk_decode(gathered, t.table, pairs, world, out, value_dtype=wire))
+        else:
+            rejected.append(emu.topk_decode(gathered, t.table, pairs, world, out, value_dtype=wire)[0])
+        outs.append(out)
+    if emu is not None:
+        emu.clear()
+    return {"payloads": payloads, "outs": outs, "residuals": [[r for r in b.residuals if r is not None]
+                                                              for b in buckets]}, rejected, buckets
+
+
+@pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wire", DTYPES)
+def test_topk_matches_cpu(emu, approx, dtype, wire):
+    """Exact and approximate top-k, float32/float16/bfloat16 buckets and wire values; world 3
+    for float32 values, 1 otherwise."""
+    world = 3 if wire == torch.float32 else 1
+    salt = (approx, str(dtype), str(wire))
+    cpu, _, _ = _topk_run(None, dtype, wire, approx, True, world, salt)
+    emulated, _, _ = _topk_run(emu, dtype, wire, approx, True, world, salt)
+    _assert_same(cpu, emulated, salt)
+
+
+def test_topk_many_tiles_matches_cpu(emu):
+    """A parameter of 18 tiles: the per-tile counts and their scan across the whole row."""
+    for approx in (False, True):
+        results = []
+        for backend in (None, emu):
+            b = _Sparse([70_001, 5], torch.float32, _gen("tiles", approx))
+            t = b.table(backend, 0.01)
+            if backend is None:
+                payload = ops.topk_encode(b.x, t.table, t.pairs, approx=approx)
+            else:
+                payload = backend.topk_encode(b.x, t.table, t.pairs, approx=approx)
+                backend.clear()
+            results.append({"payload": [payload], "res": [[r.clone() for r in b.residuals]]})
+        _assert_same(results[0], results[1], approx)
+
+
+def test_topk_approx_fallback_matches_cpu(emu):
+    """Approximate top-k when fewer than k values reach the sampled threshold T0 (large
+    values sit exactly at the sampled positions): every value >= T0, then the lowest-indexed
+    ones below it."""
+    n, ratio = 20_000, 0.01
+    k = layout.pairs_for(n, ratio)
+    s = min(max(n // 100, 4096), n)
+    share = -(-k * s // n)
+    kappa = min(share + share // 2 + 1, s)
+    g = _gen("fallback")
+    results = []
+    for backend in (None, emu):
+        b = _Sparse([n], torch.float32, g, ef=False)
+        x = torch.randn(n, generator=_gen("fallback-x")) * 1e-3
+        sampled = torch.arange(s) * n // s
+        x[sampled] = 1.0 + torch.rand(s, generator=_gen("fallback-s"))
+        b.param(0).copy_(x)
+        t0 = torch.sort(x[sampled].abs(), descending=True).values[kappa - 1]
+        assert int((x.abs() >= t0).sum()) < k  # the case under test: the fallback cut
+        t = b.table(backend, ratio)
+        if backend is None:
+            payload = ops.topk_encode(b.x, t.table, t.pairs, approx=True)
+        else:
+            payload = backend.topk_encode(b.x, t.table, t.pairs, approx=True)
+            backend.clear()
+        results.append({"payload": [payload]})
+    _assert_same(results[0], results[1], "fallback")
+
+
+@pytest.mark.parametrize("ratio", [0.001, 0.3, 1.0])
+def test_topk_ratios_match_cpu(emu, ratio):
+    cpu, _, _ = _topk_run(None, torch.float32, torch.float32, False, True, 2, ("ratio", ratio), ratio=ratio)
+    emulated, _, _ = _topk_run(emu, torch.float32, torch.float32, False, True, 2, ("ratio", ratio), ratio=ratio)
+    _assert_same(cpu, emulated, ratio)
+
+
+@pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
+def test_topk_non_finite_and_no_error_feedback_match_cpu(emu, approx):
+    for ef in (True, False):
+        salt = ("nf", approx, ef)
+        cpu, _, _ = _topk_run(None, torch.float32, torch.float32, approx, ef, 2, salt, nan_at=1234)
+        emulated, _, buckets = _topk_run(emu, torch.float32, torch.float32, approx, ef, 2, salt, nan_at=1234)
+        _assert_same(cpu, emulated, salt)
+        for out, b in zip(emulated["outs"], buckets):  # every row NaN, the gaps between them untouched
+            assert all(torch.isnan(out[o:o + n]).all() for o, n in zip(b.offsets, b.numels))
+            assert torch.equal(out[:b.offsets[0]], b.x[:b.offsets[0]])
+        assert all(torch.isfinite(r).all() for rr in emulated["residuals"] for r in rr)
+
+
+@pytest.mark.parametrize("corruption", ["out_of_range", "negative", "duplicate", "random_bytes"])
+def test_topk_rejects_corrupted_payloads_like_cpu(emu, corruption):
+    """The decode's validation: a rank's index list that leaves its parameter or is not
+    strictly increasing is counted and poisons the decode, the same on both backends."""
+    def corrupt(gathered, table):
+        nbytes = gathered.numel() // 2
+        idx = gathered[nbytes + 16: nbytes + 16 + 4 * table.pairs].view(torch.int32)
+        first = int(table.table[4, 4])
+        if corruption == "out_of_range":
+            idx[first] = 9000
+        elif corruption == "negative":
+            idx[first + 1] = -5
+        elif corruption == "duplicate":
+            idx[first + 2] = idx[first + 1]
+        else:
+            gathered[nbytes:] = torch.randint(0, 256, (nbytes,), generator=_gen("bytes"), dtype=torch.uint8)
+
+    cpu, cpu_rej, _ = _topk_run(None, torch.float32, torch.float32, False, True, 2, ("c",), corrupt=corrupt)
+    emulated, emu_rej, _ = _topk_run(emu, torch.float32, torch.float32, False, True, 2, ("c",), corrupt=corrupt)
+    assert cpu_rej[0] >= 1 and emu_rej == cpu_rej, (cpu_rej, emu_rej, SEED)
+    for a, b in zip(cpu["outs"], emulated["outs"]):
+        assert _same(a, b) and torch.isnan(b[7:8]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_randomk_matches_cpu(emu, dtype):
+    results = []
+    for backend in (None, emu):
+        b = _Sparse([1, 1000, 9001], dtype, _gen("randomk", str(dtype)), scale=1.0)
+        b.param(1)[17] = float("inf")
+        t = b.table(backend, 0.01)
+        enc = ops.randomk_encode if backend is None else backend.randomk_encode
+        dec = ops.randomk_decode if backend is None else backend.randomk_decode
+        payload = enc(b.x, t.table, t.pairs, seed=11, step=4)
+        res = [r.clone() for r in b.residuals]
+        out = b.x.clone()
+        dec(payload.clone().mul_(2), t.table, 2, out, seed=11, step=4)
+        payload[0] = 0  # decode the finite path as well
+        out2 = b.x.clone()
+        dec(payload, t.table, 3, out2, seed=11, step=4)
+        results.append({"payload": [payload], "res": [res], "out": [out], "out2": [out2]})
+        if backend is not None:
+            backend.clear()
+    _assert_same(results[0], results[1], dtype)
+
+
+# ---------------------------------------------------------------- the emulator itself
+def test_emulator_builds_the_real_sources(emu):
+    """The process reports the CUDA backend compiled (gradcomp.h's cuda_* calls) and found the
+    kernels' shared memory to poison."""
+    _, text = emu.call("info", [])
+    info = dict(kv.split("=", 1) for kv in text.split(";"))
+    assert info["compiled"] == "1" and info["problem"] == "" and int(info["runtime"]) >= 12000
+    assert int(info["shared_bytes"]) >= 3 * 4 * 2048  # every dtype's top-k histograms at least
+
+
+def _selftest(emu, name, out):
+    emu.call("selftest:" + name, [out])
+    return out
+
+
+def test_warp_intrinsics_follow_cuda(emu):
+    out = _selftest(emu, "shuffles", torch.full((64, 8), -1, dtype=torch.int32))
+    t = torch.arange(64)
+    lane = t % 32
+    warp0 = t - lane
+    assert torch.equal(out[:, 0], (warp0 + (lane ^ 5)) * 10)
+    assert torch.equal(out[:, 1], torch.where(lane >= 3, t - 3, t) * 10)
+    assert torch.equal(out[:, 2], torch.where(lane + 7 < 32, t + 7, t) * 10)
+    assert torch.equal(out[:, 3], (warp0 + 9) * 10)
+    ballot = sum(1 << i for i in range(0, 32, 3))
+    assert (out[:, 4].to(torch.int64) & 0xFFFFFFFF).eq(ballot).all()
+    assert torch.equal(out[:, 5], (t >= 32).int())  # lane 8 of warp 1 is thread 40
+    assert out[:, 6].eq(0).all()
+    assert torch.equal(out[:, 7], t ^ 1)  # and the 64-bit shuffle came back whole
+
+
+def test_shared_memory_starts_poisoned_and_barriers_order(emu):
+    out = _selftest(emu, "shared", torch.full((2, 128, 2), -1, dtype=torch.int32))
+    assert (out[..., 0] == -0x58585859).all()  # 0xA7A7A7A7: nothing left from the CTA before
+    t = torch.arange(128)
+    assert torch.equal(out[0, :, 1], (t + 1) % 128) and torch.equal(out[1, :, 1], 1000 + (t + 1) % 128)
+
+
+def test_atomics_launch_checks_and_stream_order(emu):
+    counter = _selftest(emu, "atomics", torch.zeros(2, dtype=torch.int32))
+    assert counter.tolist() == [7 * 96, 7 * 96 - 1]
+    launch = _selftest(emu, "launch_config", torch.zeros(4, dtype=torch.int32))
+    assert launch.tolist() == [0, 9, 0, 9]  # not run; cudaErrorInvalidConfiguration, then cleared
+    streams = _selftest(emu, "streams", torch.full((2,), -1, dtype=torch.int32))
+    assert streams.tolist() == [110, -1]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("divergent_barrier", "__syncthreads waits for 32 of the block's 64 threads"),
+    ("mask_without_caller", "lacks the calling lane"),
+    ("read_outside_mask", "outside the mask"),
+    ("different_intrinsics", "different warp intrinsics"),
+    ("deadlock", "deadlock"),
+    ("partial_warp", "does not exist in this block"),
+    ("misaligned_vector", "misaligned address"),
+    ("out_of_bounds", "heap-buffer-overflow"),
+])
+def test_misuse_ends_the_process_with_the_reason(emu, name, message):
+    with pytest.raises(EmulatorCrash, match=message):
+        _selftest(emu, name, torch.zeros(64, dtype=torch.int32))
+    _, text = emu.call("info", [])  # a new process takes over
+    assert "compiled=1" in text

@@ -48,7 +48,8 @@ $PY bench/bench_kernels.py --device cuda --out "$OUT/kernels-cuda.json" 2>&1 | t
 step "GPU top-k benchmark"
 $PY bench/bench_sparse.py --device cuda --out "$OUT/sparse-cuda.json" 2>&1 | tee "$OUT/bench-sparse-cuda.log" || status=1
 
+# (the emulated CUDA tests run in every CI run; here the real GPU has done their work)
 step "CPU suite on this machine (fast part)"
-$PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py -k "not many_buckets" 2>&1 \
+$PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py -k "not many_buckets" -m "not slow and not emulated" 2>&1 \
   | tail -5 | tee "$OUT/test_cpu.log" || status=1
 exit $status

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -97,10 +99,13 @@ def build(csrc: Path = CSRC, cache: Path = CACHE) -> Path:
 
 
 class Emulator:
-    """One emulator process; restarted after a crash."""
+    """One emulator process; restarted after a crash. A call that gets no reply within
+    ``timeout`` seconds (GRADCOMP_EMULATOR_TIMEOUT, default 600: a kernel spinning on a value
+    another thread never writes, which a GPU would hang on too) kills it."""
 
-    def __init__(self, exe: Path):
+    def __init__(self, exe: Path, timeout: float | None = None):
         self.exe = Path(exe)
+        self.timeout = float(timeout or os.environ.get("GRADCOMP_EMULATOR_TIMEOUT", 600))
         self._proc = None
         self._stderr = None
 
@@ -108,7 +113,7 @@ class Emulator:
         self._stderr = tempfile.TemporaryFile()
         env = {**os.environ, **SANITIZER_ENV}
         self._proc = subprocess.Popen([str(self.exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, env=env)
+                                      stderr=self._stderr, env=env, bufsize=0)
 
     def close(self):
         if self._proc is not None:
@@ -122,7 +127,7 @@ class Emulator:
                 f.close()
             self._proc = None
 
-    def _crashed(self) -> EmulatorCrash:
+    def _crashed(self, why: str = "") -> EmulatorCrash:
         proc, self._proc = self._proc, None
         try:
             proc.kill()
@@ -137,7 +142,7 @@ class Emulator:
         self._stderr.seek(0)
         text = self._stderr.read().decode(errors="replace")
         self._stderr.close()
-        return EmulatorCrash(f"the CUDA emulator died (exit {rc}):\n{text[-12000:]}")
+        return EmulatorCrash(f"the CUDA emulator died (exit {rc}){why}:\n{text[-12000:]}")
 
     def call(self, op: str, args, buffers, words=(), seed: int = 0):
         """Runs entry point ``op``. ``buffers``: (address, bytes, misalignment); ``words``:
@@ -154,12 +159,14 @@ class Emulator:
         parts.append(struct.pack("<I", len(words)))
         for w in words:
             parts.append(struct.pack("<IQQQ", *w))
+        self._deadline = time.monotonic() + self.timeout
         try:
-            self._proc.stdin.write(b"".join(parts))
-            self._proc.stdin.flush()
-            head = self._read(12)
-        except (BrokenPipeError, EOFError) as e:
+            request = memoryview(b"".join(parts))
+            while request:
+                request = request[self._proc.stdin.write(request):]
+        except BrokenPipeError as e:
             raise self._crashed() from e
+        head = self._read(12)
         magic, status, n = struct.unpack("<III", head)
         assert magic == MAGIC, "emulator reply out of step"
         text = self._read(n).decode(errors="replace")
@@ -175,10 +182,17 @@ class Emulator:
         return ret, outs, text
 
     def _read(self, n: int) -> bytes:
-        data = self._proc.stdout.read(n) if n else b""
-        if len(data) != n:
-            raise self._crashed()
-        return data
+        chunks, fd = [], self._proc.stdout.fileno()
+        while n:
+            ready, _, _ = select.select([fd], [], [], max(0.0, self._deadline - time.monotonic()))
+            if not ready:
+                raise self._crashed(f", killed: no reply within {self.timeout:.0f} s")
+            data = os.read(fd, min(n, 1 << 20))
+            if not data:
+                raise self._crashed()
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -261,27 +275,32 @@ class EmulatedCuda:
         return ret, text
 
     # ---- gradcomp.h's entry points, as ops.py calls them (arguments in ops.py's order)
+    # ``bucket_misalign`` / ``payload_misalign``: bytes past a 256-byte boundary the emulator's
+    # copies of the bucket / the payloads start at (payloads must stay 16-byte aligned, as ops checks)
     def quant_encode(self, bucket, table, world, slots, block, *, bits=8, residual_dtype=torch.float32,
-                     stochastic=False, seed=0, step=0, rank=0, stream=0, bucket_misalign=0, out=None):
-        sb = ops.shard_bytes(slots, block, bits)
-        out = torch.empty(world * sb, dtype=torch.uint8) if out is None else out
+                     stochastic=False, seed=0, step=0, rank=0, stream=0, bucket_misalign=0, payload_misalign=0):
+        out = torch.empty(world * ops.shard_bytes(slots, block, bits), dtype=torch.uint8)
         self.call("quant_encode", [bits, block, ops.DTYPE_CODES[bucket.dtype], ops.DTYPE_CODES[residual_dtype],
                                    bucket, table, world, slots, out, seed, step, rank, int(stochastic), 0, stream],
-                  inputs=[bucket, table], outputs=[out], tables=[(table, 4)], misalign={id(bucket): bucket_misalign})
+                  inputs=[bucket, table], outputs=[out], tables=[(table, 4)],
+                  misalign={id(bucket): bucket_misalign, id(out): payload_misalign})
         return out
 
     def quant_reduce(self, recv, my_rows, world, slots, block, *, bits=8, residual_dtype=torch.float32,
-                     stochastic=False, seed=0, step=0, rank=0, stream=0):
+                     stochastic=False, seed=0, step=0, rank=0, stream=0, payload_misalign=0):
         out = torch.empty(ops.shard_bytes(slots, block, bits), dtype=torch.uint8)
         self.call("quant_reduce", [bits, block, ops.DTYPE_CODES[residual_dtype], recv, my_rows, world, slots, out,
                                    seed, step, rank, int(stochastic), 0, stream],
-                  inputs=[recv, my_rows], outputs=[out], tables=[(my_rows, 4)])
+                  inputs=[recv, my_rows], outputs=[out], tables=[(my_rows, 4)],
+                  misalign={id(recv): payload_misalign, id(out): (payload_misalign + 32) % 256})
         return out
 
-    def quant_decode(self, gathered, table, world, slots, block, bucket, *, bits=8, stream=0, bucket_misalign=0):
+    def quant_decode(self, gathered, table, world, slots, block, bucket, *, bits=8, stream=0, bucket_misalign=0,
+                     payload_misalign=0):
         self.call("quant_decode", [bits, block, ops.DTYPE_CODES[bucket.dtype], gathered, table, world, slots, bucket,
                                    0, stream],
-                  inputs=[gathered, table], tables=[(table, 4)], misalign={id(bucket): bucket_misalign})
+                  inputs=[gathered, table], tables=[(table, 4)],
+                  misalign={id(bucket): bucket_misalign, id(gathered): payload_misalign})
         return bucket
 
     def topk_encode(self, bucket, table, pairs, *, approx=False, value_dtype=torch.float32, tiles=None, stream=0):

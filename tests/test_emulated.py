@@ -7,7 +7,9 @@ every shuffle's lanes and masks, every barrier, shared memory that starts undefi
 accesses that must be aligned (UBSan), every load and store inside its buffer (ASan), the
 launch configuration checks and the argument checks of the entry points. What it does not:
 the GPU's memory model and data races (a CTA's threads interleave only at barriers, warp
-intrinsics and atomics; CTAs run one after another), performance, and the driver paths.
+intrinsics and atomics, CTAs run one after another: a plain read-modify-write where an
+atomic is needed passes), codec.h's arithmetic (both sides compute it with the host's IEEE
+operations; tests/reference.py checks it), performance, and the driver paths.
 Those need a real GPU: scripts/gpu_check.sh runs tests/test_cuda.py and compute-sanitizer
 there.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -61,8 +64,12 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def _assert_same(cpu: dict, emu: dict, what) -> None:
+    assert cpu.keys() == emu.keys()
     for key in cpu:
+        assert len(cpu[key]) == len(emu[key]), key
         for w, (a, b) in enumerate(zip(cpu[key], emu[key])):
+            if isinstance(a, list):
+                assert len(a) == len(b), (key, w)
             pairs = zip(a, b) if isinstance(a, list) else [(a, b)]
             for j, (x, y) in enumerate(pairs):
                 assert _same(x, y), f"{key} of rank {w} [{j}] differs ({_first_difference(x, y)}); {what}, seed {SEED}"
@@ -76,12 +83,12 @@ def _inputs(numels, world, dtype, g):
 
 
 def _exchange(emu, xs, numels, block, world, *, ef=True, bits=8, residual_dtype=torch.float32, stochastic=False,
-              noise_seed=0, step=0, ordinals=None, res_misalign=0, bucket_misalign=0, g=None):
+              noise_seed=0, step=0, ordinals=None, res_misalign=0, bucket_misalign=0, payload_misalign=0, g=None):
     """The three passes for W simulated ranks, on the CPU backend (``emu`` None) or the
     emulated CUDA one, from the same inputs; returns payloads, slices, residuals and outputs.
     ``res_misalign``: residuals start that many bytes past an aligned address (no vector
     access); ``bucket_misalign`` likewise for the bucket (emulated only: the CPU has no such
-    path)."""
+    path); ``payload_misalign`` for the emulated payloads (16-byte aligned, as ops requires)."""
     itemsize = torch.empty(0, dtype=residual_dtype).element_size()
     res, tables = [], []
     for w in range(world):
@@ -109,22 +116,23 @@ def _exchange(emu, xs, numels, block, world, *, ef=True, bits=8, residual_dtype=
                  for w in range(world)]
     else:
         sends = [emu.quant_encode(xs[w], tables[w].table, world, slots, block, rank=w, bucket_misalign=bucket_misalign,
-                                  **kw) for w in range(world)]
+                                  payload_misalign=payload_misalign, **kw) for w in range(world)]
     res_encode = [[r.clone() for r in rr] if ef else [] for rr in res]
     recvs = [torch.cat([sends[s][w * sb:(w + 1) * sb] for s in range(world)]) for w in range(world)]
     if emu is None:
         slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w, out=out(sb),
                                    **kw) for w in range(world)]
     else:
-        slices = [emu.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w, **kw)
-                  for w in range(world)]
+        slices = [emu.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w,
+                                   payload_misalign=payload_misalign, **kw) for w in range(world)]
     gathered = torch.cat(slices)
     if emu is None:
         outs = [ops.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits)
                 for w in range(world)]
     else:
         outs = [emu.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits,
-                                 bucket_misalign=bucket_misalign) for w in range(world)]
+                                 bucket_misalign=bucket_misalign, payload_misalign=payload_misalign)
+                for w in range(world)]
         emu.clear()
     return {"send": sends, "res_encode": res_encode, "slices": slices,
             "res_final": [[r.clone() for r in rr] if ef else [] for rr in res], "out": outs}
@@ -140,9 +148,10 @@ def _compare(emu, numels, block, world, dtype, salt, xs=None, **kw):
 
 
 def _numels(block):
-    """Empty and one-element parameters, a partial block, whole blocks, and a parameter of
-    several blocks whose end is ragged."""
-    return [1, 0, 37, block, 3 * block + 7, 4000]
+    """Whole blocks at vector-aligned offsets first (the kernels' vector loads and stores),
+    then a partial block, one-element and empty parameters, and a parameter of several
+    blocks off the vector alignment whose end is ragged (the scalar paths)."""
+    return [block, 4000, 37, 1, 0, 3 * block + 7]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
@@ -193,6 +202,15 @@ def test_misaligned_buckets_and_residuals_match_cpu(emu, dtype, block):
         _compare(emu, _numels(block), block, 2, dtype, ("misaligned", str(dtype), block, bits), bits=bits,
                  bucket_misalign=elem, res_misalign=4)
         _compare(emu, [block, 2 * block], block, 2, dtype, ("aligned", str(dtype), block, bits), bits=bits)
+
+
+@pytest.mark.parametrize("payload_misalign", [16, 48, 208])
+def test_payloads_off_a_wide_boundary_match_cpu(emu, payload_misalign):
+    """Payloads only 16-byte aligned (a view into a larger buffer: what ops accepts), with
+    shards inside them only 4-byte aligned (narrow codes, small blocks, world 3)."""
+    for bits in (1, 2, 8):
+        _compare(emu, _numels(32), 32, 3, torch.float32, ("payload", payload_misalign, bits), bits=bits,
+                 payload_misalign=payload_misalign)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
@@ -260,17 +278,6 @@ def test_all_zero_and_empty_buckets_match_cpu(emu):
     xs = [torch.zeros(700) for _ in range(2)]
     _compare(emu, [500, 200], 64, 2, torch.float32, ("zeros",), xs=xs, bits=4)
     _compare(emu, [0, 0], 64, 3, torch.float32, ("empty",), xs=[torch.zeros(0)] * 3, bits=8)
-
-
-def test_streams_change_nothing(emu):
-    """A call on another stream (an in-order queue) gives the same bytes."""
-    g = _gen("stream")
-    numels = [900, 33]
-    x = torch.randn(sum(numels), generator=g)
-    table = layout.build_table(layout.contiguous_spans(numels, 64), 64, 2)
-    a = emu.quant_encode(x, table.table, 2, table.slots, 64, bits=4)
-    b = emu.quant_encode(x, table.table, 2, table.slots, 64, bits=4, stream=0x5EED)
-    assert _same(a, b)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -512,13 +519,26 @@ def test_randomk_matches_cpu(emu, dtype):
 
 
 # ---------------------------------------------------------------- the emulator itself
-def test_emulator_builds_the_real_sources(emu):
-    """The process reports the CUDA backend compiled (gradcomp.h's cuda_* calls) and found the
-    kernels' shared memory to poison."""
-    _, text = emu.call("info", [])
-    info = dict(kv.split("=", 1) for kv in text.split(";"))
-    assert info["compiled"] == "1" and info["problem"] == "" and int(info["runtime"]) >= 12000
-    assert int(info["shared_bytes"]) >= 3 * 4 * 2048  # every dtype's top-k histograms at least
+def _declared_shared_names() -> set[str]:
+    """The variables the kernel sources declare __shared__."""
+    names = set()
+    for path in (CSRC / "cuda").glob("*.cu"):
+        for decl in re.findall(r"__shared__\s+[\w:]+\s+([^;]+);", path.read_text()):
+            names |= {re.sub(r"\[.*", "", d).strip() for d in decl.split(",")}
+    return names
+
+
+def test_emulator_poisons_exactly_the_kernels_shared_memory(emu):
+    """What the emulator takes for shared memory (and poisons before every CTA) is every
+    __shared__ variable of the kernel sources, and nothing else."""
+    _, text = emu.call("shared_names", [])
+    found = [line for line in text.splitlines() if line]
+    kernels = [n for n in found if "::shared_kernel(int*)::" not in n]  # the emulator's self-test's
+    assert len(kernels) == len(found) - 1
+    assert {n.rsplit("::", 1)[1] for n in kernels} == _declared_shared_names()
+    assert all(n.startswith("gradcomp::(anonymous namespace)::") for n in found)
+    # one copy per instantiation: the top-k histograms of every bucket dtype
+    assert sum(n.endswith("::hist") for n in found) == 3 * 3
 
 
 def _selftest(emu, name, out):
@@ -527,7 +547,7 @@ def _selftest(emu, name, out):
 
 
 def test_warp_intrinsics_follow_cuda(emu):
-    out = _selftest(emu, "shuffles", torch.full((64, 8), -1, dtype=torch.int32))
+    out = _selftest(emu, "shuffles", torch.full((64, 16), -1, dtype=torch.int32))
     t = torch.arange(64)
     lane = t % 32
     warp0 = t - lane
@@ -538,24 +558,51 @@ def test_warp_intrinsics_follow_cuda(emu):
     ballot = sum(1 << i for i in range(0, 32, 3))
     assert (out[:, 4].to(torch.int64) & 0xFFFFFFFF).eq(ballot).all()
     assert torch.equal(out[:, 5], (t >= 32).int())  # lane 8 of warp 1 is thread 40
-    assert out[:, 6].eq(0).all()
-    assert torch.equal(out[:, 7], t ^ 1)  # and the 64-bit shuffle came back whole
+    assert out[:, 6].eq(0).all() and out[:, 9].eq(1).all()
+    assert torch.equal(out[:, 7], t ^ 1)
+    even = sum(1 << i for i in range(0, 16, 2))
+    assert torch.equal(out[:, 8].to(torch.int64) & 0xFFFFFFFF, torch.where(lane < 16, even, even << 16))
+    assert torch.equal(out[:, 10], (lane < 16).int())  # lane 3 is in the lower half only
+    assert torch.equal(out[:, 11], warp0 + (lane ^ 5))
+    assert torch.equal(out[:, 12], torch.where(lane >= 1, t - 1, t))
+    assert torch.equal(out[:, 13], torch.where(lane == 0, t + 31, t))
+    assert torch.equal(out[:, 14], warp0 + 8)
+    assert out[:, 15].eq(1).all()  # a 64-bit shuffle comes back whole
 
 
 def test_shared_memory_starts_poisoned_and_barriers_order(emu):
-    out = _selftest(emu, "shared", torch.full((2, 128, 2), -1, dtype=torch.int32))
-    assert (out[..., 0] == -0x58585859).all()  # 0xA7A7A7A7: nothing left from the CTA before
-    t = torch.arange(128)
-    assert torch.equal(out[0, :, 1], (t + 1) % 128) and torch.equal(out[1, :, 1], 1000 + (t + 1) % 128)
+    for _ in range(4):  # the poison is chosen per CTA: NaN-and-all-ones, or 0xA7 bytes
+        out = _selftest(emu, "shared", torch.full((2, 128, 2), -1, dtype=torch.int32))
+        for cta in range(2):
+            first = int(out[cta, 0, 0])
+            assert first in (-1, -0x58585859) and (out[cta, :, 0] == first).all()
+        t = torch.arange(128)
+        assert torch.equal(out[0, :, 1], (t + 1) % 128) and torch.equal(out[1, :, 1], 1000 + (t + 1) % 128)
 
 
 def test_atomics_launch_checks_and_stream_order(emu):
-    counter = _selftest(emu, "atomics", torch.zeros(2, dtype=torch.int32))
-    assert counter.tolist() == [7 * 96, 7 * 96 - 1]
+    counter = _selftest(emu, "atomics", torch.zeros(2 + 7 * 96, dtype=torch.int32))
+    assert counter[:2].tolist() == [7 * 96, 7 * 96 - 1]
+    assert sorted(counter[2:].tolist()) == list(range(7 * 96))  # each thread saw its own old value
     launch = _selftest(emu, "launch_config", torch.zeros(4, dtype=torch.int32))
     assert launch.tolist() == [0, 9, 0, 9]  # not run; cudaErrorInvalidConfiguration, then cleared
     streams = _selftest(emu, "streams", torch.full((2,), -1, dtype=torch.int32))
     assert streams.tolist() == [110, -1]
+
+
+def test_writes_before_a_buffer_and_into_table_addresses_are_reported(emu):
+    """ASan cannot poison the bytes before a buffer that starts inside an 8-byte granule: a
+    canary there catches a write; a kernel that writes a table's address word fails the call."""
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(EmulatorCrash, match="wrote 4 bytes before buffer"):
+        emu.call("selftest:write_before", [out], misalign={id(out): 4})
+    target = torch.zeros(16)
+    row = torch.zeros(1, 4, dtype=torch.int64)
+    emu.place(target)
+    row[0, 2] = emu.addr(target)
+    with pytest.raises(RuntimeError, match="wrote into address word 2"):
+        emu.call("selftest:write_table_word", [row], tables=[(row, 4)])
+    emu.clear()
 
 
 @pytest.mark.parametrize("name,message", [

@@ -6,8 +6,9 @@
 // run one after another (in a shuffled order), each CTA's threads as fibers on one OS
 // thread that switch only where CUDA threads would wait for each other: __syncthreads, and
 // the warp-synchronous intrinsics, where the lanes named in the mask meet and exchange
-// values, and (at random) at atomics. Shared memory is one static copy (one CTA runs at a time), filled with a poison
-// pattern before every CTA (runtime.cpp finds it: the function-local statics of gradcomp's
+// values, and (at random) at atomics. A plain read-modify-write is never interrupted: a race
+// where an atomic is needed goes unseen (docs/emulator.md). Shared memory is one static copy (one CTA runs at a time),
+// filled with a poison pattern before every CTA (runtime.cpp finds it: the function-local statics of gradcomp's
 // anonymous namespaces, where the kernels live). Misuse CUDA leaves undefined (a barrier some threads never
 // reach, a lane that calls a warp intrinsic without its own bit in the mask, a shuffle from a
 // lane outside the mask, lanes meeting at different intrinsics, a deadlock) ends the process
@@ -59,8 +60,12 @@ struct alignas(16) float4 {
 struct alignas(8) uint2 {
   unsigned x, y;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 enum cudaError_t : int {
   cudaSuccess = 0,
@@ -120,6 +125,11 @@ T warp_value(WarpOp op, unsigned mask, T v, int arg, int width) {
   return out;
 }
 
+template <class T>
+T implicit(T v) {
+  return v;
+}
+
 // A launch: checks its configuration at once (as the runtime does), copies the arguments,
 // and queues the grid on its stream.
 template <class... P>
@@ -132,7 +142,8 @@ struct Launch {
   void operator()(A&&... args) const {
     static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
     if (!valid_launch(grid, block)) return set_last_error(cudaErrorInvalidConfiguration);
-    std::tuple<std::decay_t<P>...> copied(static_cast<std::decay_t<P>>(std::forward<A>(args))...);
+    // implicit conversions only, as a call through <<<>>> converts its arguments
+    std::tuple<std::decay_t<P>...> copied(implicit<std::decay_t<P>>(std::forward<A>(args))...);
     auto k = kernel;
     const dim3 g = grid, b = block;
     const char* n = name;
@@ -146,10 +157,10 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t st
 
 }  // namespace gcemu
 
-#define threadIdx (::gcemu::g_thread->idx)
-#define blockIdx (::gcemu::g_block_idx)
-#define blockDim (::gcemu::g_block_dim)
-#define gridDim (::gcemu::g_grid_dim)
+#define threadIdx (static_cast<const uint3&>(::gcemu::g_thread->idx))
+#define blockIdx (static_cast<const uint3&>(::gcemu::g_block_idx))
+#define blockDim (static_cast<const dim3&>(::gcemu::g_block_dim))
+#define gridDim (static_cast<const dim3&>(::gcemu::g_grid_dim))
 
 // ---------------------------------------------------------------- device intrinsics
 inline void __syncthreads() { gcemu::syncthreads(); }
@@ -181,9 +192,11 @@ inline int __all_sync(unsigned mask, int pred) {
 }
 
 // Atomics: the fibers of a CTA never run at once, and CTAs run one after another, so a
-// read-modify-write is atomic as written. Each may first let other threads run.
+// read-modify-write is atomic as written. Each may first let other threads run. Integers
+// only: a GPU's float atomics flush subnormals, which this would not model.
 template <class T>
 T atomicAdd(T* p, T v) {
+  static_assert(std::is_integral<T>::value, "float atomics are not emulated");
   gcemu::maybe_yield();
   const T old = *p;
   *p = old + v;

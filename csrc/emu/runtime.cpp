@@ -1,6 +1,7 @@
 // The host emulation's runtime (cuda_runtime.h says the model): fibers for a CTA's threads,
 // the scheduler that meets them at barriers and warp intrinsics, streams as queues, and the
 // host API the kernels' launchers call.
+#include <cxxabi.h>
 #include <elf.h>
 #include <link.h>
 #include <sys/mman.h>
@@ -311,19 +312,21 @@ bool complete_warp(int warp) {
     for (int j = 0; j < 32; ++j) {
       if (!(mask >> j & 1u)) continue;
       Fiber& g = *lane_fiber(warp, j);
+      // PTX shfl.sync: the lane or offset is b[4:0]; a source past the warp is the lane itself
+      const int b = g.arg & 31;
       int src = -1;
       switch (g.op) {
         case WarpOp::ShflXor:
-          src = j ^ g.arg;
+          src = j ^ b;
           break;
         case WarpOp::ShflUp:
-          src = j - g.arg < 0 ? j : j - g.arg;
+          src = j - b < 0 ? j : j - b;
           break;
         case WarpOp::ShflDown:
-          src = j + g.arg > 31 ? j : j + g.arg;
+          src = j + b > 31 ? j : j + b;
           break;
         case WarpOp::ShflIdx:
-          src = g.arg & 31;
+          src = b;
           break;
         case WarpOp::Ballot:
           g.result = votes;
@@ -339,7 +342,7 @@ bool complete_warp(int warp) {
           break;
       }
       if (src >= 0) {
-        if (src > 31 || !(mask >> src & 1u))
+        if (!(mask >> src & 1u))
           fail_at(g, std::string(op_name(g.op)) + " reads lane " + std::to_string(src) + ", outside the mask " +
                          hex(mask) + " (its value is undefined)");
         g.result = lane_fiber(warp, src)->bits;
@@ -364,8 +367,9 @@ std::string states() {
   return s;
 }
 
-void run_cta(const std::vector<int>& order) {
+void run_cta(std::vector<int>& order) {
   for (;;) {
+    std::shuffle(order.begin(), order.end(), g_order_rng);
     for (int i : order)
       if (g_cta.fibers[i].state == State::Ready) resume(g_cta.fibers[i]);
     int done = 0, at_barrier = 0, ready = 0;
@@ -398,6 +402,7 @@ constexpr char kSharedPrefix[] = "_ZZN8gradcomp12_GLOBAL__N_1";
 struct Range {
   char* p;
   size_t n;
+  std::string name;  // mangled
 };
 
 int main_program_bias(struct dl_phdr_info* info, size_t, void* out) {
@@ -426,7 +431,8 @@ std::vector<Range> find_shared() {
     for (size_t k = 0; k < count; ++k) {
       if (ELF64_ST_TYPE(sym[k].st_info) != STT_OBJECT || sym[k].st_size == 0) continue;
       if (std::strncmp(names + sym[k].st_name, kSharedPrefix, sizeof kSharedPrefix - 1) != 0) continue;
-      found.push_back({reinterpret_cast<char*>(bias + sym[k].st_value), static_cast<size_t>(sym[k].st_size)});
+      found.push_back({reinterpret_cast<char*>(bias + sym[k].st_value), static_cast<size_t>(sym[k].st_size),
+                       names + sym[k].st_name});
     }
   }
   return found;
@@ -437,8 +443,11 @@ const std::vector<Range>& shared_ranges() {
   return ranges;
 }
 
+// 0xFF (a NaN float, an all-ones integer) or 0xA7 (a tiny negative float, a large integer),
+// chosen per CTA: no reduction's identity absorbs both.
 void poison_shared() {
-  for (const Range& r : shared_ranges()) std::memset(r.p, 0xA7, r.n);
+  const int byte = (g_order_rng() & 1u) ? 0xFF : 0xA7;
+  for (const Range& r : shared_ranges()) std::memset(r.p, byte, r.n);
 }
 
 // Streams (a handle is only a key; 0 is the legacy default stream, which waits for all
@@ -527,8 +536,9 @@ void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void(
   if (static_cast<int>(g_cta.fibers.size()) < threads) g_cta.fibers.resize(threads);
   g_grid_dim = grid;
   g_block_dim = block;
-  // CTAs in a shuffled order, threads resumed in a shuffled order at every round: results
-  // must not depend on either (a GPU promises neither).
+  // CTAs in a shuffled order, a CTA's threads resumed in a new shuffled order at every round
+  // (between two synchronization points): results must not depend on either (a GPU
+  // promises neither).
   std::vector<uint64_t> cta_order(ctas);
   for (uint64_t i = 0; i < ctas; ++i) cta_order[i] = i;
   std::shuffle(cta_order.begin(), cta_order.end(), g_order_rng);
@@ -547,7 +557,6 @@ void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void(
       f.state = State::Ready;
       new_context(f);
     }
-    std::shuffle(thread_order.begin(), thread_order.end(), g_order_rng);
     run_cta(thread_order);
   }
   g_cta.body = nullptr;
@@ -559,6 +568,17 @@ size_t shared_bytes() {
   size_t n = 0;
   for (const Range& r : shared_ranges()) n += r.n;
   return n;
+}
+
+std::string shared_names() {
+  std::string out;
+  for (const Range& r : shared_ranges()) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(r.name.c_str(), nullptr, nullptr, &status);
+    out += (status == 0 && d ? d : r.name) + "\n";
+    std::free(d);
+  }
+  return out;
 }
 
 }  // namespace gcemu

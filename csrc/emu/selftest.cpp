@@ -17,10 +17,10 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 
-// Per thread of 2 warps: 8 results of the warp intrinsics.
-__global__ void shuffles_kernel(int32_t* out /* [64, 8] */) {
+// Per thread of 2 warps: 16 results of the warp intrinsics.
+__global__ void shuffles_kernel(int32_t* out /* [64, 16] */) {
   const int t = static_cast<int>(threadIdx.x), lane = t % 32;
-  int32_t* o = out + t * 8;
+  int32_t* o = out + t * 16;
   o[0] = __shfl_xor_sync(kFull, t * 10, 5);
   o[1] = __shfl_up_sync(kFull, t * 10, 3);
   o[2] = __shfl_down_sync(kFull, t * 10, 7);
@@ -31,9 +31,17 @@ __global__ void shuffles_kernel(int32_t* out /* [64, 8] */) {
   // a half-warp meeting of its own: lanes 0-15 and 16-31 exchange within their halves
   const unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
   o[7] = __shfl_xor_sync(half, t, 1);
+  o[8] = static_cast<int32_t>(__ballot_sync(half, lane % 2 == 0));
+  o[9] = __all_sync(kFull, lane < 32);
+  o[10] = __any_sync(half, lane == 3);
+  // PTX takes the lane or offset from its low 5 bits
+  o[11] = __shfl_xor_sync(kFull, t, 37);            // xor 5
+  o[12] = __shfl_up_sync(kFull, t, 33);             // up 1
+  o[13] = __shfl_down_sync(kFull, t, 0xffffffffu);  // down 31
+  o[14] = __shfl_sync(kFull, t, 40);                // lane 8
   __syncwarp();
   const unsigned long long wide = (static_cast<unsigned long long>(t) << 40) | 7u;
-  if (__shfl_xor_sync(kFull, wide, 16) != ((static_cast<unsigned long long>(t ^ 16) << 40) | 7u)) o[7] = -1;
+  o[15] = __shfl_xor_sync(kFull, wide, 16) == ((static_cast<unsigned long long>(t ^ 16) << 40) | 7u);
 }
 
 // Block b, thread t: what shared memory held before this CTA wrote it, then a neighbour's
@@ -49,9 +57,11 @@ __global__ void shared_kernel(int32_t* out /* [2, 128, 2] */) {
   o[1] = cell[(t + 1) % 128];
 }
 
-__global__ void atomics_kernel(uint32_t* counter /* [2] */) {
-  atomicAdd(counter, 1u);
-  atomicMax(counter + 1, static_cast<uint32_t>(blockIdx.x * blockDim.x + threadIdx.x));
+// counter[0]: every thread adds 1 (its old value recorded at 2 + its global index); counter[1]: the max index
+__global__ void atomics_kernel(uint32_t* counter /* [2 + threads] */) {
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  counter[2 + i] = atomicAdd(counter, 1u);
+  atomicMax(counter + 1, i);
 }
 
 __global__ void add_one(int32_t* p /* [1] */) {
@@ -96,6 +106,15 @@ __global__ void misaligned_vector(const float* p /* [8] */, float* out /* [1] */
 }
 
 __global__ void out_of_bounds(int32_t* p /* [64] */) { p[threadIdx.x + 1] = 1; }
+
+__global__ void write_before(int32_t* p /* [64] */) {
+  if (threadIdx.x == 0) p[-1] = 1;
+}
+
+// p: one table row [1, 4] int64 whose word 2 is an address
+__global__ void write_table_word(int32_t* p) {
+  if (threadIdx.x == 0) reinterpret_cast<int64_t*>(p)[2] += 8;
+}
 
 }  // namespace
 }  // namespace gradcomp
@@ -145,6 +164,10 @@ int selftest(const std::string& name, int32_t* out) {
     GC_LAUNCH(1, 32, nullptr, misaligned_vector)(reinterpret_cast<const float*>(out), reinterpret_cast<float*>(out));
   } else if (name == "out_of_bounds") {
     GC_LAUNCH(1, 64, nullptr, out_of_bounds)(out);
+  } else if (name == "write_before") {
+    GC_LAUNCH(1, 32, nullptr, write_before)(out);
+  } else if (name == "write_table_word") {
+    GC_LAUNCH(1, 32, nullptr, write_table_word)(out);
   } else {
     throw std::invalid_argument("emulator: unknown self-test '" + name + "'");
   }

@@ -18,6 +18,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,6 +38,7 @@
 namespace gcemu {
 void set_schedule_seed(uint64_t seed);
 size_t shared_bytes();
+std::string shared_names();  // the __shared__ variables found (demangled), one a line
 int selftest(const std::string& name, int32_t* out);
 }  // namespace gcemu
 
@@ -78,7 +80,11 @@ void put(T v) {
 }
 
 // A buffer at the caller's address `addr`, held at a real address with the same residue mod
-// 256; the bytes before it are poisoned, so a read before the buffer is reported as one past it is.
+// 256, in an allocation that ends where it ends (ASan reports any access past it). The bytes
+// before it are poisoned where ASan can (whole 8-byte granules) and hold a canary checked
+// after the call, so a write before the buffer is reported too; a read up to 7 bytes before a
+// buffer that does not start 8-byte aligned goes unseen.
+constexpr char kCanary = static_cast<char>(0xC3);
 struct Buffer {
   uint64_t addr = 0, bytes = 0;
   uint32_t misalign = 0;
@@ -131,6 +137,10 @@ int64_t dispatch(const Call& c, std::string& text) {
   const std::string& op = c.op;
   if (op == "info") {
     text = info();
+    return 0;
+  }
+  if (op == "shared_names") {
+    text = gcemu::shared_names();
     return 0;
   }
   if (op == "quant_encode") {
@@ -198,6 +208,7 @@ int main() {
       if (posix_memalign(&p, 256, total ? total : 1) != 0) return 5;
       b.alloc = static_cast<char*>(p);
       b.data = b.alloc + b.misalign;
+      std::memset(b.alloc, kCanary, b.misalign);
       if (b.bytes && !read_all(b.data, b.bytes)) return 0;
       GCEMU_POISON(b.alloc, b.misalign);
       if (!b.bytes) GCEMU_POISON(b.alloc, total ? total : 1);
@@ -239,7 +250,25 @@ int main() {
     for (size_t k = 0; k < saved.size(); ++k) {
       const Call::Words& w = c.words[k];
       auto* words = reinterpret_cast<int64_t*>(c.bufs[w.buf].data);
-      for (uint64_t j = 0; j < saved[k].size(); ++j) words[w.first + j * w.stride] = saved[k][j];
+      for (uint64_t j = 0; j < saved[k].size(); ++j) {
+        int64_t& v = words[w.first + j * w.stride];
+        if (status == 0 && v != c.real(saved[k][j])) {
+          status = 2;
+          text = "emulator: the call wrote into address word " + std::to_string(w.first + j * w.stride) +
+                 " of buffer " + std::to_string(w.buf);
+        }
+        v = saved[k][j];
+      }
+    }
+    for (size_t k = 0; k < c.bufs.size(); ++k) {
+      const Buffer& b = c.bufs[k];
+      GCEMU_UNPOISON(b.alloc, b.misalign);
+      for (uint32_t i = 0; i < b.misalign; ++i)
+        if (b.alloc[i] != kCanary) {
+          std::fprintf(stderr, "gradcomp CUDA emulator: %s wrote %u bytes before buffer %zu\n", c.op.c_str(),
+                       b.misalign - i, k);
+          std::_Exit(3);
+        }
     }
     put<uint32_t>(kMagic);
     put<uint32_t>(status);

@@ -20,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def build(csrc: Path = CSRC, cache: Path = CACHE) -> Path:
         objects.append(obj)
         if obj.exists():
             continue
-        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        tmp = obj.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # builds may run side by side
         lang = ["-x", "c++"] if src.endswith(".cu") else []
         cmd = [cxx, *FLAGS, f"-I{csrc / 'emu'}", f"-I{csrc}", *lang, "-c", str(path), "-o", str(tmp)]
         jobs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), tmp, obj))
@@ -89,7 +90,7 @@ def build(csrc: Path = CSRC, cache: Path = CACHE) -> Path:
     exe = cache / "bin" / hashlib.sha256("".join(o.name for o in objects).encode()).hexdigest()[:24] / "gradcomp-emu"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(f".{os.getpid()}.tmp")
+        tmp = exe.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         link = subprocess.run([cxx, "-fsanitize=address,undefined,float-cast-overflow", *map(str, objects), "-o",
                                str(tmp)], capture_output=True, text=True)
         if link.returncode:

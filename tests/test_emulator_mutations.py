@@ -3,7 +3,7 @@ in a copy of a kernel, builds the emulator from the copy and runs the emulated t
 should notice against it (a pytest of its own). Every mutant must make them fail.
 
 Only the mutated translation unit is compiled again (tests/emulator.py caches the others
-by content): about 15 s for quant.cu, 5 s for sparse.cu.
+by content): about 15 s for quant.cu, 5 s for sparse.cu; two mutants build at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -76,15 +77,27 @@ MUTATIONS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory):
+    """Every mutant's executable (or why it could not be made), built two at a time."""
+    def make(m):
+        src = tmp_path_factory.mktemp(m.name.replace(" ", "-")) / "csrc"
+        shutil.copytree(CSRC, src)
+        path = src / m.file
+        text = path.read_text()
+        if text.count(m.old) != 1:
+            return f"the mutation's target is not unique (or gone) in {m.file}: update {m.name!r}"
+        path.write_text(text.replace(m.old, m.new))
+        return build(src)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip((m.name for m in MUTATIONS), pool.map(make, MUTATIONS)))
+
+
 @pytest.mark.parametrize("m", MUTATIONS, ids=[m.name.replace(" ", "-") for m in MUTATIONS])
-def test_mutant_kernel_fails_the_emulated_tests(m, tmp_path):
-    src = tmp_path / "csrc"
-    shutil.copytree(CSRC, src)
-    path = src / m.file
-    text = path.read_text()
-    assert text.count(m.old) == 1, f"the mutation's target is not unique (or gone) in {m.file}: update {m.name!r}"
-    path.write_text(text.replace(m.old, m.new))
-    exe = build(src)
+def test_mutant_kernel_fails_the_emulated_tests(m, mutants):
+    exe = mutants[m.name]
+    assert not isinstance(exe, str), exe
     env = {**os.environ, "GRADCOMP_EMULATOR_EXE": str(exe)}
     r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_emulated.py", "-x", "-q", "-p", "no:cacheprovider",
                         "-k", m.select], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -194,48 +194,39 @@ inline int __all_sync(unsigned mask, int pred) {
 // Atomics: the fibers of a CTA never run at once, and CTAs run one after another, so a
 // read-modify-write is atomic as written. Each may first let other threads run. Integers
 // only: a GPU's float atomics flush subnormals, which this would not model.
+namespace gcemu {
+template <class T, class F>
+T atomic_update(T* p, F next) {
+  static_assert(std::is_integral<T>::value, "float atomics are not emulated");
+  maybe_yield();
+  const T old = *p;
+  *p = next(old);
+  return old;
+}
+}  // namespace gcemu
 template <class T>
 T atomicAdd(T* p, T v) {
-  static_assert(std::is_integral<T>::value, "float atomics are not emulated");
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return gcemu::atomic_update(p, [v](T old) { return static_cast<T>(old + v); });
 }
 template <class T>
 T atomicOr(T* p, T v) {
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = old | v;
-  return old;
+  return gcemu::atomic_update(p, [v](T old) { return static_cast<T>(old | v); });
 }
 template <class T>
 T atomicAnd(T* p, T v) {
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = old & v;
-  return old;
+  return gcemu::atomic_update(p, [v](T old) { return static_cast<T>(old & v); });
 }
 template <class T>
 T atomicMax(T* p, T v) {
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = v > old ? v : old;
-  return old;
+  return gcemu::atomic_update(p, [v](T old) { return v > old ? v : old; });
 }
 template <class T>
 T atomicMin(T* p, T v) {
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
+  return gcemu::atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <class T>
 T atomicExch(T* p, T v) {
-  gcemu::maybe_yield();
-  const T old = *p;
-  *p = v;
-  return old;
+  return gcemu::atomic_update(p, [v](T) { return v; });
 }
 
 // IEEE single operations, rounded to nearest even: what the __f*_rn intrinsics compute

@@ -96,7 +96,24 @@ def build(csrc: Path = CSRC, cache: Path = CACHE) -> Path:
         if link.returncode:
             raise RuntimeError("linking the CUDA emulator failed:\n" + link.stdout + link.stderr)
         os.replace(tmp, exe)
+    for path in (*objects, exe):
+        os.utime(path)
+    _prune(cache)
     return exe
+
+
+def _prune(cache: Path, keep_objects: int = 48, keep_executables: int = 16) -> None:
+    """Drops the least recently used objects and executables past the counts (a source
+    change makes new ones; a mutation run makes one object and one executable per mutant)."""
+    for pattern, keep in (("obj/*.o", keep_objects), ("bin/*/gradcomp-emu", keep_executables)):
+        paths = sorted(cache.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in paths[keep:]:
+            try:
+                old.unlink()
+                if old.parent.name != "obj":
+                    old.parent.rmdir()
+            except OSError:  # another run's, in use or gone
+                pass
 
 
 class Emulator:

@@ -330,7 +330,52 @@ def scenario_failure(rank, world, args):
     return out
 
 
-SCENARIOS = {"train": scenario_train, "order": scenario_order, "resume": scenario_resume,
+def scenario_compile(rank, world, args):
+    """torch.compile of a DDP model under DDP's default DDPOptimizer, with gradcomp's int8
+    hook: each step's averaged gradient and the exact mean (a twin, reduced exactly). Then
+    what register() and the hook say of DDP's python reducer (compiled autograd)."""
+    import torch._dynamo
+
+    width, steps = 128, args["steps"]
+    model, twin = make_model(3, width), make_model(3, width)
+    twin.load_state_dict(model.state_dict())
+    ddp = DistributedDataParallel(model)  # default buckets: a small cap trips DDPOptimizer's own assertion
+    state = gradcomp.register(ddp, "int8")
+    compiled = torch.compile(ddp, backend=args.get("backend", "aot_eager"))
+    out = {"grads": [], "exact": []}
+    for step in range(steps):
+        x, y = batch(rank, step, width)
+        ddp.zero_grad(set_to_none=False)
+        ((compiled(x) - y) ** 2).mean().backward()
+        twin.load_state_dict(model.state_dict())
+        twin.zero_grad(set_to_none=False)
+        ((twin(x) - y) ** 2).mean().backward()
+        exact = flat_grads(twin)
+        dist.all_reduce(exact)
+        out["grads"].append(flat_grads(model))
+        out["exact"].append(exact / world)
+    out["stats"] = dict(state.stats)
+    out["graphs"] = int(torch._dynamo.utils.counters["frames"]["ok"])  # frames dynamo compiled
+    old = torch._dynamo.config.optimize_ddp
+    torch._dynamo.config.optimize_ddp = "python_reducer"
+    try:
+        reducer_ddp = DistributedDataParallel(make_model(1, 8))
+    finally:
+        torch._dynamo.config.optimize_ddp = old
+    errors = {}
+    for name, call in (("register", lambda: gradcomp.register(reducer_ddp, "int8")),
+                       ("hook", lambda: gradcomp.comm_hook(gradcomp.State("int8"), (torch.zeros(4), None)))):
+        try:
+            call()
+            errors[name] = None
+        except RuntimeError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    out["python_reducer"] = bool(getattr(reducer_ddp, "_use_python_reducer", False))
+    return out
+
+
+SCENARIOS = {"train": scenario_train, "compile": scenario_compile, "order": scenario_order, "resume": scenario_resume,
              "nonfinite": scenario_nonfinite, "failure": scenario_failure}
 
 

@@ -618,6 +618,8 @@ def _stop_workers() -> None:
 def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The DDP communication hook: averages ``bucket`` over ``state``'s group, compressing
     each parameter that is large enough and of a dtype the codec takes."""
+    if isinstance(bucket, tuple):  # DDP's python reducer (compiled autograd) calls hooks per parameter
+        raise RuntimeError(_PYTHON_REDUCER)
     buf = bucket.buffer()
     group = state._group()
     world, rank = state._world_rank()
@@ -687,6 +689,13 @@ def _run_on_side_stream(state: State, buf, plan, group, world, rank, what, step)
     return fut
 
 
+_PYTHON_REDUCER = (
+    "gradcomp: DDP was built with torch._dynamo.config.optimize_ddp = 'python_reducer', which calls a comm "
+    "hook once per parameter as hook(state, (grad, param)) under compiled autograd; gradcomp compresses whole "
+    "buckets and does not support it. torch.compile works with DDP's default DDPOptimizer "
+    "(optimize_ddp = True): build the DDP model with that, then register gradcomp.")
+
+
 def _check_cuda_backend(ddp_model, codec: codecs.Codec) -> None:
     """A model on a GPU fails at registration, not at its first backward, when gradcomp's CUDA
     backend cannot run here (built without CUDA, or a driver too old for the CUDA it was
@@ -711,6 +720,8 @@ def register(ddp_model, codec="int8", **kwargs) -> State:
     if "process_group" in kwargs:
         raise TypeError("gradcomp.register takes the process group from the DDP model; "
                         "use State(process_group=...) with register_comm_hook for another group")
+    if getattr(ddp_model, "_use_python_reducer", False):
+        raise RuntimeError(_PYTHON_REDUCER)
     if getattr(ddp_model, "_comm_hooks", None):
         hooks = ", ".join(getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks)
         raise RuntimeError(f"gradcomp.register: this DDP model already has a communication hook ({hooks}); "

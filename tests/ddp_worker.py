@@ -355,7 +355,7 @@ def scenario_compile(rank, world, args):
         out["grads"].append(flat_grads(model))
         out["exact"].append(exact / world)
     out["stats"] = dict(state.stats)
-    out["graphs"] = int(torch._dynamo.utils.counters["frames"]["ok"])  # frames dynamo compiled
+    out["frames_compiled"] = int(torch._dynamo.utils.counters["frames"]["ok"])
     old = torch._dynamo.config.optimize_ddp
     torch._dynamo.config.optimize_ddp = "python_reducer"
     try:

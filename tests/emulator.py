@@ -235,13 +235,18 @@ class EmulatedCuda:
         self._placed: list[tuple[torch.Tensor, int, int]] = []
         self._next = 1 << 44
 
-    def place(self, t: torch.Tensor, misalign: int = 0) -> int:
-        """Registers ``t`` (contiguous) as device memory; returns its address."""
+    def _entry(self, t: torch.Tensor, misalign: int) -> tuple[torch.Tensor, int, int]:
+        """``t`` at a fresh address (16 GiB apart from the others) with that residue mod 256."""
         assert t.is_contiguous() and 0 <= misalign < 256
         addr = self._next + misalign
         self._next += 1 << 34
-        self._placed.append((t, addr, misalign))
-        return addr
+        return t, addr, misalign
+
+    def place(self, t: torch.Tensor, misalign: int = 0) -> int:
+        """Registers ``t`` (contiguous) as device memory for every call until ``clear()``;
+        returns its address."""
+        self._placed.append(self._entry(t, misalign))
+        return self._placed[-1][1]
 
     def addr(self, t: torch.Tensor) -> int:
         for u, a, _ in self._placed:
@@ -259,15 +264,12 @@ class EmulatedCuda:
         misalign = misalign or {}
         temp: list[tuple[torch.Tensor, int, int]] = []
 
-        def address(t):
+        def address(t):  # placed, or placed for this call
             for u, a, _ in self._placed + temp:
                 if u is t:
                     return a
-            m = misalign.get(id(t), 0)
-            a = self._next + m
-            self._next += 1 << 34
-            temp.append((t, a, m))
-            return a
+            temp.append(self._entry(t, misalign.get(id(t), 0)))
+            return temp[-1][1]
 
         for t in outputs:
             t.view(-1).view(torch.uint8).fill_(POISON_EMU)

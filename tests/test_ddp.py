@@ -345,7 +345,7 @@ def test_torch_compile_with_ddp_optimizer_and_a_clear_error_for_the_python_reduc
         assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.03
     st = outs[0]["stats"]
     assert st["buckets_compressed"] >= steps and st["ratio"] > 3.0, st
-    assert outs[0]["graphs"] >= 1
+    assert outs[0]["frames_compiled"] >= 1
     assert outs[0]["python_reducer"]  # the model really was built for the python reducer
     for name in ("register", "hook"):
         msg = outs[0]["errors"][name]

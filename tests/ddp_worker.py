@@ -113,7 +113,7 @@ def scenario_train(rank, world, args):
         def recording_hook(st, bucket):
             step = st.step
             fut = gradcomp.comm_hook(st, bucket)
-            layouts.append((step, bucket.index(), tuple(st._ordinal_of[id(p)] for p in bucket.parameters())))
+            layouts.append((step, bucket.index(), tuple(st._ddp_ordinal_of[id(p)] for p in bucket.parameters())))
             return fut
 
         ddp.register_comm_hook(state, recording_hook)
@@ -145,7 +145,7 @@ def scenario_train(rank, world, args):
     out["stats"] = dict(state.stats)
     out["layouts"] = layouts
     out["residual_norm"] = float(sum(r.float().norm() ** 2 for r in state._residuals.values()) ** 0.5)
-    out["ordinals"] = [state._ordinal_of.get(id(p), -1) for p in model.parameters()]
+    out["ordinals"] = [state._ddp_ordinal_of.get(id(p), -1) for p in model.parameters()]
     out["residuals"] = {o: r.clone() for o, r in state._residuals.items()}
     out["step"] = state.step
     out["seed"] = state.seed
@@ -375,8 +375,136 @@ def scenario_compile(rank, world, args):
     return out
 
 
+def allreduce_inputs(seed: int, rank: int, step: int, shapes: list, dtypes: list | None = None) -> list:
+    """The tensors rank ``rank`` averages at ``step`` in the all_reduce scenarios (the tests
+    rebuild them to compute the reference)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 1009 + step)
+    dtypes = dtypes or ["float32"] * len(shapes)
+    return [(torch.randn(shape, generator=g) * (1 + rank)).to(getattr(torch, d)) for shape, d in zip(shapes, dtypes)]
+
+
+def scenario_allreduce(rank, world, args):
+    """gradcomp.all_reduce over ``steps`` steps of fresh random tensors (list or dict, sync or
+    async), optionally checkpointed (torch.save or DCP) at ``save_at`` and resumed by a fresh
+    State. Records every step's inputs and outputs, the final residuals and stats."""
+    shapes, steps, seed = args["shapes"], args["steps"], args.get("seed", 0)
+    names = args.get("names")
+    os.environ.update(args.get("env_per_rank", {}).get(str(rank), {}))
+    state_args = dict(args.get("state", {}))
+    state = gradcomp.State(args["codec"], **state_args)
+    out = {"inputs": [], "outputs": [], "saved": None, "loaded": None}
+    drift = None
+    if args.get("drift"):  # a constant part, so that the true mean's running sum grows
+        drift = allreduce_inputs(seed + 7, rank, 0, shapes)
+    for step in range(steps):
+        if step == args.get("save_at"):
+            out["saved"] = _fields(state)
+            fresh = gradcomp.State(args["codec"], **state_args)
+            if args.get("dcp"):
+                import torch.distributed.checkpoint as dcp
+
+                path = os.path.join(args["ckpt"], "dcp")
+                dcp.save({"gradcomp": state.state_dict()}, checkpoint_id=path)
+                sd = {"gradcomp": fresh.state_dict()}
+                dcp.load(sd, checkpoint_id=path)
+                fresh.load_state_dict(sd["gradcomp"])
+            else:
+                path = os.path.join(args["ckpt"], f"rank{rank}.pt")
+                torch.save(state.state_dict(), path)
+                fresh.load_state_dict(torch.load(path, weights_only=True))
+            state = fresh
+            out["loaded"] = _fields(state)
+        xs = allreduce_inputs(seed, rank, step, shapes, args.get("dtypes"))
+        if drift is not None:
+            xs = [x + args["drift"] * d for x, d in zip(xs, drift)]
+        out["inputs"].append([x.clone() for x in xs])
+        arg = dict(zip(names, xs)) if names else xs
+        try:
+            if args.get("async"):
+                handle = gradcomp.all_reduce(arg, state, async_op=True)
+                result = handle.wait()
+            else:
+                result = gradcomp.all_reduce(arg, state)
+        except Exception as e:
+            if not args.get("expect_error"):
+                raise
+            out["error"] = f"{type(e).__name__}: {e}"
+            return out
+        assert result is arg
+        out["outputs"].append([x.clone() for x in xs])
+    out["stats"] = dict(state.stats)
+    out["residuals"] = {k: r.clone() for k, r in state.residuals.items()}
+    out["seed"], out["step"] = state.seed, state.step
+    return out
+
+
+def _fields(state) -> dict:
+    """Every per-rank field of a State's checkpoint, as they stand."""
+    world, rank = state._world_rank()
+    return {"rank": rank, "world_size": world, "step": state.step, "seed": state.seed, "stats": dict(state.stats),
+            "config": state.config(), "residuals": {k: r.clone() for k, r in state.residuals.items()}}
+
+
+def out_dir_of_this_run() -> str:
+    return sys.argv[2]
+
+
+def scenario_dcp(rank, world, args):
+    """DDP training whose gradcomp State is checkpointed with torch.distributed.checkpoint at
+    step ``stop`` (save) or restored from it at ``start`` (load), as scenario_resume does with
+    torch.save. ``stateful``: the State itself goes into DCP's dict (DCP calls its state_dict
+    and load_state_dict); otherwise its state_dict. ``naive``: the control, a per-rank dict
+    with plain keys (what State/1 wrote) through DCP, to show what DCP does to it."""
+    import torch.distributed.checkpoint as dcp
+
+    width, start, stop = args.get("width", 64), args["start"], args["stop"]
+    ckpt = args.get("ckpt", out_dir_of_this_run())
+    path = os.path.join(ckpt, "dcp")
+    model = make_model(args.get("layers", 6), width)
+    src = rank if os.path.exists(os.path.join(ckpt, f"model{rank}.pt")) else 0  # replicas: any rank's
+    if args.get("load"):
+        model.load_state_dict(torch.load(os.path.join(ckpt, f"model{src}.pt"), weights_only=True))
+    ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.02))
+    state = gradcomp.register(ddp, args["codec"], **args.get("state", {}))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    out = {"grads": {}}
+    if args.get("load"):
+        opt.load_state_dict(torch.load(os.path.join(ckpt, f"opt{src}.pt"), weights_only=True))
+        planner = dcp.DefaultLoadPlanner(allow_partial_load=True) if args.get("partial") else None
+        if args.get("stateful"):
+            dcp.load({"gradcomp": state}, checkpoint_id=path, planner=planner)
+        else:
+            sd = {"gradcomp": state.state_dict()}
+            dcp.load(sd, checkpoint_id=path, planner=planner)
+            state.load_state_dict(sd["gradcomp"])
+        out["loaded"] = _fields(state)
+    for step in range(start, stop):
+        x, y = batch(rank, step, width)
+        opt.zero_grad()
+        ((ddp(x) - y) ** 2).mean().backward()
+        out["grads"][step] = flat_grads(model)
+        opt.step()
+    out["params"] = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    out["final"] = _fields(state)
+    if args.get("save"):
+        torch.save(model.state_dict(), os.path.join(ckpt, f"model{rank}.pt"))
+        torch.save(opt.state_dict(), os.path.join(ckpt, f"opt{rank}.pt"))
+        dcp.save({"gradcomp": state} if args.get("stateful") else {"gradcomp": state.state_dict()},
+                 checkpoint_id=path)
+    if args.get("naive"):
+        mine = {"rank": rank, "step": state.step + rank,
+                "residuals": {o: r.clone() for o, r in state.residuals.items()}}
+        dcp.save({"gc": mine}, checkpoint_id=os.path.join(ckpt, "naive"))
+        zeros = {o: torch.zeros_like(r) for o, r in mine["residuals"].items()}
+        template = {"gc": {"rank": -1, "step": -1, "residuals": zeros}}
+        dcp.load(template, checkpoint_id=os.path.join(ckpt, "naive"))
+        out["naive"] = {"saved": mine, "loaded": template["gc"]}
+    return out
+
+
 SCENARIOS = {"train": scenario_train, "compile": scenario_compile, "order": scenario_order, "resume": scenario_resume,
-             "nonfinite": scenario_nonfinite, "failure": scenario_failure}
+             "nonfinite": scenario_nonfinite, "failure": scenario_failure, "allreduce": scenario_allreduce,
+             "dcp": scenario_dcp}
 
 
 def main():

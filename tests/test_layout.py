@@ -145,7 +145,7 @@ def test_bad_world_size():
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("block", [32, 256])
 def test_relayout_keeps_owners(world, block):
-    """DESIGN rule 3: a parameter's block j goes to the same rank whatever bucket it lies in
+    """docs/design.md, "Per-parameter decisions": a parameter's block j goes to the same rank whatever bucket it lies in
     and wherever in it. One model, laid out in one bucket, then again in shuffled buckets."""
     r = rng("relayout", world, block)
     numels = random_numels(r, block, 14)

@@ -116,7 +116,7 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
     covers the whole bucket (a non-finite block in any parameter makes every compressed
     element NaN), and in a parameter with a non-finite reduced block the other blocks keep
     their normal residual update (compressed_mean computes their error from the NaN-filled
-    output and would make those residuals NaN, against DESIGN rule 8)."""
+    output and would make those residuals NaN, against docs/design.md, "Non-finite values")."""
     rows = row_index(ex.tables[0].table)
     S = ex.slots
     for w in range(world):  # every rank decodes the same bits

@@ -3,6 +3,7 @@ under GradScaler, failures that surface instead of hanging, every DDP mode, regi
 errors. Real processes on Gloo."""
 
 import inspect
+import io
 import logging
 
 import gradcomp
@@ -81,19 +82,21 @@ def test_state_dict_is_weights_only_and_round_trips(tmp_path):
     state = gradcomp.State("int4:block=128", min_numel=64, seed=12345)
     state.step = 7
     state.stats["bytes_sent"] = 99.0
-    state._residuals = {0: torch.randn(300), 3: torch.randn(1000)}
+    state.engine.store.replace({0: torch.randn(300), 3: torch.randn(1000)})
     path = tmp_path / "s.pt"
     torch.save(state.state_dict(), path)
     sd = torch.load(path, weights_only=True)
-    assert sd["rank"] is None and sd["world_size"] is None
-    assert sd["config"]["codec"] == "int4" and sd["config"]["block_size"] == 128
+    assert sd["world_size"] is None and set(sd) == {"format", "world_size", "unranked"}
+    mine = torch.load(io.BytesIO(sd["unranked"]), weights_only=True)  # one value: DCP-safe (see test_dcp)
+    assert mine["rank"] is None and mine["world_size"] is None
+    assert mine["config"]["codec"] == "int4" and mine["config"]["block_size"] == 128
     fresh = gradcomp.State("int4:block=128", min_numel=64)
     fresh.load_state_dict(sd)
     assert fresh.step == 7 and fresh.seed == 12345 and fresh.stats["bytes_sent"] == 99.0
     assert fresh._residuals.keys() == {0, 3}
     for o in (0, 3):
         assert torch.equal(fresh._residuals[o], state._residuals[o])
-        assert fresh._residuals[o].data_ptr() != sd["residuals"][o].data_ptr()
+        assert fresh._residuals[o].data_ptr() != state._residuals[o].data_ptr()
     with pytest.raises(ValueError, match="min_numel: saved 64, here 1024"):
         gradcomp.State("int4:block=128").load_state_dict(sd)
     with pytest.raises(ValueError, match="seed 12345, this State has seed 1"):
@@ -251,7 +254,7 @@ def test_config_mismatch_in_start_step_fails_on_every_rank(tmp_path):
     res = run_ranks("train", 2, tmp_path, timeout=60, steps=3, state_per_rank={"1": {"start_step": 2}})
     assert not res.timed_out and all(rc != 0 for rc in res.returncodes), describe(res)
     for log in res.logs:
-        assert "ranks disagree on the hook configuration" in log
+        assert "ranks disagree on the State configuration" in log
 
 
 # ---------------------------------------------------------------------------- registration
@@ -288,3 +291,49 @@ def test_fallback_logged_once(one_rank_group, caplog):
     msgs = [r.getMessage() for r in caplog.records if "reduced exactly" in r.getMessage()]
     assert len(msgs) == 1 and "min_numel=1024" in msgs[0]
     assert state.stats["params_fallback"] == 3 * 3 and state.stats["params_compressed"] == 3
+
+
+# ---------------------------------------------------------------------------- DCP
+@pytest.mark.parametrize(("world", "stateful"), [(2, False), (3, True)])
+def test_dcp_checkpoint_round_trips_every_field_and_resumes_bit_for_bit(tmp_path, world, stateful):
+    """torch.distributed.checkpoint writes a value found under one key on every rank from one
+    rank only: the State's per-rank entry sits under a key that carries the rank. Saved at
+    step 8 of 16 (the State's state_dict, or the State itself as a DCP Stateful), loaded by
+    fresh processes: every field is this rank's own, and steps 8-15 are the straight run's."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    common = {"codec": "int4:stochastic", "stateful": stateful, "state": {"seed": 4242}}
+    first = _run("dcp", world, tmp_path / "first", start=0, stop=8, save=True, ckpt=str(ckpt), naive=True, **common)
+    straight = _run("dcp", world, tmp_path / "straight", start=0, stop=16, **common)
+    resumed = _run("dcp", world, tmp_path / "second", start=8, stop=16, load=True, ckpt=str(ckpt), **common)
+    for r in range(world):
+        saved, loaded = first[r]["final"], resumed[r]["loaded"]
+        assert saved["rank"] == r and saved["step"] == 8 and saved["residuals"]
+        for k in ("rank", "world_size", "step", "seed", "stats", "config"):
+            assert loaded[k] == saved[k], f"rank {r}: {k} did not round-trip"
+        assert loaded["residuals"].keys() == saved["residuals"].keys()
+        for o, res in saved["residuals"].items():
+            assert torch.equal(loaded["residuals"][o], res), f"rank {r}: residual {o} is not its own"
+        for s in range(8, 16):
+            assert torch.equal(straight[r]["grads"][s], resumed[r]["grads"][s]), f"rank {r} step {s} differs"
+        assert torch.equal(straight[r]["params"], resumed[r]["params"])
+    # the control: a per-rank dict under plain keys comes back from one rank only
+    naive = [first[r]["naive"] for r in range(world)]
+    assert any(n["loaded"]["rank"] != n["saved"]["rank"] or n["loaded"]["step"] != n["saved"]["step"] for n in naive)
+    residuals_of = [n["saved"]["residuals"] for n in naive]
+    assert not all(torch.equal(residuals_of[0][o], residuals_of[r][o]) for r in range(world) for o in residuals_of[0])
+    assert all(torch.equal(n["loaded"]["residuals"][o], naive[0]["loaded"]["residuals"][o])
+               for n in naive for o in residuals_of[0])
+
+
+def test_dcp_checkpoint_of_another_world_size_fails_clearly(tmp_path):
+    """3 ranks load a 2-rank DCP checkpoint (allowing the missing key): rank 2 has no entry,
+    and says so instead of starting silently from nothing; ranks 0 and 1 see the world size."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _run("dcp", 2, tmp_path / "first", codec="int8", start=0, stop=2, save=True, ckpt=str(ckpt))
+    res = run_ranks("dcp", 3, tmp_path / "grown", codec="int8", start=2, stop=3, load=True, ckpt=str(ckpt),
+                    partial=True)
+    assert not res.ok
+    assert "saved at world size 2 and holds no entry for rank2" in res.logs[2]
+    assert "saved at world size 2, the group now has 3 ranks" in res.logs[0]

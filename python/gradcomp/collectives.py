@@ -4,8 +4,8 @@ Each exchange is a generator of two steps: the first ``next()`` runs the encode 
 issues the first collective, asynchronously; running it to the end waits for that, runs
 the rest, and returns the result (``StopIteration.value``; ``run_to_end`` does both). The
 Gloo worker starts bucket k+1 before it finishes bucket k, so one bucket's encode runs
-while another's bytes are on the wire. Collectives are issued in a fixed order (DESIGN rule
-7): the callers make sure every rank starts and finishes the same buckets in the same order
+while another's bytes are on the wire. Collectives are issued in a fixed order (docs/design.md,
+"Collective order"): the callers make sure every rank starts and finishes the same buckets in the same order
 (one FIFO worker per State on Gloo; the hook call itself, straight through, on NCCL).
 """
 
@@ -83,12 +83,95 @@ def quantized_allreduce_(bucket: torch.Tensor, table: BlockTable, table_dev: tor
     return 2 * (world - 1) * shard, codec_s if timed else 0.0
 
 
-def start_exact_allreduce(values: torch.Tensor, world: int, group):
-    """Starts an averaged all-reduce of ``values`` (divided first, as torch's default hook
-    does, so fp16 sums do not overflow). Returns the work handle; ``values`` holds the mean
-    once it is waited on."""
-    values.div_(world)
-    return dist.all_reduce(values, group=group, async_op=True)
+def pipelined_quantized_allreduce_(bucket: torch.Tensor, chunks: list, rank: int, group, bits: int = 8, *,
+                                   residual_dtype: torch.dtype = torch.float32, stochastic: bool = False,
+                                   seed: int = 0, step: int = 0):
+    """``quantized_allreduce_`` cut into chunks of whole blocks, pipelined: chunk c+1 is
+    encoded and its all-to-all issued before chunk c is reduced and all-gathered, and chunk
+    c-1 is decoded while chunk c's gather is on the wire, so the codec passes of one chunk
+    overlap the bytes of another. ``chunks``: (BlockTable, its table on the device, my rows)
+    each. A block's row is the same in any chunk, so the numbers are those of the whole
+    bucket's exchange, except that a non-finite value makes its chunk NaN rather than the
+    whole bucket. Collectives go a2a 0, a2a 1, gather 0, a2a 2, gather 1, ...: a function of
+    the chunk count alone. Returns (bytes sent, codec seconds (CPU only))."""
+    timed = bucket.device.type == "cpu"
+    rounding = {"residual_dtype": residual_dtype, "stochastic": stochastic, "seed": seed, "step": step, "rank": rank}
+    codec_s, sent = 0.0, 0
+
+    def start(chunk):
+        nonlocal codec_s
+        table, table_dev, rows_dev = chunk
+        t0 = time.perf_counter()
+        send = ops.quant_encode(bucket, table_dev, table.world, table.slots, table.block, bits=bits,
+                                check_bounds=False, **rounding)
+        codec_s += time.perf_counter() - t0
+        recv = torch.empty_like(send)
+        return chunk, send, recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    def middle(started):
+        nonlocal codec_s
+        (table, table_dev, rows_dev), send, recv, work = started
+        work.wait()
+        t0 = time.perf_counter()
+        reduced = ops.quant_reduce(recv, rows_dev, table.world, table.slots, table.block, bits=bits,
+                                   check_bounds=False, **rounding)
+        codec_s += time.perf_counter() - t0
+        gathered = torch.empty_like(send)
+        return started[0], gathered, all_gather_single(gathered, reduced, group, async_op=True)
+
+    def finish(gathering):
+        nonlocal codec_s, sent
+        (table, table_dev, _), gathered, work = gathering
+        work.wait()
+        t0 = time.perf_counter()
+        ops.quant_decode(gathered, table_dev, table.world, table.slots, table.block, bucket, bits=bits,
+                         check_bounds=False)
+        codec_s += time.perf_counter() - t0
+        sent += 2 * (table.world - 1) * table.shard_bytes(bits)
+
+    in_a2a = start(chunks[0])
+    yield
+    in_gather = None
+    for chunk in chunks[1:]:
+        following = start(chunk)
+        gathering = middle(in_a2a)
+        if in_gather is not None:
+            finish(in_gather)
+        in_a2a, in_gather = following, gathering
+    gathering = middle(in_a2a)
+    if in_gather is not None:
+        finish(in_gather)
+    finish(gathering)
+    return sent, codec_s if timed else 0.0
+
+
+def exact_mean_(values: torch.Tensor, world: int, group):
+    """Averages ``values`` over the group in place, exactly and in rank order (a generator:
+    module docstring): each rank divides by W (as torch's default hook does, so 16-bit sums do
+    not overflow), an all-to-all gives rank j the j-th of W contiguous chunks from every rank,
+    it sums them in rank order (in float32), and an all-gather returns the sums. The bytes are
+    a ring all-reduce's, but every element's sum is (x_0 + x_1) + ... in rank order whatever
+    the buffer's size, where a ring all-reduce's order depends on where the element falls in
+    the buffer: with three or more ranks its bits would change with DDP's bucket layout, and
+    a resumed run would drift from the straight one. Returns the bytes this rank sent."""
+    n = values.numel()
+    if n == 0:
+        return 0
+    chunk = -(-n // world)
+    send = torch.zeros(world * chunk, dtype=values.dtype, device=values.device)
+    torch.div(values, world, out=send[:n])
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    yield
+    work.wait()
+    rows = recv.view(world, chunk)
+    acc = rows[0].to(torch.float32, copy=True)
+    for j in range(1, world):
+        acc += rows[j]
+    gathered = torch.empty_like(send)
+    all_gather_single(gathered, acc.to(values.dtype), group)
+    values.copy_(gathered[:n])
+    return 2 * (world - 1) * chunk * values.element_size()
 
 
 def topk_allgather_(bucket: torch.Tensor, sparse: SparseTable, table_dev: torch.Tensor, group, world: int, *,

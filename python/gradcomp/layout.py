@@ -1,6 +1,6 @@
 """A bucket's parameters → block-aligned spans and the block table of its payload.
 
-DESIGN rule 3: every decision is per parameter. A block never straddles two parameters
+docs/design.md, "Per-parameter decisions": every decision is per parameter. A block never straddles two parameters
 (each parameter's span is padded to whole blocks), and the rank that reduces a block is a
 function of the block's place in the model — block j of a parameter whose first block has
 model-wide index g goes to rank (g + j) mod W — never of its place in a bucket. A DDP
@@ -66,6 +66,16 @@ def build_table(spans: list[Span], block: int, world: int, residual_itemsize: in
         raise ValueError(f"gradcomp: world size must be >= 1, got {world}")
     if residual_itemsize not in (2, 4):
         raise ValueError(f"gradcomp: residual_itemsize must be 2 or 4, got {residual_itemsize}")
+    blocks = blocks_of_spans(spans, block, world, residual_itemsize)
+    numel = sum(s.numel for s in spans)
+    if blocks is None:
+        return BlockTable(torch.zeros(0, ROW_WORDS, dtype=torch.int64), world, 0, block, numel)
+    return table_of_blocks(*blocks, world, block, numel)
+
+
+def blocks_of_spans(spans: list[Span], block: int, world: int, residual_itemsize: int = 4):
+    """The spans' blocks, in span order: (offset in the bucket, valid length, residual address,
+    owner rank, noise word), each [n] int64; None when there are none."""
     offs, lens, addrs, owners, words = [], [], [], [], []
     for s in spans:
         nb = num_blocks(s.numel, block)
@@ -77,16 +87,43 @@ def build_table(spans: list[Span], block: int, world: int, residual_itemsize: in
         addrs.append(s.residual_addr + j * (block * residual_itemsize) if s.residual_addr
                      else torch.zeros(nb, dtype=torch.int64))
         owners.append((s.first_block + j) % world)
-        if s.numel >= 1 << NOISE_OFFSET_BITS or not 0 <= s.ordinal < 1 << (63 - NOISE_OFFSET_BITS):
-            raise ValueError(f"gradcomp: parameter {s.ordinal} ({s.numel} elements) is out of the noise word's range")
-        words.append((s.ordinal << NOISE_OFFSET_BITS) + j * block)
-    numel = sum(s.numel for s in spans)
+        words.append(noise_words(s.ordinal, s.numel, j * block))
     if not offs:
-        return BlockTable(torch.zeros(0, ROW_WORDS, dtype=torch.int64), world, 0, block, numel)
-    off, ln, addr, owner, word = (torch.cat(x) for x in (offs, lens, addrs, owners, words))
+        return None
+    return tuple(torch.cat(x) for x in (offs, lens, addrs, owners, words))
+
+
+def chunked_tables(spans: list[Span], block: int, world: int, residual_itemsize: int, chunk_numel: int) -> list:
+    """The spans' blocks cut into chunks of about ``chunk_numel`` elements (whole blocks, in span
+    order), a BlockTable each: a block's row is the same whichever chunk it lies in, so no
+    number changes (docs/design.md, "The pipeline")."""
+    blocks = blocks_of_spans(spans, block, world, residual_itemsize)
+    if blocks is None:
+        return []
+    per_chunk = max(1, chunk_numel // block)
+    n = blocks[0].numel()
+    out = []
+    for lo in range(0, n, per_chunk):
+        part = tuple(x[lo : lo + per_chunk] for x in blocks)
+        out.append(table_of_blocks(*part, world, block, int(part[1].sum())))
+    return out
+
+
+def noise_words(ordinal: int, numel: int, offsets: torch.Tensor) -> torch.Tensor:
+    """codec.h's noise_word of blocks of one parameter: ordinal << 40 | element offset."""
+    if numel >= 1 << NOISE_OFFSET_BITS or not 0 <= ordinal < 1 << (63 - NOISE_OFFSET_BITS):
+        raise ValueError(f"gradcomp: parameter {ordinal} ({numel} elements) is out of the noise word's range")
+    return (ordinal << NOISE_OFFSET_BITS) + offsets
+
+
+def table_of_blocks(off: torch.Tensor, ln: torch.Tensor, addr: torch.Tensor, owner: torch.Tensor,
+                    word: torch.Tensor, world: int, block: int, numel: int) -> BlockTable:
+    """Lays blocks out in W shards of S slots: block i (offset ``off[i]`` in the buffer, ``ln[i]``
+    valid elements, residual address ``addr[i]``, noise word ``word[i]``; all [n] int64) goes to
+    rank ``owner[i]``, in the order given within each shard."""
     order = torch.argsort(owner, stable=True)
     counts = torch.bincount(owner, minlength=world)
-    slots = int(counts.max())
+    slots = int(counts.max()) if owner.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
     sorted_owner = owner[order]
     slot = torch.arange(order.numel(), dtype=torch.int64) - starts[sorted_owner]

@@ -1,0 +1,337 @@
+"""One exchange a codec family: how a flat buffer's compressed parameters are planned and
+reduced, flat or hierarchically (docs/design.md, "The pipeline").
+
+A family's ``build`` fills a plan once per buffer layout; its ``run`` is a generator of two
+steps, as in collectives.py: the first ``next()`` encodes and issues the first collective,
+the end finishes and returns (bytes sent inside nodes, bytes sent across nodes, codec
+seconds). Exact lanes (parameters below min_numel, dtypes the codec does not take) are the
+engine's, not a family's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .. import codecs
+from ..collectives import (
+    all_gather_single,
+    pipelined_quantized_allreduce_,
+    quantized_allreduce_,
+    randomk_allreduce_,
+    ring_allreduce_bytes,
+    topk_allgather_,
+)
+from ..layout import (
+    BlockTable,
+    SparseTable,
+    build_sparse_table,
+    build_table,
+    chunked_tables,
+    noise_words,
+    table_of_blocks,
+)
+from .topology import Topology
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on ``device`` without a host sync: a pageable host-to-device copy
+    waits for the stream, a pinned one with non_blocking does not (torch's pinned allocator
+    keeps the staging memory until the copy is done)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class Hier:
+    """The intra-node stage of a hierarchical plan: the buffer's compressed elements, laid out
+    as L chunks of ``chunk`` elements (chunk i: the blocks local rank i owns)."""
+
+    src: torch.Tensor | None  # [M] int64: element indices in the buffer (None: the buffer's first M, in order)
+    dst: torch.Tensor | None  # [M] int64: their positions in the [L * chunk] send buffer (None: the same)
+    chunk: int
+    lane: torch.dtype  # dtype of the intra-node lane (float32: exact)
+
+
+@dataclass
+class Plan:
+    """How one buffer layout is reduced: its compressed part (a family's) and its exact lane."""
+
+    family: object | None  # None: the whole buffer is reduced exactly
+    fallback_index: torch.Tensor | None  # element indices reduced exactly, None when none
+    params_compressed: int
+    params_fallback: int
+    residuals: list = field(default_factory=list)  # the residual tensors whose addresses the table holds
+    table: BlockTable | None = None
+    table_dev: torch.Tensor | None = None
+    my_rows_dev: torch.Tensor | None = None
+    sparse: SparseTable | None = None
+    cast_dtype: torch.dtype | None = None
+    hier: Hier | None = None
+    chunks: list | None = None  # pipelined: (BlockTable, its device table, my rows) a chunk
+
+
+@dataclass(frozen=True)
+class Span:
+    """A compressed parameter inside a buffer."""
+
+    offset: int
+    numel: int
+    first_block: int
+    ordinal: int
+    key: object
+
+
+class Exchange:
+    """A codec family's exchange; ``supports_hierarchy`` says whether it can run across nodes only."""
+
+    supports_hierarchy = True
+
+    def build(self, engine, plan: Plan, spans: list[Span], buf: torch.Tensor, topo: Topology) -> None:
+        raise NotImplementedError
+
+    def run(self, engine, buf: torch.Tensor, plan: Plan, call):
+        raise NotImplementedError
+
+
+def _intra_scatter(buf: torch.Tensor, hier: Hier, topo: Topology):
+    """Starts the exact (or 16-bit) reduce-scatter inside the node as an all-to-all: the caller
+    sums the L rows it receives in local-rank order, so the sum is the same on every backend.
+    Returns (work, received [L, chunk], bytes sent)."""
+    L, chunk = topo.per_node, hier.chunk
+    send = torch.zeros(L * chunk, dtype=hier.lane, device=buf.device)
+    vals = buf if hier.src is None else buf.index_select(0, hier.src)
+    vals = vals.to(torch.float32) / L  # divided first, as torch's default hook, so 16-bit sums do not overflow
+    if hier.dst is None:
+        send[: vals.numel()] = vals
+    else:
+        send.index_copy_(0, hier.dst, vals.to(hier.lane))
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=topo.intra, async_op=True)
+    return work, recv.view(L, chunk), (L - 1) * chunk * send.element_size()
+
+
+def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Row 0 + row 1 + ... in that order, in float32."""
+    acc = rows[0].to(torch.float32, copy=True)
+    for i in range(1, rows.shape[0]):
+        acc += rows[i]
+    return acc
+
+
+def _intra_gather(buf: torch.Tensor, mine: torch.Tensor, hier: Hier, topo: Topology) -> int:
+    """All-gather of the node's reduced chunks, written back into the buffer; every rank of the
+    node reads the same bytes (its own chunk included). Returns bytes sent."""
+    part = mine.to(hier.lane)
+    gathered = torch.empty(topo.per_node * hier.chunk, dtype=hier.lane, device=buf.device)
+    all_gather_single(gathered, part, topo.intra)
+    if hier.dst is None:
+        buf.copy_(gathered[: buf.numel()])
+    else:
+        buf.index_copy_(0, hier.src, gathered.index_select(0, hier.dst).to(buf.dtype))
+    return (topo.per_node - 1) * part.numel() * part.element_size()
+
+
+class CastExchange(Exchange):
+    """Fp16 / Bf16: the buffer travels in the wire dtype, all-reduced natively."""
+
+    def build(self, engine, plan, spans, buf, topo):
+        plan.cast_dtype = engine.codec.wire_dtype
+        if topo.per_node > 1:
+            plan.hier = Hier(None, None, -(-buf.numel() // topo.per_node), engine.intra_lane)
+
+    def run(self, engine, buf, plan, call):
+        topo = call.topo
+        if plan.hier is None:
+            # divided in float32 and cast in one pass: partial sums of the W values x/W stay
+            # within the largest |x|: no overflow while every rank's gradient fits the wire dtype
+            wire = torch.empty_like(buf, dtype=plan.cast_dtype)
+            torch.div(buf, topo.world, out=wire)
+            work = dist.all_reduce(wire, group=call.group, async_op=True)
+            yield
+            work.wait()
+            buf.copy_(wire)
+            return 0, ring_allreduce_bytes(wire.numel() * wire.element_size(), topo.world), 0.0
+        work, rows, intra = _intra_scatter(buf, plan.hier, topo)
+        yield
+        work.wait()
+        wire = _sum_rows(rows).div_(topo.nodes).to(plan.cast_dtype)
+        dist.all_reduce(wire, group=topo.inter)
+        inter = ring_allreduce_bytes(wire.numel() * wire.element_size(), topo.nodes)
+        intra += _intra_gather(buf, wire.to(torch.float32), plan.hier, topo)
+        return intra, inter, 0.0
+
+
+class QuantExchange(Exchange):
+    """Int8 / Int4 / Int2 / Sign: scatter-reduce / all-gather of block-quantized shards."""
+
+    def build(self, engine, plan, spans, buf, topo):
+        c = engine.codec
+        if topo.per_node == 1:
+            layout = []
+            for s in spans:
+                addr = 0
+                if c.error_feedback:
+                    plan.residuals.append(engine.residual(s.key, s.numel, buf.device))
+                    addr = plan.residuals[-1].data_ptr()
+                layout.append(_LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
+            chunk = engine.chunk_numel
+            if chunk is not None and sum(s.numel for s in spans) > chunk:
+                tables = chunked_tables(layout, c.block_size, topo.world, c.residual_dtype.itemsize, chunk)
+                plan.chunks = []
+                for t in tables:
+                    t_dev = to_device(t.table, buf.device)
+                    plan.chunks.append((t, t_dev, t_dev[topo.rank * t.slots : (topo.rank + 1) * t.slots]))
+                return
+            plan.table = build_table(layout, c.block_size, topo.world, c.residual_dtype.itemsize)
+        else:
+            self._build_hier(engine, plan, spans, buf, topo)
+        plan.table_dev = to_device(plan.table.table, buf.device)
+        rank = topo.rank if topo.per_node == 1 else topo.node
+        plan.my_rows_dev = plan.table_dev[rank * plan.table.slots : (rank + 1) * plan.table.slots]
+
+    def _build_hier(self, engine, plan, spans, buf, topo):
+        """Block j of a parameter whose first block has model-wide index g belongs to local rank
+        (g + j) mod L inside every node, and across nodes to node ((g + j) // L) mod N: a function
+        of the block's place in the model alone (docs/design.md, "Hierarchy")."""
+        c, B, L, N = engine.codec, engine.codec.block_size, topo.per_node, topo.nodes
+        boff, blen, blocal, bnode, bword, bspan = [], [], [], [], [], []
+        for i, s in enumerate(spans):
+            nb = -(-s.numel // B)
+            j = torch.arange(nb, dtype=torch.int64)
+            g = s.first_block + j
+            boff.append(s.offset + j * B)
+            blen.append(torch.clamp(s.numel - j * B, max=B))
+            blocal.append(g % L)
+            bnode.append((g // L) % N)
+            bword.append(noise_words(s.ordinal, s.numel, j * B))
+            bspan.append(torch.full((nb,), i, dtype=torch.int64))
+        boff, blen, blocal, bnode, bword, bspan = (torch.cat(x) for x in (boff, blen, blocal, bnode, bword, bspan))
+        order = torch.argsort(blocal, stable=True)  # chunk of local rank 0, then 1, ...: span order within
+        counts = torch.bincount(blocal, minlength=L)
+        slots = int(counts.max())
+        chunk = slots * B
+        starts = torch.cumsum(counts, 0) - counts
+        k = torch.arange(order.numel(), dtype=torch.int64) - starts[blocal[order]]  # block's place in its chunk
+        pos = torch.empty_like(k)
+        pos[order] = blocal[order] * chunk + k * B  # chunk position of each block, in block order
+        lens = blen
+        within = torch.arange(int(lens.sum()), dtype=torch.int64) - torch.repeat_interleave(
+            torch.cumsum(lens, 0) - lens, lens)
+        src = torch.repeat_interleave(boff, lens) + within
+        dst = torch.repeat_interleave(pos, lens) + within
+        plan.hier = Hier(to_device(src, buf.device), to_device(dst, buf.device), chunk, engine.intra_lane)
+        # the inter-node table: my blocks, at their places in my chunk
+        mine = blocal == topo.local
+        m_off = pos[mine] - topo.local * chunk
+        m_len, m_span, m_node, m_word = blen[mine], bspan[mine], bnode[mine], bword[mine]
+        m_addr = torch.zeros_like(m_off)
+        if c.error_feedback:
+            itemsize = c.residual_dtype.itemsize
+            for i, s in enumerate(spans):
+                sel = (m_span == i).nonzero().reshape(-1)
+                if sel.numel() == 0:
+                    continue
+                lens_i = m_len[sel]
+                r = engine.residual(s.key, int(lens_i.sum()), buf.device)
+                plan.residuals.append(r)
+                m_addr[sel] = r.data_ptr() + (torch.cumsum(lens_i, 0) - lens_i) * itemsize
+        plan.table = table_of_blocks(m_off, m_len, m_addr, m_node, m_word, N, B, int(m_len.sum()))
+
+    def run(self, engine, buf, plan, call):
+        c, topo = engine.codec, call.topo
+        rounding = {"residual_dtype": c.residual_dtype, "stochastic": c.stochastic, "seed": engine.seed or 0,
+                    "step": call.step}
+        if plan.chunks is not None:
+            sent, codec_s = yield from pipelined_quantized_allreduce_(buf, plan.chunks, topo.rank, call.group, c.bits,
+                                                                      **rounding)
+            return 0, sent, codec_s
+        if plan.hier is None:
+            sent, codec_s = yield from quantized_allreduce_(buf, plan.table, plan.table_dev, plan.my_rows_dev,
+                                                            topo.rank, call.group, c.bits, **rounding)
+            return 0, sent, codec_s
+        t0 = time.perf_counter()
+        work, rows, intra = _intra_scatter(buf, plan.hier, topo)
+        codec_s = time.perf_counter() - t0
+        yield
+        work.wait()
+        t0 = time.perf_counter()
+        mine = _sum_rows(rows)
+        codec_s += time.perf_counter() - t0
+        sent, quant_s = _finish(quantized_allreduce_(mine, plan.table, plan.table_dev, plan.my_rows_dev, topo.node,
+                                                     topo.inter, c.bits, **rounding))
+        t0 = time.perf_counter()
+        intra += _intra_gather(buf, mine, plan.hier, topo)
+        codec_s += time.perf_counter() - t0
+        return intra, sent, (codec_s if buf.device.type == "cpu" else 0.0) + quant_s
+
+
+class TopKExchange(Exchange):
+    """Top-k per parameter: fixed-size (index, value) payloads all-gathered, decoded rank by rank."""
+
+    supports_hierarchy = False
+
+    def build(self, engine, plan, spans, buf, topo):
+        plan.sparse = build_sparse_table(_sparse_layout(engine, plan, spans, buf), engine.codec.ratio)
+        plan.table_dev = to_device(plan.sparse.table, buf.device)
+
+    def run(self, engine, buf, plan, call):
+        c, world = engine.codec, call.topo.world
+        sent, codec_s, rejected = yield from topk_allgather_(buf, plan.sparse, plan.table_dev, call.group, world,
+                                                             approx=c.approx, value_dtype=c.value_dtype)
+        engine.watch_rejections(rejected, call.what)
+        engine.compare_with_int8(sent, plan.sparse.numel, world, call.what)
+        return 0, sent, codec_s
+
+
+class RandomKExchange(TopKExchange):
+    """Random-k per parameter: the same indices on every rank, so the values are all-reduced."""
+
+    def run(self, engine, buf, plan, call):
+        sent, codec_s = yield from randomk_allreduce_(buf, plan.sparse, plan.table_dev, call.group, call.topo.world,
+                                                      seed=engine.seed or 0, step=call.step)
+        return 0, sent, codec_s
+
+
+@dataclass(frozen=True)
+class _LayoutSpan:  # layout.Span's fields, built here from an engine Span
+    offset: int
+    numel: int
+    first_block: int
+    residual_addr: int
+    ordinal: int
+
+
+def _sparse_layout(engine, plan, spans, buf) -> list:
+    out = []
+    for s in spans:
+        addr = 0
+        if engine.codec.error_feedback:
+            plan.residuals.append(engine.residual(s.key, s.numel, buf.device))
+            addr = plan.residuals[-1].data_ptr()
+        out.append(_LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
+    return out
+
+
+def _finish(exchange):
+    try:
+        while True:
+            next(exchange)
+    except StopIteration as done:
+        return done.value
+
+
+_FAMILIES = {codecs.Cast: CastExchange(), codecs.BlockQuantizer: QuantExchange(), codecs.TopK: TopKExchange(),
+             codecs.RandomK: RandomKExchange()}
+
+
+def family_of(codec: codecs.Codec) -> Exchange:
+    """The exchange of ``codec``'s family (its nearest base class with one)."""
+    for cls in type(codec).__mro__:
+        if cls in _FAMILIES:
+            return _FAMILIES[cls]
+    raise TypeError(f"gradcomp: no exchange for codec {codec!r}")

@@ -1,0 +1,409 @@
+"""State: what the front ends (the DDP hook, ``gradcomp.all_reduce``) share: configuration,
+the engine, the step counter, per-rank checkpoints, and the runtime that issues a State's
+collectives in one fixed order (a Gloo worker thread, or a CUDA side stream)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import codecs
+from .collectives import run_to_end
+from .engine import Call, Engine, GlooWorker, GradcompError, Topology, agree, new_stats, run_on_side_stream
+from .engine.topology import check_contiguous_nodes, check_ranks_per_node, resolve_ranks_per_node
+
+__all__ = ["State", "GradcompError"]
+
+logger = logging.getLogger("gradcomp")
+
+DEFAULT_MIN_NUMEL = 1024
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+_FORMAT_V1 = "gradcomp.State/1"  # one rank's dict at the top level (read, no longer written)
+_FORMAT = "gradcomp.State/2"
+_V1_DEFAULTS = {"intra_node": "exact", "ranks_per_node": None, "chunk_numel": None}  # config keys State/1 lacked
+
+
+class State:
+    """A front end's state: codec, process group, per-key error feedback and statistics.
+
+    Args:
+        codec: a spec such as ``"int8"`` or ``"int8:block=512"``, or a Codec object.
+        process_group: the group to reduce over; None means the default group. Building a
+            State is never collective: it can be made, and pickled, before
+            ``init_process_group``.
+        min_numel: tensors with fewer elements are reduced exactly (plain averaged
+            all-reduce), as are tensors of a dtype the codec does not take.
+        start_step: the first ``start_step`` steps run a plain all-reduce.
+        force_compression: compress even at world size 1 (by default nothing is compressed
+            there: there is nothing to send). For tests, e.g. NCCL on a one-GPU machine.
+        timeout: timeout of the private Gloo groups (how long a rank waits for a peer).
+        seed: the seed of stochastic rounding's and random-k's draws, an int in [0, 2**63).
+            None (default): rank 0 draws one at the first call and every rank adopts it.
+            Either way ``state.seed`` then holds it, and a pickled State carries it, so a
+            resumed run draws the same numbers. A seed given explicitly must be the same on
+            every rank.
+        ranks_per_node: L, the ranks of one node, for hierarchical compression: an exact
+            reduce-scatter inside each node (each local rank owning 1/L of every tensor's
+            blocks), the compressed exchange across nodes among the ranks of the same local
+            index, an all-gather inside the node. Ranks of a node must be contiguous in the
+            group, and L must divide its size. ``"auto"`` reads torchrun's LOCAL_WORLD_SIZE and
+            checks at the first call that the nodes are contiguous. None (default) or 1: the
+            flat exchange. Quantizers and cast codecs only (top-k and random-k are flat).
+        intra_node: the lane inside a node under hierarchy: ``"exact"`` (float32, default),
+            ``"fp16"`` or ``"bf16"`` (half the bytes inside the node, rounded to 16 bits).
+        chunk_numel: cut the quantizers' flat exchange of a larger buffer into chunks of about
+            this many elements (whole blocks), pipelined: one chunk is encoded while another
+            is on the wire. The numbers are the same as without (a non-finite value makes only
+            its chunk NaN). None (default): one exchange a buffer.
+
+    ``stats`` counts steps, buckets and tensors compressed or reduced exactly, the bytes this
+    rank put on the wire (ring accounting: 2(W-1)/W of a plain all-reduce's buffer, 2(W-1)
+    shards for the compressed exchange) and, with ranks_per_node, how many of them stayed
+    inside the node (``bytes_sent_intra_node``) or crossed nodes (``bytes_sent_inter_node``;
+    the exact lane of small tensors is a plain all-reduce over the whole group and counted as
+    crossing, an upper bound); the bytes a plain all-reduce of the same buffers would have
+    sent, their ratio, and the seconds spent in the codec's passes (CPU). For TopK it also
+    counts ``buckets_sparse_over_int8``, the buckets whose sparse payloads cost more bytes
+    than the dense int8 exchange would (W · k large: lower the ratio or use int8), and
+    ``payloads_rejected``, index lists received from a peer that were not strictly
+    increasing within their tensor (the bucket was made NaN on every rank instead of writing
+    through them; on CUDA counted a few steps late, without a sync).
+
+    One State serves one front end: a DDP model's hook or ``gradcomp.all_reduce`` calls.
+    """
+
+    def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
+                 start_step: int = 0, force_compression: bool = False,
+                 timeout: timedelta = DEFAULT_TIMEOUT, seed: int | None = None, ranks_per_node=None,
+                 intra_node: str = "exact", chunk_numel: int | None = None):
+        codec = codecs.parse(codec)
+        if not isinstance(min_numel, int) or min_numel < 1:
+            raise ValueError(f"gradcomp: min_numel must be a positive int, got {min_numel!r}")
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"gradcomp: start_step must be a non-negative int, got {start_step!r}")
+        if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+            raise ValueError(f"gradcomp: timeout must be a positive datetime.timedelta, got {timeout!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+            raise ValueError(f"gradcomp: seed must be None or an int in [0, 2**63), got {seed!r}")
+        self.ranks_per_node = check_ranks_per_node(ranks_per_node)
+        if isinstance(self.ranks_per_node, int) and self.ranks_per_node > 1 and isinstance(codec, codecs.Sparsifier):
+            raise ValueError(f"gradcomp: {codec.name} does not run hierarchically (ranks_per_node > 1): its "
+                             "payloads are chosen per whole tensor; use a quantizer (int8, int4, int2, sign) or "
+                             "fp16/bf16, or the flat exchange")
+        self.engine = Engine(codec, min_numel=min_numel, seed=seed, intra_node=intra_node, chunk_numel=chunk_numel)
+        self.process_group = process_group
+        self.start_step = start_step
+        self.force_compression = bool(force_compression)
+        self.timeout = timeout
+        self.step = 0
+        # (rank, world size, on_world_change) of a state_dict loaded before the process group was up
+        self._saved_by: tuple | None = None
+        self._front: str | None = None  # "ddp" or "all_reduce", set by the first call
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._ddp_ordinal_of: dict[int, int] = {}  # DDP front end: id(parameter) -> key (first-seen ordinal)
+        self._pinned_params: list = []  # keeps those ids valid
+        self._worker = None
+        self._private_group = None
+        self._topo: Topology | None = None
+        self._checked = False
+        self._side_streams: dict = {}
+        self._logged = False
+        self._all_reduce_signature = None  # all_reduce front end: the keys, sizes and dtypes of the first call
+
+    # ------------------------------------------------------------------ the engine's settings
+    codec = property(lambda self: self.engine.codec, doc="The Codec.")
+    min_numel = property(lambda self: self.engine.min_numel)
+    intra_node = property(lambda self: self.engine.intra_node)
+    chunk_numel = property(lambda self: self.engine.chunk_numel)
+
+    @property
+    def seed(self) -> int | None:
+        return self.engine.seed
+
+    @seed.setter
+    def seed(self, value) -> None:
+        self.engine.seed = value
+
+    @property
+    def stats(self) -> dict:
+        return self.engine.stats
+
+    @stats.setter
+    def stats(self, value: dict) -> None:
+        self.engine.stats = value
+
+    @property
+    def residuals(self) -> dict:
+        """This rank's error-feedback residuals, key -> 1-D tensor (the tensors themselves)."""
+        return self.engine.store.as_dict()
+
+    _residuals = residuals
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        # The process group, threads, streams and cached plans stay behind (as PyTorch's
+        # PowerSGDState drops its group); residuals travel, keyed as the engine keys them.
+        return {
+            "codec": self.codec, "min_numel": self.min_numel, "start_step": self.start_step,
+            "force_compression": self.force_compression, "timeout": self.timeout, "seed": self.seed,
+            "ranks_per_node": self.ranks_per_node, "intra_node": self.intra_node, "chunk_numel": self.chunk_numel,
+            "step": self.step,
+            "stats": dict(self.stats), "residuals": self.residuals, "saved_by": self._saved_by,
+            "front": self._front,
+        }
+
+    def __setstate__(self, d):
+        self.engine = Engine(d["codec"], min_numel=d["min_numel"], seed=d.get("seed"),
+                             intra_node=d.get("intra_node", "exact"), chunk_numel=d.get("chunk_numel"))
+        self.engine.stats = {**new_stats(), **d["stats"]}
+        self.engine.store.replace(d["residuals"])
+        self.process_group = None
+        self.start_step = d["start_step"]
+        self.force_compression = d["force_compression"]
+        self.timeout = d["timeout"]
+        self.ranks_per_node = d.get("ranks_per_node")
+        self.step = d["step"]
+        self._saved_by = d.get("saved_by")
+        self._front = d.get("front")
+        self._init_runtime()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's state for a checkpoint, safe under torch.distributed.checkpoint (DCP).
+
+        DCP writes a value found under one key on every rank from one rank only, so the whole
+        per-rank state travels under a key that carries the rank (``"rank<global rank>"``, or
+        ``"unranked"`` before the process group is up), as one value: the bytes of a
+        ``torch.save`` of a dict of tensors and plain types (``torch.load(weights_only=True)``
+        reads it). It holds the rank, the world size and the configuration (checked at load
+        time), the step counter, the seed, the statistics and this rank's own residuals (keyed
+        as the engine keys them). Beside it, ``"world_size"`` (the same on every rank) lets a
+        rank tell another world size's checkpoint from its own. Save it with
+        ``torch.save`` (every rank its own file) or DCP (``dcp.save({"gradcomp":
+        state.state_dict()})``, or the State itself, which DCP treats as Stateful).
+        """
+        rank = world = None
+        key = "unranked"
+        if dist.is_available() and dist.is_initialized():
+            world, rank = self._world_rank()
+            key = f"rank{dist.get_rank()}"
+        mine = {
+            "rank": rank, "world_size": world, "config": self.config(), "step": self.step, "seed": self.seed,
+            "stats": dict(self.stats), "residuals": {k: r.detach() for k, r in self.residuals.items()},
+        }
+        blob = io.BytesIO()
+        torch.save(mine, blob)
+        return {"format": _FORMAT, "world_size": world, key: blob.getvalue()}
+
+    def load_state_dict(self, state_dict: dict, *, on_world_change: str = "error") -> None:
+        """Restores what :meth:`state_dict` saved on this rank, for a bit-identical resume.
+
+        The configuration (codec, min_numel, start_step, force_compression, ranks_per_node,
+        intra_node) must be the one saved; a seed given to this State must equal the saved one
+        (None adopts it). The rank and world size must match too: checked here when the
+        process group is up, otherwise at the first call.
+
+        on_world_change: what to do when the checkpoint comes from another world size.
+            ``"error"`` (default) raises. ``"reset"`` keeps the step, seed and statistics but
+            starts the residuals from zero: a residual holds what this rank's compression has
+            not sent yet (and, for the quantizers, the re-encoding error of the slice this rank
+            reduced, whose owner depends on the world size), so it has no meaning on another
+            rank layout. Dropping them loses about one step's compression error, once.
+        """
+        if on_world_change not in ("error", "reset"):
+            raise ValueError(f"gradcomp: on_world_change must be 'error' or 'reset', got {on_world_change!r}")
+        mine = self._entry_of_this_rank(state_dict, on_world_change)
+        saved_cfg, here = {**_V1_DEFAULTS, **mine["config"]}, self.config()
+        saved_cfg.pop("seed", None)
+        here.pop("seed")
+        if saved_cfg != here:
+            differ = sorted(k for k in saved_cfg.keys() | here.keys() if saved_cfg.get(k) != here.get(k))
+            raise ValueError("gradcomp: this checkpoint was saved with another configuration: "
+                             + ", ".join(f"{k}: saved {saved_cfg.get(k)!r}, here {here.get(k)!r}" for k in differ))
+        seed = mine["seed"]
+        if self.seed is not None and seed is not None and seed != self.seed:
+            raise ValueError(f"gradcomp: this checkpoint was saved with seed {seed}, this State has seed {self.seed}")
+        residuals = mine["residuals"]
+        for k, r in residuals.items():
+            if not isinstance(k, (int, str)) or not isinstance(r, torch.Tensor) or r.dim() != 1:
+                raise ValueError(f"gradcomp: residual entry {k!r} is not a key and a 1-D tensor")
+        saved_by = (mine["rank"], mine["world_size"], on_world_change)
+        group_up = dist.is_available() and dist.is_initialized()
+        # checked now when it can be (before anything changes), else at the first call
+        drop = saved_by[1] is not None and group_up and self._check_saved_by(saved_by)
+        self._saved_by = saved_by if saved_by[1] is not None and not group_up else None
+        self.seed = self.seed if seed is None else seed
+        self.step = int(mine["step"])
+        self.stats = {**new_stats(), **mine["stats"]}
+        self.engine.store.replace({} if drop else residuals)
+
+    def _entry_of_this_rank(self, state_dict, on_world_change: str) -> dict:
+        """This rank's dict in a state_dict of either format."""
+        fmt = state_dict.get("format") if isinstance(state_dict, dict) else None
+        if fmt == _FORMAT_V1:
+            return state_dict
+        if fmt != _FORMAT:
+            raise ValueError("gradcomp: not a gradcomp State state_dict (its 'format' entry is missing or not "
+                             f"{_FORMAT!r})")
+        entries = {k: v for k, v in state_dict.items() if k.startswith("rank") or k == "unranked"}
+        own = f"rank{dist.get_rank()}" if dist.is_available() and dist.is_initialized() else None
+        if own in entries:
+            blob = entries[own]
+        elif len(entries) == 1:  # one rank's file loaded on another rank: the rank check below says so
+            blob = next(iter(entries.values()))
+        else:
+            raise ValueError(f"gradcomp: this checkpoint has no entry for {own or 'this process'} (it has "
+                             f"{', '.join(sorted(entries)) or 'none'})")
+        mine = torch.load(io.BytesIO(blob), weights_only=True)
+        saved_world = state_dict.get("world_size")
+        if saved_world is not None and mine["world_size"] != saved_world:
+            # DCP loaded "world_size" from the checkpoint, but no entry for this rank: it was
+            # saved by fewer ranks, and this rank's entry is what its template held
+            if on_world_change == "error":
+                raise ValueError(f"gradcomp: this checkpoint was saved at world size {saved_world} and holds no "
+                                 f"entry for {own}: residuals are per rank and do not carry over; load with "
+                                 "on_world_change='reset' to start this rank from zero")
+            logger.warning("gradcomp: checkpoint saved at world size %d has no entry for %s: this rank starts "
+                           "from its current state with zero residuals", saved_world, own)
+            mine = dict(mine, residuals={}, rank=None, world_size=None)
+        return mine
+
+    def _check_saved_by(self, saved_by: tuple) -> bool:
+        """Checks a loaded state_dict's (rank, world size, on_world_change) against the group;
+        returns whether the residuals must be dropped (another world size, "reset")."""
+        (rank, world, on_world_change), (my_world, my_rank) = saved_by, self._world_rank()
+        if world != my_world:
+            if on_world_change == "error":
+                raise ValueError(f"gradcomp: this checkpoint was saved at world size {world}, the group now has "
+                                 f"{my_world} ranks; residuals are per rank and do not carry over: load with "
+                                 "on_world_change='reset' to start them from zero")
+            logger.warning("gradcomp: checkpoint saved at world size %d, now %d: residuals start from zero", world,
+                           my_world)
+            return True
+        if rank != my_rank:
+            raise ValueError(f"gradcomp: this checkpoint was saved by rank {rank} and is loaded on rank {my_rank}: "
+                             "each rank must load its own (residuals are local to their rank)")
+        return False
+
+    def _check_loaded(self) -> None:
+        """At the first call: checks a state_dict loaded before the process group was up."""
+        if self._saved_by is not None:
+            saved_by, self._saved_by = self._saved_by, None
+            if self._check_saved_by(saved_by):
+                self.engine.store.clear()
+
+    def __repr__(self) -> str:
+        extra = f", ranks_per_node={self.ranks_per_node!r}" if self.ranks_per_node is not None else ""
+        return (f"gradcomp.State(codec={self.codec!r}, min_numel={self.min_numel}, start_step={self.start_step}, "
+                f"force_compression={self.force_compression}{extra})")
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """Everything every rank must agree on (checked at the first call)."""
+        return {**self.engine.config(), "start_step": self.start_step, "force_compression": self.force_compression,
+                "ranks_per_node": self.ranks_per_node, "seed": self.seed}
+
+    def _group(self):
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def _world_rank(self) -> tuple[int, int]:
+        group = self._group()
+        return dist.get_world_size(group), dist.get_rank(group)
+
+    def _claim(self, front: str) -> None:
+        if self._front is None:
+            self._front = front
+        elif self._front != front:
+            raise RuntimeError(f"gradcomp: this State already serves {self._front!r}; one State serves one front "
+                               f"end (its keys and step counter are that front end's): make another for {front!r}")
+
+    def _compressing(self, step: int) -> bool:
+        world, _ = self._world_rank()
+        return (world > 1 or self.force_compression) and step >= self.start_step
+
+    # ------------------------------------------------------------------ running reductions
+    def _ready(self, group, device: torch.device, backend: str | None, signature: int = 0):
+        """Once, where the State's collectives run (the Gloo worker, or the CUDA side stream):
+        the hierarchy's groups and the configuration check. Returns the topology."""
+        if self._topo is None:
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            per_node = resolve_ranks_per_node(self.ranks_per_node, world)
+            topo = Topology.of(world, rank, per_node)
+            if topo.per_node > 1:
+                topo.make_groups(dist.get_process_group_ranks(group), backend, self.timeout)
+            self._topo = topo
+        if not self._checked:
+            extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), signature)
+            seed, rows = agree(group, device, self.config(), self.seed, extra)
+            if len({r[2] for r in rows}) != 1:
+                raise GradcompError("gradcomp: ranks passed different tensors to all_reduce (keys, sizes or dtypes "
+                                    "differ between ranks); every rank must pass the same list or dict")
+            if self.ranks_per_node == "auto" and self._topo.per_node > 1:
+                check_contiguous_nodes([(r[0], r[1]) for r in rows], self._topo.per_node)
+            self.seed = seed
+            self._checked = True
+        return self._topo
+
+    def _submit(self, make, device: torch.device, step: int, what: str, last: bool,
+                finish=None) -> torch.futures.Future:
+        """Reduces the (buffer, ordinals) pairs ``make()`` returns, in order, where the State's
+        collectives run; ``finish()`` then gives the future's value (default: the first buffer)."""
+        group = self._group()
+        compress = self._compressing(step)
+
+        def exchanges(group, topo):
+            pairs = make()
+            for buf, ordinals in pairs:
+                yield from self.engine.exchange(buf, ordinals, Call(group, topo, step, what, compress))
+            return finish() if finish is not None else pairs[0][0]
+
+        if device.type == "cuda":
+            def on_side():
+                topo = self._ready(group, device, None, self._signature_hash())
+                self.engine.poll_rejections()
+                return run_to_end(exchanges(group, topo))
+
+            return run_on_side_stream(self._side_streams, device, on_side, what)
+
+        world, _ = self._world_rank()
+        if world == 1 and not compress:  # no collective: no worker thread, no private group
+            fut = torch.futures.Future()
+            fut.set_result(run_to_end(exchanges(group, Topology.of(1, 0, None))))
+            return fut
+        if self._worker is None:
+            self._worker = GlooWorker(self)
+
+        def job():
+            if self._private_group is None:
+                ranks = dist.get_process_group_ranks(group)
+                self._private_group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout,
+                                                     use_local_synchronization=True)
+            topo = self._ready(self._private_group, torch.device("cpu"), "gloo", self._signature_hash())
+            return exchanges(self._private_group, topo)
+
+        fut = torch.futures.Future()
+        self._worker.submit(job, fut, what, step, last)
+        return fut
+
+    def _signature_hash(self) -> int:
+        sig = self._all_reduce_signature
+        if sig is None:
+            return 0
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:7], "little")
+
+    def _log_once(self, world: int) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.info("gradcomp %s: %s over %d ranks (min_numel=%d, start_step=%d%s)",
+                        "all_reduce" if self._front == "all_reduce" else "hook", self.codec, world,
+                        self.min_numel, self.start_step,
+                        f", ranks_per_node={self.ranks_per_node}" if self.ranks_per_node is not None else "")

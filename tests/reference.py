@@ -1,5 +1,5 @@
 """Pure-torch reference of gradcomp's block codecs and compressed all-reduce: the oracle the
-tests hold the compiled backends to. Written from the math (DESIGN.md, codec.h's
+tests hold the compiled backends to. Written from the math (docs/design.md, codec.h's
 comments), not from the kernels: element-wise torch ops, each one IEEE-rounded float32
 operation, so the compiled backends must match it bit for bit.
 """
@@ -297,3 +297,61 @@ def randomk_indices(seed: int, step: int, ordinal: int, n: int, k: int) -> torch
     size = (j + 1) * n // k - lo
     h = mix32(mix32(j ^ (key & M32)) ^ (key >> 32))
     return lo + ((h * size) >> 32)
+
+
+# ---------------------------------------------------------------- the engine's all-reduce of keyed tensors
+def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: int, bits: int, min_numel: int,
+                     per_node: int = 1) -> list:
+    """gradcomp.all_reduce of a list of float32 tensors over W ranks with a block quantizer
+    (error feedback, rounding to nearest), flat (per_node 1) or hierarchical, piece by piece.
+
+    inputs[r][i]: rank r's tensor i. residuals: (rank, i) -> residual, updated in place. A
+    tensor below min_numel is reduced exactly (None in the result: compare it with a
+    tolerance, its sum order is Gloo's). Tensors take model-wide block numbers in list
+    order; block j of tensor i with first block g0 has global index g = g0 + j.
+
+    Flat: block g goes to rank g mod W (compressed_allreduce). Hierarchical, N = W / L nodes
+    of L contiguous ranks: inside node m, block g belongs to local rank g mod L, which sums
+    x / L of the node's ranks in local-rank order (float32); across nodes, the ranks of local
+    index l run compressed_allreduce over the blocks they own (in j order, one after another,
+    residuals of that length), block g going to node (g // L) mod N; every rank of the node
+    then reads every local rank's result."""
+    world = len(inputs)
+    L, N = per_node, world // per_node
+    first, outs = 0, []
+    for i in range(len(inputs[0])):
+        n = inputs[0][i].numel()
+        if n < min_numel:
+            outs.append(None)
+            continue
+        nb = -(-n // block)
+        g = first + torch.arange(nb)
+        first += nb
+        xs = [inputs[r][i].reshape(-1).float() for r in range(world)]
+        if L == 1:
+            res = [residuals.get((r, i), torch.zeros(n)) for r in range(world)]
+            out, after = compressed_mean(xs, res, block, g % world, bits)
+            for r in range(world):
+                residuals[(r, i)] = after[r]
+            outs.append(out)
+            continue
+        out = torch.empty(n)
+        for local in range(L):
+            owned = (g % L == local).nonzero().reshape(-1)
+            if owned.numel() == 0:
+                continue
+            idx = torch.cat([torch.arange(j * block, min(n, (j + 1) * block)) for j in owned.tolist()])
+            ys = []
+            for m in range(N):
+                acc = xs[m * L][idx] / L
+                for k in range(1, L):
+                    acc = acc + xs[m * L + k][idx] / L
+                ys.append(acc)
+            ranks = [m * L + local for m in range(N)]
+            res = [residuals.get((r, i), torch.zeros(idx.numel())) for r in ranks]
+            o, after = compressed_mean(ys, res, block, (g[owned] // L) % N, bits)
+            out[idx] = o
+            for r, a in zip(ranks, after):
+                residuals[(r, i)] = a
+        outs.append(out)
+    return outs

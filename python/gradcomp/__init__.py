@@ -1,12 +1,14 @@
-"""gradcomp: gradient compression for PyTorch DistributedDataParallel.
+"""gradcomp: gradient compression for PyTorch data-parallel training.
 
     import gradcomp
     state = gradcomp.register(ddp_model, "int8")   # block-wise int8 with error feedback
+    gradcomp.all_reduce(tensors, gradcomp.State("int8"))   # any tensors, e.g. outer steps
 """
 
 from __future__ import annotations
 
 from . import _C
+from .allreduce import all_reduce
 from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, RandomK, Sign, TopK
 from .hooks import GradcompError, State, comm_hook, register
 
@@ -14,7 +16,7 @@ __version__ = _C.build_info()["version"]
 
 __all__ = [
     "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "RandomK", "Sign", "State", "TopK",
-    "build_info", "comm_hook", "cuda_available", "register",
+    "all_reduce", "build_info", "comm_hook", "cuda_available", "register",
 ]
 
 

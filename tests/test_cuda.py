@@ -482,3 +482,31 @@ def test_nccl_sparse_hook_world_size_one_forced_never_syncs(nccl_world1, codec):
                 assert int((p.grad != 0).sum()) <= layout.pairs_for(p.numel(), 0.01)
     torch.cuda.synchronize()
     assert state.stats["buckets_compressed"] > 0 and state.stats["payloads_rejected"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+def test_nccl_all_reduce_world_size_one_forced(nccl_world1):
+    """gradcomp.all_reduce on CUDA (the side stream), sync and async: bit for bit the
+    reference's engine_allreduce at W=1, and no host sync after the first call."""
+    from reference import engine_allreduce
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(3)
+    state = gradcomp.State("int8", force_compression=True, min_numel=1000)
+    residuals = {}
+    for step in range(3):
+        host = [torch.randn(3000, generator=g), torch.randn(40, 60, generator=g), torch.randn(100, generator=g)]
+        xs = [h.to(dev) for h in host]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            if step == 1:
+                gradcomp.all_reduce(xs, state, async_op=True).wait()
+            else:
+                gradcomp.all_reduce(xs, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        expect = engine_allreduce([host], residuals, 256, 8, 1000, 1)
+        for i, (x, e) in enumerate(zip(xs, expect)):
+            got = x.cpu().reshape(-1)
+            assert torch.equal(got, host[i].reshape(-1) if e is None else e), f"tensor {i} step {step}"

@@ -55,6 +55,76 @@ def test_usage_and_bad_input(tmp_path):
     assert r.returncode == 2 and "kernels|sparse|net" in r.stdout
 
 
+def test_parse_methods_takes_node_specs():
+    from gradcomp.benchmarks.methods import codec_spec, is_node_method, parse_methods
+
+    assert parse_methods("allreduce, node:int8,int8,node:topk:0.01") == ["allreduce", "node:int8", "int8",
+                                                                        "node:topk:0.01"]
+    assert is_node_method("node:int8") and not is_node_method("int8") and not is_node_method("allreduce")
+    assert codec_spec("node:int8:block=512") == "int8:block=512" and codec_spec("int4") == "int4"
+    for bad in ("node:int9", "node:", "node:allreduce", "node:torch-fp16"):
+        with pytest.raises(ValueError, match=rf"'{re.escape(bad)}': node: takes a gradcomp codec spec"):
+            parse_methods(bad)
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_methods("node:int8,node:int8")
+
+
+def _fake_ddp(monkeypatch, world=4):
+    """Enough of a DDP model for Method to attach a gradcomp method (register is replaced)."""
+    from types import SimpleNamespace
+
+    from gradcomp.benchmarks import methods
+
+    monkeypatch.setattr(methods.dist, "get_world_size", lambda group=None: world)
+    return SimpleNamespace(process_group=None, module=torch.nn.Linear(8, 8))
+
+
+def test_node_method_registers_gradcomp_with_ranks_per_node(monkeypatch):
+    """node:<spec> is gradcomp.register(ddp, spec, ranks_per_node=L); the hierarchy is
+    State's, so a State with the keyword is stood in here."""
+    import gradcomp
+    from gradcomp.benchmarks.methods import Method, hierarchy_missing
+
+    class StateWithHierarchy:
+        def __init__(self, codec="int8", process_group=None, *, start_step=0, ranks_per_node=None):
+            pass
+
+    calls = []
+    monkeypatch.setattr(gradcomp, "State", StateWithHierarchy)
+    monkeypatch.setattr(gradcomp, "register", lambda ddp, codec, **kw: calls.append((ddp, codec, kw)) or "state")
+    ddp = _fake_ddp(monkeypatch)
+    assert hierarchy_missing(["allreduce", "node:int8"]) is None
+    with Method("node:int8:block=512", ddp, start_step=3, ranks_per_node=2) as m:
+        assert m.state == "state"
+    assert calls == [(ddp, "int8:block=512", {"start_step": 3, "ranks_per_node": 2})]
+    with Method("int8", ddp, ranks_per_node=2):  # flat gradcomp: no ranks_per_node
+        pass
+    assert calls[-1] == (ddp, "int8", {"start_step": 0})
+    with pytest.raises(ValueError, match="needs the topology's ranks per node"):
+        Method("node:int8", ddp)
+
+
+def test_node_method_without_hierarchy_in_state_fails_clearly(monkeypatch):
+    import inspect
+
+    import gradcomp
+    from gradcomp.benchmarks.methods import Method, hierarchy_missing
+
+    class FlatState:  # State as it was before ranks_per_node=
+        def __init__(self, codec="int8", process_group=None, *, start_step=0):
+            pass
+
+    monkeypatch.setattr(gradcomp, "State", FlatState)
+    monkeypatch.setattr(gradcomp, "register", lambda *a, **kw: pytest.fail("registered without the hierarchy"))
+    assert hierarchy_missing(["allreduce", "int8"]) is None
+    assert "no ranks_per_node= keyword" in hierarchy_missing(["int8", "node:int8"])
+    with pytest.raises(TypeError, match="node:int8: this gradcomp's State takes no ranks_per_node= keyword"):
+        Method("node:int8", _fake_ddp(monkeypatch), ranks_per_node=2)
+    monkeypatch.undo()
+    if "ranks_per_node" not in inspect.signature(gradcomp.State).parameters:  # this checkout's own State
+        assert hierarchy_missing(["node:int8"]) is not None
+
+
 def _demo_results(path):
     with open(path) as f:
         out = json.load(f)

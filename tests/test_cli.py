@@ -125,6 +125,24 @@ def test_node_method_without_hierarchy_in_state_fails_clearly(monkeypatch):
         assert hierarchy_missing(["node:int8"]) is not None
 
 
+def test_demo_ranks_per_node_arguments(monkeypatch, capsys):
+    from gradcomp import demo
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    args = demo.parse_args(["--world", "4", "--ranks-per-node", "2", "--methods", "allreduce,node:int8"])
+    assert args.ranks_per_node == 2 and args.methods == ["allreduce", "node:int8"]
+    assert demo.parse_args(["--methods", "int8"]).ranks_per_node is None
+    for argv, message in ((["--methods", "allreduce,node:int8"], "node:int8 reduce node by node: give --ranks-per-"),
+                          (["--world", "3", "--ranks-per-node", "2"], "not a multiple of --ranks-per-node 2"),
+                          (["--ranks-per-node", "0"], "--ranks-per-node must be >= 1"),
+                          (["--methods", "node:int9", "--ranks-per-node", "2"], "'node:int9': node: takes")):
+        with pytest.raises(SystemExit) as e:
+            demo.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
 def _demo_results(path):
     with open(path) as f:
         out = json.load(f)

@@ -10,9 +10,10 @@
         the fused codec passes against a copy and against torch ops: a table and JSON
     gradcomp bench sparse [--device cpu|cuda]
         top-k / random-k selection against torch.topk: a table and JSON
-    gradcomp bench net [--rate 1gbit] [--world 2] [--methods ...]
-        real DDP steps between ranks in network namespaces joined by veth pairs shaped to
-        --rate (root only): step time per method over the shaped and the unshaped link
+    gradcomp bench net [--rate 1gbit] [--world 2 | --nodes N --ranks-per-node L] [--methods ...]
+        real DDP steps between nodes (network namespaces of L ranks each) joined by veth
+        pairs shaped to --rate (root only): step time and bytes between nodes per method
+        over the shaped and the unshaped link
     gradcomp info
         version, how the core was built, torch, CUDA devices, which backends run here
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +54,94 @@ def test_usage_and_bad_input(tmp_path):
     assert r.returncode == 2 and "rate 'fast'" in r.stderr
     r = subprocess.run([*GRADCOMP, "bench", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "kernels|sparse|net" in r.stdout
+
+
+def test_parse_methods_takes_node_specs():
+    from gradcomp.benchmarks.methods import codec_spec, is_node_method, parse_methods
+
+    assert parse_methods("allreduce, node:int8,int8,node:topk:0.01") == ["allreduce", "node:int8", "int8",
+                                                                        "node:topk:0.01"]
+    assert is_node_method("node:int8") and not is_node_method("int8") and not is_node_method("allreduce")
+    assert codec_spec("node:int8:block=512") == "int8:block=512" and codec_spec("int4") == "int4"
+    for bad in ("node:int9", "node:", "node:allreduce", "node:torch-fp16"):
+        with pytest.raises(ValueError, match=rf"'{re.escape(bad)}': node: takes a gradcomp codec spec"):
+            parse_methods(bad)
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_methods("node:int8,node:int8")
+
+
+def _fake_ddp(monkeypatch, world=4):
+    """Enough of a DDP model for Method to attach a gradcomp method (register is replaced)."""
+    from types import SimpleNamespace
+
+    from gradcomp.benchmarks import methods
+
+    monkeypatch.setattr(methods.dist, "get_world_size", lambda group=None: world)
+    return SimpleNamespace(process_group=None, module=torch.nn.Linear(8, 8))
+
+
+def test_node_method_registers_gradcomp_with_ranks_per_node(monkeypatch):
+    """node:<spec> is gradcomp.register(ddp, spec, ranks_per_node=L); the hierarchy is
+    State's, so a State with the keyword is stood in here."""
+    import gradcomp
+    from gradcomp.benchmarks.methods import Method, hierarchy_missing
+
+    class StateWithHierarchy:
+        def __init__(self, codec="int8", process_group=None, *, start_step=0, ranks_per_node=None):
+            pass
+
+    calls = []
+    monkeypatch.setattr(gradcomp, "State", StateWithHierarchy)
+    monkeypatch.setattr(gradcomp, "register", lambda ddp, codec, **kw: calls.append((ddp, codec, kw)) or "state")
+    ddp = _fake_ddp(monkeypatch)
+    assert hierarchy_missing(["allreduce", "node:int8"]) is None
+    with Method("node:int8:block=512", ddp, start_step=3, ranks_per_node=2) as m:
+        assert m.state == "state"
+    assert calls == [(ddp, "int8:block=512", {"start_step": 3, "ranks_per_node": 2})]
+    with Method("int8", ddp, ranks_per_node=2):  # flat gradcomp: no ranks_per_node
+        pass
+    assert calls[-1] == (ddp, "int8", {"start_step": 0})
+    with pytest.raises(ValueError, match="needs the topology's ranks per node"):
+        Method("node:int8", ddp)
+
+
+def test_node_method_without_hierarchy_in_state_fails_clearly(monkeypatch):
+    import inspect
+
+    import gradcomp
+    from gradcomp.benchmarks.methods import Method, hierarchy_missing
+
+    class FlatState:  # State as it was before ranks_per_node=
+        def __init__(self, codec="int8", process_group=None, *, start_step=0):
+            pass
+
+    monkeypatch.setattr(gradcomp, "State", FlatState)
+    monkeypatch.setattr(gradcomp, "register", lambda *a, **kw: pytest.fail("registered without the hierarchy"))
+    assert hierarchy_missing(["allreduce", "int8"]) is None
+    assert "no ranks_per_node= keyword" in hierarchy_missing(["int8", "node:int8"])
+    with pytest.raises(TypeError, match="node:int8: this gradcomp's State takes no ranks_per_node= keyword"):
+        Method("node:int8", _fake_ddp(monkeypatch), ranks_per_node=2)
+    monkeypatch.undo()
+    if "ranks_per_node" not in inspect.signature(gradcomp.State).parameters:  # this checkout's own State
+        assert hierarchy_missing(["node:int8"]) is not None
+
+
+def test_demo_ranks_per_node_arguments(monkeypatch, capsys):
+    from gradcomp import demo
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    args = demo.parse_args(["--world", "4", "--ranks-per-node", "2", "--methods", "allreduce,node:int8"])
+    assert args.ranks_per_node == 2 and args.methods == ["allreduce", "node:int8"]
+    assert demo.parse_args(["--methods", "int8"]).ranks_per_node is None
+    for argv, message in ((["--methods", "allreduce,node:int8"], "node:int8 reduce node by node: give --ranks-per-"),
+                          (["--world", "3", "--ranks-per-node", "2"], "not a multiple of --ranks-per-node 2"),
+                          (["--ranks-per-node", "0"], "--ranks-per-node must be >= 1"),
+                          (["--methods", "node:int9", "--ranks-per-node", "2"], "'node:int9': node: takes")):
+        with pytest.raises(SystemExit) as e:
+            demo.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv
 
 
 def _demo_results(path):
@@ -146,6 +235,52 @@ def test_bench_net_without_root_says_so_and_does_nothing(monkeypatch, capsys):
     assert "needs root" in capsys.readouterr().err
 
 
+def test_bench_net_topology_arguments(capsys):
+    from gradcomp.benchmarks import net
+
+    def topology(*argv):
+        a = net.parse_args(list(argv))
+        return a.world, a.nodes, a.ranks_per_node, net.topology_name(a)
+
+    assert topology() == (2, 2, 1, "w2")  # today's default: 2 nodes of one rank
+    assert topology("--world", "4") == (4, 4, 1, "w4")
+    assert topology("--nodes", "2", "--ranks-per-node", "2") == (4, 2, 2, "n2x2")
+    assert topology("--nodes", "3", "--ranks-per-node", "2", "--world", "6") == (6, 3, 2, "n3x2")
+    assert topology("--world", "6", "--ranks-per-node", "3") == (6, 2, 3, "n2x3")
+    assert topology("--nodes", "3") == (3, 3, 1, "w3")
+    assert net.parse_args(["--methods", "allreduce,node:int8"]).methods == ["allreduce", "node:int8"]
+    for argv, message in ((["--nodes", "2", "--ranks-per-node", "2", "--world", "3"],
+                           "--world 3 is not --nodes × --ranks-per-node = 2 × 2 = 4"),
+                          (["--nodes", "2", "--world", "4"], "--world 4 is not --nodes × --ranks-per-node = 2 × 1"),
+                          (["--ranks-per-node", "0"], "--ranks-per-node must be >= 1"),
+                          (["--nodes", "2", "--ranks-per-node", "-1"], "--ranks-per-node must be >= 1"),
+                          (["--nodes", "1", "--ranks-per-node", "4"], "--nodes must be >= 2"),
+                          (["--world", "5", "--ranks-per-node", "2"], "not a multiple of --ranks-per-node 2"),
+                          (["--world", "2", "--ranks-per-node", "2"], "is one node"),
+                          (["--nodes", "201"], "--nodes (or --world) must be <= 200"),
+                          (["--nodes", "101", "--ranks-per-node", "2"], "must be <= 200"),
+                          (["--methods", "allreduce,node:int9"], "'node:int9': node: takes a gradcomp codec spec")):
+        with pytest.raises(SystemExit) as e:
+            net.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_bench_net_node_methods_need_the_hierarchy_before_anything_is_done(monkeypatch, capsys):
+    import gradcomp
+    from gradcomp.benchmarks import net
+
+    class FlatState:
+        def __init__(self, codec="int8", process_group=None, *, start_step=0):
+            pass
+
+    monkeypatch.setattr(gradcomp, "State", FlatState)
+    monkeypatch.setattr(net.Namespaces, "create", lambda self: pytest.fail("created namespaces"))
+    assert net.main(["--nodes", "2", "--ranks-per-node", "2", "--methods", "allreduce,node:int8"]) == 1
+    err = capsys.readouterr().err
+    assert "node:int8: this gradcomp's State takes no ranks_per_node= keyword" in err and "nothing was done" in err
+
+
 def test_parse_rate():
     from gradcomp.benchmarks.net import parse_rate
 
@@ -203,6 +338,46 @@ def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
     assert methods["allreduce"]["shaped_step_ms"] > methods["allreduce"]["unshaped_step_ms"] + 30
     printed = re.search(r"measured ([\d.]+) Gbit/s", out)
     assert printed and float(printed.group(1)) == pytest.approx(meta["link_bps_shaped"] / 1e9, abs=1e-3), out
+
+
+@needs_netns
+def test_bench_net_nodes_of_several_ranks_count_the_bytes_between_nodes(tmp_path):
+    """2 nodes × 2 ranks: a node's ranks share its namespace and eth0 address, talk to each
+    other over its loopback (unshaped) and to the other node over the shaped link."""
+    cmd = [*GRADCOMP, "bench", "net", "--nodes", "2", "--ranks-per-node", "2", "--rate", "200mbit", "--params", "4e5",
+           "--steps", "3", "--warmup", "3", "--rounds", "1", "--no-unshaped", "--methods", "allreduce,int8"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert _namespaces_of(proc.pid) == []
+    res = json.loads((tmp_path / "net-200mbit-n2x2.json").read_text())  # the default name names the topology
+    meta, methods = res["meta"], res["methods"]
+    assert (meta["world"], meta["nodes"], meta["ranks_per_node"]) == (4, 2, 2)
+    # the link measured runs between the nodes (rank 2 to rank 0), through the shaping
+    assert 0.7 * 200e6 < meta["link_bps_shaped"] < 1.05 * 200e6, meta
+    assert list(methods) == ["allreduce", "int8"]
+    grads = 4 * meta["parameters"]
+    assert methods["allreduce"]["bytes_per_step"] == pytest.approx(2 * 3 / 4 * grads)  # rank 0's ring share
+    for name, m in methods.items():
+        sent = m["bytes_per_step"]  # what one rank sent, counted (to its own node and to the other)
+        assert len(m["node_tx_bytes_per_step"]) == 2 and m["eth0_tx_bytes_per_step"] == m["node_tx_bytes_per_step"][0]
+        assert m["inter_node_bytes_per_step"] == pytest.approx(statistics.fmean(m["node_tx_bytes_per_step"]))
+        assert m["inter_node_bytes_per_rank_per_step"] == pytest.approx(m["inter_node_bytes_per_step"] / 2)
+        for eth0, lo in zip(m["node_tx_bytes_per_step"], m["node_lo_tx_bytes_per_step"]):
+            # no more than its 2 ranks sent in all (plus headers)...
+            assert 0 < eth0 < 1.1 * 2 * sent, (name, m)
+            # ...and every byte they sent left either by eth0 (to the other node) or by lo
+            assert 0.97 < (eth0 + lo) / (2 * sent) < 1.1, (name, m)
+    for eth0 in methods["allreduce"]["node_tx_bytes_per_step"]:
+        # the other node's sum depends on all of this node's gradient bytes: at least those cross
+        assert eth0 >= grads, methods["allreduce"]
+    assert methods["int8"]["inter_node_bytes_per_step"] < methods["allreduce"]["inter_node_bytes_per_step"]
+    assert "4 ranks (2 nodes × 2 ranks)" in out
+    assert re.search(r"^method\s.*\bMB sent\s+node MB\s+MB/rank\s+wire ms", out, re.M), out
+    for name, m in methods.items():
+        sent, inter = m["bytes_per_step"] / 1e6, m["inter_node_bytes_per_step"] / 1e6
+        row = rf"^{re.escape(name)}\s+\d+(\s+-){{3}}\s+{sent:.2f}\s+{inter:.2f}\s+{inter / 2:.2f}\s"
+        assert re.search(row, out, re.M), out
 
 
 @needs_netns

@@ -1,17 +1,19 @@
 """The ``gradcomp`` command.
 
     gradcomp demo [--world 2] [--methods allreduce,torch-fp16,...,int8,sign] [--epochs 20]
+                  [--ranks-per-node L]
         DDP training on the digits dataset once per method (plain all-reduce, torch's fp16
-        and PowerSGD hooks, gradcomp's codecs): a table of loss, accuracy, bytes sent per
-        step, compression ratio and step time, and a PNG of the loss curves. Spawns its
-        ranks, or runs as one rank under torchrun.
+        and PowerSGD hooks, gradcomp's codecs, node:<codec> reduced node by node): a table of
+        loss, accuracy, bytes sent per step, compression ratio and step time, and a PNG of the
+        loss curves. Spawns its ranks, or runs as one rank under torchrun.
     gradcomp bench kernels [--device cpu|cuda] [--codecs int8,...] [--sizes 1e6,...]
         the fused codec passes against a copy and against torch ops: a table and JSON
     gradcomp bench sparse [--device cpu|cuda]
         top-k / random-k selection against torch.topk: a table and JSON
-    gradcomp bench net [--rate 1gbit] [--world 2] [--methods ...]
-        real DDP steps between ranks in network namespaces joined by veth pairs shaped to
-        --rate (root only): step time per method over the shaped and the unshaped link
+    gradcomp bench net [--rate 1gbit] [--world 2 | --nodes N --ranks-per-node L] [--methods ...]
+        real DDP steps between nodes (network namespaces of L ranks each) joined by veth
+        pairs shaped to --rate (root only): step time and bytes between nodes per method
+        over the shaped and the unshaped link
     gradcomp info
         version, how the core was built, torch, CUDA devices, which backends run here
 

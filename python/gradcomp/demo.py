@@ -10,6 +10,10 @@ Launch:
   * under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR set) every process is
     one rank and nothing is spawned.
 
+Methods ``node:<spec>`` (e.g. ``node:int8``) reduce hierarchically, within each node of
+``--ranks-per-node`` contiguous ranks, then across nodes: gradcomp registered with
+``ranks_per_node=`` (gradcomp.State's keyword; the world must be a multiple of it).
+
 Rank 0 shows a tqdm bar per method, then prints a table (final loss on the whole training
 set, test accuracy, bytes it sent per step, the ratio to plain all-reduce's bytes, median
 step time), writes a PNG of the loss curves and, with ``--json``, the numbers.
@@ -26,7 +30,7 @@ import statistics
 import sys
 import time
 
-from .benchmarks.methods import DEFAULT_METHODS, parse_methods
+from .benchmarks.methods import DEFAULT_METHODS, hierarchy_missing, is_node_method, parse_methods
 
 NEEDS = ("gradcomp demo needs tqdm, matplotlib and scikit-learn (for its bundled digits dataset): "
          "pip install 'gradcomp[demo]'")
@@ -63,8 +67,11 @@ def parse_args(argv):
                                 description="DDP training on the digits dataset, once per method, side by side")
     p.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: allreduce, torch-fp16, torch-powersgd and gradcomp codec specs "
-                        f"(default {','.join(DEFAULT_METHODS)})")
+                   help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs and "
+                        f"node:<codec spec> (with --ranks-per-node) (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks a node, contiguous, for the node:<spec> methods' hierarchical reduction "
+                        "(the world must be a multiple of it)")
     p.add_argument("--codec", help="shorthand for --methods allreduce,CODEC")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=32, help="batch per rank")
@@ -91,7 +98,22 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.start_step < 0:
         p.error("--start-step must be >= 0")
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        p.error("--ranks-per-node must be >= 1")
+    node = [m for m in args.methods if is_node_method(m)]
+    if node and args.ranks_per_node is None:
+        p.error(f"{', '.join(node)} reduce node by node: give --ranks-per-node")
+    if not _under_torchrun():  # under torchrun the world is known only there: main checks it
+        problem = _world_problem(args.world, args.ranks_per_node)
+        if problem:
+            p.error(problem)
     return args
+
+
+def _world_problem(world: int, ranks_per_node: int | None) -> str | None:
+    if ranks_per_node is not None and world % ranks_per_node:
+        return f"a world of {world} ranks is not a multiple of --ranks-per-node {ranks_per_node}"
+    return None
 
 
 def _under_torchrun() -> bool:
@@ -142,7 +164,8 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
     n = len(y_train)
     steps_per_epoch = n // (args.batch * world)
     losses, step_seconds, test_acc = [], [], []
-    with Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank) as m:
+    with Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank,
+                ranks_per_node=args.ranks_per_node) as m:
         for epoch in range(args.epochs):
             # one permutation on every rank, each rank takes its own interleaved shard
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -217,8 +240,8 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
             finally:
                 if progress is not None:
                     progress.close()
-        meta = {"world": world, "backend": backend, "device": str(device), "epochs": args.epochs,
-                "batch_per_rank": args.batch, "steps": steps, "width": args.width, "lr": args.lr,
+        meta = {"world": world, "ranks_per_node": args.ranks_per_node, "backend": backend, "device": str(device),
+                "epochs": args.epochs, "batch_per_rank": args.batch, "steps": steps, "width": args.width, "lr": args.lr,
                 "parameters": sum(p.numel() for p in make_model(args.width).parameters()),
                 "train_samples": n_train, "test_samples": len(data[3]), "torch": torch.__version__}
         return {"meta": meta, "results": results} if rank == 0 else None
@@ -315,8 +338,16 @@ def main(argv=None) -> int:
     if missing:
         print(f"{NEEDS} (missing: {', '.join(missing)})", file=sys.stderr)
         return 1
+    unsupported = hierarchy_missing(args.methods)
+    if unsupported:  # before any training, not after the other methods
+        print(f"gradcomp demo: {unsupported}", file=sys.stderr)
+        return 1
     if _under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        problem = _world_problem(world, args.ranks_per_node)
+        if problem:
+            print(f"gradcomp demo: {problem}", file=sys.stderr)
+            return 2
         if rank == 0:
             print(f"gradcomp demo under torchrun: {world} ranks, methods {', '.join(args.methods)}", flush=True)
         out = run_rank(args, rank, world, int(os.environ["LOCAL_RANK"]))

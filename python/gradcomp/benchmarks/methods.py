@@ -3,6 +3,9 @@
     "allreduce"       DDP's own all-reduce, no hook
     "torch-fp16"      torch's fp16_compress_hook
     "torch-powersgd"  torch's powerSGD_hook (rank ``powersgd_rank``)
+    "node:<spec>"     a gradcomp codec spec reduced hierarchically, node by node
+                      ("node:int8"): registered with ``ranks_per_node=`` the topology's
+                      ranks a node (gradcomp.State's keyword; the hierarchy is State's)
     anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
 
 ``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
@@ -21,6 +24,7 @@ from .. import codecs
 from ..collectives import ring_allreduce_bytes
 
 TORCH_METHODS = ("allreduce", "torch-fp16", "torch-powersgd")
+NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each node, then across nodes
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 
 
@@ -30,14 +34,31 @@ def parse_methods(text: str) -> list[str]:
     if not methods:
         raise ValueError("no methods given")
     for m in methods:
-        if m not in TORCH_METHODS:
+        if is_node_method(m):
+            try:
+                codecs.parse(codec_spec(m))
+            except ValueError as e:
+                raise ValueError(f"{m!r}: {NODE_PREFIX} takes a gradcomp codec spec "
+                                 f"(e.g. {NODE_PREFIX}int8): {e}") from e
+        elif m not in TORCH_METHODS:
             try:
                 codecs.parse(m)
             except ValueError as e:
-                raise ValueError(f"{m!r} is neither one of {', '.join(TORCH_METHODS)} nor a gradcomp codec: {e}") from e
+                raise ValueError(f"{m!r} is neither one of {', '.join(TORCH_METHODS)} nor a gradcomp codec "
+                                 f"(nor {NODE_PREFIX}<codec>): {e}") from e
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is listed twice: {text}")
     return methods
+
+
+def is_node_method(method: str) -> bool:
+    """Whether ``method`` is a hierarchical ``node:<spec>`` method."""
+    return method.startswith(NODE_PREFIX)
+
+
+def codec_spec(method: str) -> str:
+    """The gradcomp codec spec of a gradcomp method: "int8" for "int8" and for "node:int8"."""
+    return method[len(NODE_PREFIX):] if is_node_method(method) else method
 
 
 def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: float) -> float:
@@ -70,9 +91,13 @@ class Method:
     """A method attached to a DDP model; ``bytes_sent(steps)`` is what this rank put on the
     wire. Use it as a context manager: torch's PowerSGD sends a data-dependent set of P, Q
     and uncompressed tensors, so while it is attached ``torch.distributed.all_reduce`` is
-    wrapped to count them (its future callbacks look the function up when they run)."""
+    wrapped to count them (its future callbacks look the function up when they run).
 
-    def __init__(self, name: str, ddp, *, start_step: int = 0, powersgd_rank: int = 4):
+    ``ranks_per_node`` is the topology's ranks a node (contiguous ranks share a node); only
+    ``node:<spec>`` methods use it, and they need it."""
+
+    def __init__(self, name: str, ddp, *, start_step: int = 0, powersgd_rank: int = 4,
+                 ranks_per_node: int | None = None):
         self.name = name
         self.state = None  # gradcomp's State, for gradcomp codecs
         self.world = dist.get_world_size(ddp.process_group)
@@ -98,6 +123,8 @@ class Method:
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
             self._saved_all_reduce = dist.all_reduce
             dist.all_reduce = self._counting_all_reduce
+        elif is_node_method(name):
+            self.state = _register_hierarchical(ddp, name, start_step, ranks_per_node)
         else:
             from .. import register
 
@@ -130,3 +157,32 @@ class Method:
     def codec_seconds(self) -> float:
         """gradcomp's codec time so far (CPU); 0 for torch's methods."""
         return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0
+
+
+def hierarchy_missing(methods) -> str | None:
+    """Why the ``node:`` methods among ``methods`` cannot run here (this gradcomp's State has
+    no ``ranks_per_node=`` keyword), or None: for a check before minutes of other methods."""
+    import inspect
+
+    from .. import State
+
+    node = [m for m in methods if is_node_method(m)]
+    if node and "ranks_per_node" not in inspect.signature(State).parameters:
+        return (f"{', '.join(node)}: this gradcomp's State takes no ranks_per_node= keyword, so it cannot reduce "
+                f"node by node; {NODE_PREFIX} methods need a gradcomp with hierarchical reduction")
+    return None
+
+
+def _register_hierarchical(ddp, name: str, start_step: int, ranks_per_node: int | None):
+    """``gradcomp.register(ddp, spec, ranks_per_node=L)`` for a ``node:<spec>`` method. The
+    hierarchy is gradcomp.State's (its ``ranks_per_node=`` keyword); a gradcomp without
+    that keyword cannot run the method, and says so here rather than with a bare TypeError."""
+    from .. import register
+
+    if ranks_per_node is None:
+        raise ValueError(f"{name}: a {NODE_PREFIX} method needs the topology's ranks per node "
+                         "(--ranks-per-node)")
+    missing = hierarchy_missing([name])
+    if missing:
+        raise TypeError(missing)
+    return register(ddp, codec_spec(name), start_step=start_step, ranks_per_node=ranks_per_node)

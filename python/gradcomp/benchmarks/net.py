@@ -1,27 +1,40 @@
 """``gradcomp bench net``: real DDP steps over a link of a set bandwidth, per method.
 
-Every rank runs in its own network namespace. A veth pair joins it to a bridge that lives
-in one more namespace (nothing is added to the host's own network); the egress of both
-ends of each pair is shaped with ``tc qdisc ... tbf rate R burst B latency L``, so every
-rank sends and receives at R, like a host with a full-duplex NIC of that speed. Gloo
-talks real TCP across it (``GLOO_SOCKET_IFNAME=eth0``).
+Topology: ``--nodes N`` nodes of ``--ranks-per-node L`` ranks (world N·L; ``--world W``
+alone is W nodes of one rank, the default 2 × 1). Every node is its own network namespace,
+holding its L ranks; ranks of a node are contiguous (node n holds ranks n·L … n·L+L−1). A
+veth pair joins each node to a bridge that lives in one more namespace (nothing is added
+to the host's own network); the egress of both ends of each pair is shaped with
+``tc qdisc ... tbf rate R burst B latency L``, so every node sends and receives at R, like
+a host with a full-duplex NIC of that speed. Gloo talks real TCP across it
+(``GLOO_SOCKET_IFNAME=eth0``): all ranks of a node use its eth0 address, each with Gloo's
+own ephemeral ports, so traffic between two ranks of one node goes over the namespace's
+loopback (Linux routes local addresses via lo), unshaped, as between the GPUs of a host,
+and only traffic between nodes crosses the shaped links.
+
+Methods: plain all-reduce, torch's fp16 and PowerSGD hooks, gradcomp codec specs, and
+``node:<spec>`` (e.g. ``node:int8``): gradcomp registered with ``ranks_per_node=L``, which
+reduces within each node, then across nodes (gradcomp.State's keyword).
 
 Two phases, each a fresh set of rank processes: the same links unshaped (the floor),
 then shaped, repeated for ``--rounds`` rounds so that a slow spell of a shared machine hits
-both. Each phase first measures the link (rank 1 streams bytes to rank 0 over plain TCP)
-and a step without any communication (forward + backward only), then times ``--steps``
-DDP steps of a ``--params``-parameter MLP per method after ``--warmup`` untimed ones. The
-table gives each method's median step (over all rounds) on the shaped and the unshaped
-link and its ratio to the floor (plain all-reduce's unshaped step), with the bytes it
-sent, the time those bytes take at the measured rate and gradcomp's codec time per step,
-which show where a step's time goes.
+both. Each phase first measures the link between two nodes (node 1's first rank, rank L,
+streams bytes to rank 0 over plain TCP) and a step without any communication (forward +
+backward only), then times ``--steps`` DDP steps of a ``--params``-parameter MLP per method
+after ``--warmup`` untimed ones. The table gives each method's median step (over all
+rounds) on the shaped and the unshaped link and its ratio to the floor (plain all-reduce's
+unshaped step), with the bytes rank 0 sent (gradcomp's count), the bytes a node sent to
+other nodes (its eth0's tx_bytes over the timed steps, headers included; the JSON has them
+per node and per rank too), the time those take at the measured rate and gradcomp's codec
+time per step, which show where a step's time goes.
 
 Needs root (namespaces and tc); it removes its namespaces on the way out, on failure and
 on Ctrl-C too. Namespaces left by a run that was killed outright (SIGKILL) are removed by
 the next run.
 
-    gradcomp bench net [--rate 1gbit] [--world 2] [--methods allreduce,torch-fp16,...]
-                       [--params 16e6] [--batch 32] [--steps 10] [--warmup 5] [--out FILE]
+    gradcomp bench net [--rate 1gbit] [--world 2 | --nodes 2 --ranks-per-node 2]
+                       [--methods allreduce,torch-fp16,...,node:int8] [--params 16e6]
+                       [--batch 32] [--steps 10] [--warmup 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +54,10 @@ import sys
 import tempfile
 import time
 
-from .methods import DEFAULT_METHODS, parse_methods
+from .methods import DEFAULT_METHODS, hierarchy_missing, parse_methods
+
+MAX_NODES = 200  # addresses SUBNET.1 .. SUBNET.200
+MAX_WORLD = 200
 
 PREFIX = "gcnet"
 SUBNET = "10.213.77"  # used only inside the namespaces this creates
@@ -66,31 +82,33 @@ def _run(*cmd: str) -> None:
 
 
 class Namespaces:
-    """The bridge namespace and one namespace a rank, joined by veth pairs."""
+    """The bridge namespace and one namespace a node, joined by veth pairs."""
 
-    def __init__(self, world: int):
+    def __init__(self, nodes: int):
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{self.tag}-br"
-        self.ranks = [f"{self.tag}-r{r}" for r in range(world)]
+        self.nodes = [f"{self.tag}-n{n}" for n in range(nodes)]
         self.created: list[str] = []
 
     @staticmethod
-    def address(rank: int) -> str:
-        return f"{SUBNET}.{rank + 1}"
+    def address(node: int) -> str:
+        """The address of node ``node``'s eth0, shared by all its ranks."""
+        return f"{SUBNET}.{node + 1}"
 
     def create(self) -> None:
         self._add(self.bridge)
         _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
         _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
-        for r, ns in enumerate(self.ranks):
+        for n, ns in enumerate(self.nodes):
             self._add(ns)
+            # lo carries the traffic between the node's own ranks (to its own eth0 address)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-            # eth0 in the rank's namespace, its peer p<r> in the bridge's: never in the host's
-            _run("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{r}", "netns", self.bridge)
-            _run("ip", "-n", self.bridge, "link", "set", f"p{r}", "master", "br0")
-            _run("ip", "-n", self.bridge, "link", "set", f"p{r}", "up")
-            _run("ip", "-n", ns, "addr", "add", f"{self.address(r)}/24", "dev", "eth0")
+            # eth0 in the node's namespace, its peer p<n> in the bridge's: never in the host's
+            _run("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{n}", "netns", self.bridge)
+            _run("ip", "-n", self.bridge, "link", "set", f"p{n}", "master", "br0")
+            _run("ip", "-n", self.bridge, "link", "set", f"p{n}", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.address(n)}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
 
     def _add(self, ns: str) -> None:
@@ -98,20 +116,20 @@ class Namespaces:
         self.created.append(ns)
 
     def shape(self, rate: str, burst: str, latency: str) -> None:
-        """tbf on the egress of both ends of every pair: each rank sends and receives at ``rate``."""
+        """tbf on the egress of both ends of every pair: each node sends and receives at ``rate``."""
         tbf = ("root", "tbf", "rate", rate, "burst", burst, "latency", latency)
-        for r, ns in enumerate(self.ranks):
+        for n, ns in enumerate(self.nodes):
             _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", *tbf)
-            _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "replace", "dev", f"p{r}", *tbf)
+            _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "replace", "dev", f"p{n}", *tbf)
 
     def all_names(self) -> list[str]:
-        return [self.bridge, *self.ranks]
+        return [self.bridge, *self.nodes]
 
     def unshape(self) -> None:
-        for r, ns in enumerate(self.ranks):
+        for n, ns in enumerate(self.nodes):
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"],
                            capture_output=True)  # fails when there is none: fine
-            subprocess.run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "del", "dev", f"p{r}", "root"],
+            subprocess.run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "del", "dev", f"p{n}", "root"],
                            capture_output=True)
 
     def destroy(self) -> None:
@@ -167,7 +185,12 @@ def parse_args(argv):
     p.add_argument("--rate", default="1gbit", help="link rate in tc's syntax (default 1gbit)")
     p.add_argument("--burst", default="512kb", help="tbf burst (default 512kb; too small caps the rate lower)")
     p.add_argument("--latency", default="100ms", help="tbf latency: how long a packet may queue (default 100ms)")
-    p.add_argument("--world", type=int, default=2, help="ranks, each in its own namespace (default 2)")
+    p.add_argument("--world", type=int, default=None,
+                   help="ranks (default 2, or nodes × ranks per node); alone: that many nodes of one rank")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="nodes, each its own namespace behind its own shaped link (default: world / ranks per node)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks a node, joined by its unshaped loopback (default 1)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"default {','.join(DEFAULT_METHODS)}")
     p.add_argument("--params", type=float, default=16e6,
                    help="model size: an MLP of 4 square layers with about this many parameters (default 16e6)")
@@ -180,7 +203,9 @@ def parse_args(argv):
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / world)")
     p.add_argument("--no-unshaped", action="store_true", help="skip the unshaped phase (no floor, no ratios)")
-    p.add_argument("--out", default=None, help="JSON output (default net-<rate>-w<world>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default net-<rate>-w<world>.json, net-<rate>-n<nodes>x<ranks per node>.json "
+                        "with several ranks a node)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a phase may take (default 1800)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a rank, given its JSON config
     args = p.parse_args(argv)
@@ -191,10 +216,7 @@ def parse_args(argv):
         args.rate_bps = parse_rate(args.rate)
     except ValueError as e:
         p.error(str(e))
-    if args.world < 2:
-        p.error("--world must be >= 2: a link needs two ends")
-    if args.world > 200:
-        p.error("--world must be <= 200")
+    _topology(p, args)
     for name in ("batch", "steps", "powersgd_rank", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -211,6 +233,38 @@ def parse_args(argv):
     return args
 
 
+def _topology(p, args) -> None:
+    """Sets args.world, args.nodes and args.ranks_per_node from whichever of them were given."""
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        p.error("--ranks-per-node must be >= 1")
+    if args.nodes is not None and args.nodes < 2:
+        p.error("--nodes must be >= 2: a link needs two ends")
+    if args.world is not None and args.world < 2:
+        p.error("--world must be >= 2: a link needs two ends")
+    per_node = args.ranks_per_node or 1
+    if args.nodes is None:
+        world = 2 * per_node if args.world is None else args.world
+        if world % per_node:
+            p.error(f"--world {world} is not a multiple of --ranks-per-node {per_node}")
+        args.nodes = world // per_node
+        if args.nodes < 2:
+            p.error(f"--world {world} with --ranks-per-node {per_node} is one node: a link needs two ends")
+    elif args.world is not None and args.world != args.nodes * per_node:
+        p.error(f"--world {args.world} is not --nodes × --ranks-per-node = {args.nodes} × {per_node} "
+                f"= {args.nodes * per_node} (give either)")
+    args.ranks_per_node = per_node
+    args.world = args.nodes * per_node
+    if args.nodes > MAX_NODES:
+        p.error(f"--nodes (or --world) must be <= {MAX_NODES}")
+    if args.world > MAX_WORLD:
+        p.error(f"the world (nodes × ranks per node) must be <= {MAX_WORLD}")
+
+
+def topology_name(args) -> str:
+    """"w4" for 4 nodes of one rank, "n2x2" for 2 nodes of 2: the default output's tag."""
+    return f"w{args.world}" if args.ranks_per_node == 1 else f"n{args.nodes}x{args.ranks_per_node}"
+
+
 def main(argv=None, out_dir: str = ".") -> int:
     args = parse_args(argv)
     if args.worker:
@@ -219,11 +273,15 @@ def main(argv=None, out_dir: str = ".") -> int:
         print("gradcomp bench net: needs root, to create network namespaces and shape links with tc; "
               "nothing was done (run it as root, e.g. sudo $(which gradcomp) bench net ...)", file=sys.stderr)
         return 1
+    unsupported = hierarchy_missing(args.methods)
+    if unsupported:  # before any namespace and minutes of the other methods
+        print(f"gradcomp bench net: {unsupported}; nothing was done", file=sys.stderr)
+        return 1
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         print(f"gradcomp bench net: needs iproute2's {' and '.join(missing)} on PATH", file=sys.stderr)
         return 1
-    out = args.out or os.path.join(out_dir, f"net-{args.rate}-w{args.world}.json")
+    out = args.out or os.path.join(out_dir, f"net-{args.rate}-{topology_name(args)}.json")
     out_folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_folder, exist_ok=True)
     if not os.access(out_folder, os.W_OK):  # before minutes of measuring, not after
@@ -233,7 +291,7 @@ def main(argv=None, out_dir: str = ".") -> int:
     if stale:
         print(f"removed namespaces left by an earlier killed run: {', '.join(stale)}")
 
-    netns = Namespaces(args.world)
+    netns = Namespaces(args.nodes)
     old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="gradcomp-bench-net-")
     try:
@@ -280,17 +338,23 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
     """Runs one set of rank processes in the namespaces; returns rank 0's measurements."""
     phase_tag = f"{phase}{round_}"
     result_path = os.path.join(workdir, f"{phase_tag}.json")
-    config = {k: getattr(args, k) for k in ("world", "methods", "params", "batch", "steps", "warmup",
-                                            "bucket_cap_mb", "powersgd_rank", "threads", "rate_bps")}
+    config = {k: getattr(args, k) for k in ("world", "nodes", "ranks_per_node", "methods", "params", "batch",
+                                            "steps", "warmup", "bucket_cap_mb", "powersgd_rank", "threads",
+                                            "rate_bps")}
     config.update(phase=phase, result=result_path, master=netns.address(0))
     config_path = os.path.join(workdir, f"{phase_tag}-config.json")
     with open(config_path, "w") as f:
         json.dump(config, f)
     procs, logs = [], []
     try:
-        for r, ns in enumerate(netns.ranks):
-            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.world), MASTER_ADDR=netns.address(0),
-                       MASTER_PORT=str(PORT), GLOO_SOCKET_IFNAME="eth0", PYTHONUNBUFFERED="1")
+        per_node = args.ranks_per_node
+        for r in range(args.world):
+            # contiguous ranks a node; all of them on the node's eth0 address, Gloo's ports their own
+            ns = netns.nodes[r // per_node]
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.world), LOCAL_RANK=str(r % per_node),
+                       LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(r // per_node),
+                       MASTER_ADDR=netns.address(0), MASTER_PORT=str(PORT), GLOO_SOCKET_IFNAME="eth0",
+                       PYTHONUNBUFFERED="1")
             log = open(os.path.join(workdir, f"{phase_tag}-rank{r}.log"), "w")  # closed in the finally below
             logs.append(log)
             # rank 0 prints progress here; every rank's output is also in its log for errors
@@ -342,9 +406,16 @@ def _merge(runs: list[dict]) -> dict:
             "step_ms": statistics.median(steps), "steps_ms": steps,
             "bytes_per_step": statistics.fmean(m["bytes_per_step"] for m in ms),
             "eth0_tx_bytes_per_step": statistics.fmean(m["eth0_tx_bytes_per_step"] for m in ms),
+            "node_tx_bytes_per_step": [statistics.fmean(node) for node in zip(*(m["node_tx_bytes_per_step"]
+                                                                               for m in ms))],
+            "node_lo_tx_bytes_per_step": [statistics.fmean(node) for node in zip(*(m["node_lo_tx_bytes_per_step"]
+                                                                                  for m in ms))],
             "codec_ms_per_step": statistics.fmean(m["codec_ms_per_step"] for m in ms),
             "round_medians_ms": [m["step_ms"] for m in ms],
         }
+        for key in SPLIT_STATS:
+            if all(f"{key}_per_step" in m for m in ms):
+                merged["methods"][method][f"{key}_per_step"] = statistics.fmean(m[f"{key}_per_step"] for m in ms)
     return merged
 
 
@@ -354,27 +425,41 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
     floor = unshaped["methods"]["allreduce"]["step_ms"] if unshaped and "allreduce" in unshaped["methods"] else None
     rate = shaped["link_bps"]
     print()
-    print(f"gradcomp bench net: {args.world} ranks, MLP of {shaped['parameters'] / 1e6:.1f} M parameters, batch "
+    per_node = args.ranks_per_node
+    topology = f"{args.world} ranks" if per_node == 1 else \
+        f"{args.world} ranks ({args.nodes} nodes × {per_node} ranks)"
+    print(f"gradcomp bench net: {topology}, MLP of {shaped['parameters'] / 1e6:.1f} M parameters, batch "
           f"{args.batch} per rank, {shaped['threads']} thread(s) a rank, median of {args.rounds} × {args.steps} steps")
-    print(f"link: tbf rate {args.rate} burst {args.burst}: measured {rate / 1e9:.3f} Gbit/s"
+    print(f"link{' between nodes' if per_node > 1 else ''}: tbf rate {args.rate} burst {args.burst}: "
+          f"measured {rate / 1e9:.3f} Gbit/s"
           + (f"; unshaped {unshaped['link_bps'] / 1e9:.2f} Gbit/s" if unshaped else ""))
     print(f"step without communication: {shaped['compute_ms']:.0f} ms"
           + (f"; floor (plain all-reduce, unshaped link): {floor:.0f} ms" if floor else ""))
     print(f"{'method':<16} {'shaped ms':>9} {'unshaped':>9} {'x floor':>8} {'x own':>6} {'MB sent':>8} "
-          f"{'eth0 MB':>8} {'wire ms':>8} {'codec ms':>8}")
+          f"{'node MB':>8} " + (f"{'MB/rank':>8} " if per_node > 1 else "") + f"{'wire ms':>8} {'codec ms':>8}")
     rows = {}
     for method, s in shaped["methods"].items():
         u = unshaped["methods"].get(method) if unshaped else None
-        wire_ms = 1e3 * s["bytes_per_step"] * 8 / rate
+        inter = statistics.fmean(s["node_tx_bytes_per_step"])  # what a node sent to the others, mean over nodes
+        inter_wire_ms = 1e3 * inter * 8 / rate
         row = {"shaped_step_ms": s["step_ms"], "unshaped_step_ms": u["step_ms"] if u else None,
                "ratio_to_floor": s["step_ms"] / floor if floor else None,
                "ratio_to_own_unshaped": s["step_ms"] / u["step_ms"] if u else None,
                "bytes_per_step": s["bytes_per_step"], "eth0_tx_bytes_per_step": s["eth0_tx_bytes_per_step"],
-               "wire_ms_at_measured_rate": wire_ms,
+               "node_tx_bytes_per_step": s["node_tx_bytes_per_step"],
+               "inter_node_bytes_per_step": inter, "inter_node_bytes_per_rank_per_step": inter / per_node,
+               # what a node's ranks sent each other over its loopback, mean over nodes
+               "node_lo_tx_bytes_per_step": s["node_lo_tx_bytes_per_step"],
+               "intra_node_bytes_per_step": statistics.fmean(s["node_lo_tx_bytes_per_step"]),
+               "wire_ms_at_measured_rate": 1e3 * s["bytes_per_step"] * 8 / rate,
+               "inter_node_wire_ms_at_measured_rate": inter_wire_ms,
                "codec_ms_per_step": s["codec_ms_per_step"],
                "shaped_steps_ms": s["steps_ms"], "unshaped_steps_ms": u["steps_ms"] if u else None,
                "shaped_round_medians_ms": s["round_medians_ms"],
                "unshaped_round_medians_ms": u["round_medians_ms"] if u else None}
+        for key in SPLIT_STATS:  # gradcomp's own split, where its State counts it
+            if f"{key}_per_step" in s:
+                row[f"{key}_per_step"] = s[f"{key}_per_step"]
         rows[method] = row
 
         def fmt(v, spec, width, unit=""):
@@ -382,16 +467,21 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
 
         print(f"{method:<16} {s['step_ms']:>9.0f} {fmt(row['unshaped_step_ms'], '>9.0f', 9)} "
               f"{fmt(row['ratio_to_floor'], '>7.2f', 8, 'x')} {fmt(row['ratio_to_own_unshaped'], '>5.2f', 6, 'x')} "
-              f"{s['bytes_per_step'] / 1e6:>8.2f} {s['eth0_tx_bytes_per_step'] / 1e6:>8.2f} {wire_ms:>8.0f} "
-              f"{s['codec_ms_per_step']:>8.0f}")
+              f"{s['bytes_per_step'] / 1e6:>8.2f} {inter / 1e6:>8.2f} "
+              + (f"{inter / per_node / 1e6:>8.2f} " if per_node > 1 else "")
+              + f"{inter_wire_ms:>8.0f} {s['codec_ms_per_step']:>8.0f}")
     print("(x floor: shaped step / plain all-reduce's unshaped step; x own: shaped / the method's unshaped step; "
-          "MB sent: what rank 0 sent a step, counted; eth0 MB: what its interface sent, headers included; "
-          "wire ms: the counted bytes at the measured rate; codec ms: gradcomp's encode + decode, wall time)")
+          "MB sent: what rank 0 sent a step, counted"
+          + (", to its own node's ranks too" if per_node > 1 else "")
+          + "; node MB: what a node's eth0 sent to the other nodes a step, headers included, mean over nodes"
+          + ("; MB/rank: node MB / ranks a node" if per_node > 1 else "")
+          + "; wire ms: node MB at the measured rate; codec ms: gradcomp's encode + decode, wall time)")
     return {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "argv": sys.argv[1:], "rate": args.rate, "burst": args.burst,
-                 "latency": args.latency, "world": args.world, "batch_per_rank": args.batch, "steps": args.steps,
+                 "latency": args.latency, "world": args.world, "nodes": args.nodes,
+                 "ranks_per_node": args.ranks_per_node, "batch_per_rank": args.batch, "steps": args.steps,
                  "warmup": args.warmup, "rounds": args.rounds, "bucket_cap_mb": args.bucket_cap_mb,
                  "statistic": "median",
                  "link_bps_shaped": rate, "link_bps_unshaped": unshaped["link_bps"] if unshaped else None,
@@ -414,9 +504,10 @@ def _cpu_name() -> str:
 # ---- inside a namespace: one rank ------------------------------------------------------
 
 
-def _measure_link(rank: int, master: str, nbytes: int) -> float | None:
-    """Rank 1 streams ``nbytes`` to rank 0 over plain TCP; rank 0 returns the bits per
-    second from the first byte to the last (others return None)."""
+def _measure_link(rank: int, master: str, nbytes: int, sender: int = 1) -> float | None:
+    """Rank ``sender`` (the first rank of node 1: another node than rank 0's) streams
+    ``nbytes`` to rank 0 over plain TCP; rank 0 returns the bits per second from the first
+    byte to the last (others return None)."""
     if rank == 0:
         with socket.create_server((master, RATE_PORT)) as server:
             server.settimeout(120)
@@ -433,7 +524,7 @@ def _measure_link(rank: int, master: str, nbytes: int) -> float | None:
                 elapsed = time.perf_counter() - t0
                 conn.sendall(b"k")
         return 8 * (nbytes - first) / max(elapsed, 1e-9)
-    if rank == 1:
+    if rank == sender:
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -453,26 +544,46 @@ def _measure_link(rank: int, master: str, nbytes: int) -> float | None:
     return None
 
 
-def _tx_bytes() -> int:
-    """Bytes this rank's eth0 has sent, headers included (``ip netns exec`` mounts the
+def _tx_bytes(dev: str = "eth0") -> int:
+    """Bytes this node's ``dev`` has sent, headers included: on eth0 all its ranks' traffic
+    to other nodes, on lo their traffic to each other (``ip netns exec`` mounts the
     namespace's own /sys)."""
-    with open("/sys/class/net/eth0/statistics/tx_bytes") as f:
+    with open(f"/sys/class/net/{dev}/statistics/tx_bytes") as f:
         return int(f.read())
 
 
-def _drained_tx_bytes() -> int:
-    """``_tx_bytes`` once every rank is here and what this rank sent has left its queue: a
-    step ends when this rank has received, while its own last bytes may still wait in tbf."""
+def _drained_tx_bytes(reader: bool) -> tuple[int, int] | None:
+    """On the ``reader`` of each node (its first rank): ``_tx_bytes`` of eth0 and of lo once
+    every rank is here and what the node's ranks sent has left eth0's queue (a step ends
+    when a rank has received, while its own last bytes may still wait in tbf; lo has no
+    queue); None on the other ranks. All ranks wait until the readers have read, so that
+    none starts sending before."""
     import torch.distributed as dist
 
     dist.barrier()
-    last, stable_since = _tx_bytes(), time.monotonic()
-    while time.monotonic() - stable_since < 0.05:
-        time.sleep(0.005)
-        now = _tx_bytes()
-        if now != last:
-            last, stable_since = now, time.monotonic()
-    return last
+    counts = None
+    if reader:
+        last, stable_since = _tx_bytes(), time.monotonic()
+        while time.monotonic() - stable_since < 0.05:
+            time.sleep(0.005)
+            now = _tx_bytes()
+            if now != last:
+                last, stable_since = now, time.monotonic()
+        counts = last, _tx_bytes("lo")
+    dist.barrier()
+    return counts
+
+
+def _per_node(value: float | None, node: int, nodes: int) -> list[float]:
+    """Every node's ``value`` (given on its first rank, None on the others), on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(nodes, dtype=torch.float64)
+    if value is not None:
+        t[node] = value
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _model(params: float):
@@ -484,6 +595,16 @@ def _model(params: float):
     for i in range(layers):
         mods += [nn.Linear(width, width)] + ([nn.ReLU()] if i < layers - 1 else [])
     return nn.Sequential(*mods), layers, width
+
+
+SPLIT_STATS = ("bytes_sent_intra_node", "bytes_sent_inter_node")
+
+
+def _split_bytes(m) -> dict[str, float]:
+    """gradcomp's counts of the bytes this rank sent within its node and to other nodes,
+    where its State keeps them (a hierarchical one); empty otherwise."""
+    stats = m.state.stats if m.state is not None else {}
+    return {key: float(stats[key]) for key in SPLIT_STATS if key in stats}
 
 
 def _worker(config_path: str) -> int:
@@ -498,10 +619,12 @@ def _worker(config_path: str) -> int:
     with open(config_path) as f:
         cfg = json.load(f)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    per_node, nodes = cfg["ranks_per_node"], cfg["nodes"]
+    node, reader = rank // per_node, rank % per_node == 0  # a node's first rank reads its counters
     threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    # about 2 s of traffic at the nominal rate (at least 16 MB)
-    link_bps = _measure_link(rank, cfg["master"], max(16 << 20, int(cfg["rate_bps"] / 8 * 2)))
+    # about 2 s of traffic at the nominal rate (at least 16 MB), from node 1 to node 0
+    link_bps = _measure_link(rank, cfg["master"], max(16 << 20, int(cfg["rate_bps"] / 8 * 2)), sender=per_node)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
     try:
         torch.manual_seed(1000 + rank)
@@ -538,25 +661,35 @@ def _worker(config_path: str) -> int:
                 nn.functional.cross_entropy(ddp(x), y).backward()
                 opt.step()
 
-            with Method(method, ddp, powersgd_rank=cfg["powersgd_rank"]) as m:
+            with Method(method, ddp, powersgd_rank=cfg["powersgd_rank"], ranks_per_node=per_node) as m:
                 dist.barrier()
                 for _ in range(cfg["warmup"]):
                     step()
-                sent0, codec0, tx0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds(), _drained_tx_bytes()
+                sent0, codec0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds()
+                split0 = _split_bytes(m)
+                tx0 = _drained_tx_bytes(reader)
                 times = timed_steps(step, 0, cfg["steps"])
-                tx1 = _drained_tx_bytes()
+                tx1 = _drained_tx_bytes(reader)
                 total = cfg["warmup"] + cfg["steps"]
+                node_tx = [b / cfg["steps"] for b in _per_node(tx1[0] - tx0[0] if reader else None, node, nodes)]
+                node_lo = [b / cfg["steps"] for b in _per_node(tx1[1] - tx0[1] if reader else None, node, nodes)]
                 methods[method] = {
                     "step_ms": statistics.median(times), "steps_ms": times,
                     "bytes_per_step": (m.bytes_sent(total) - sent0) / cfg["steps"],
-                    "eth0_tx_bytes_per_step": (tx1 - tx0) / cfg["steps"],
+                    # node 0's eth0 (rank 0's own where a node is one rank)
+                    "eth0_tx_bytes_per_step": node_tx[0],
+                    "node_tx_bytes_per_step": node_tx,
+                    "node_lo_tx_bytes_per_step": node_lo,
                     "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / cfg["steps"],
                     "stats": dict(m.state.stats) if m.state is not None else None,
                 }
+                for key, value in _split_bytes(m).items():  # gradcomp's own intra / inter-node counts
+                    methods[method][f"{key}_per_step"] = (value - split0[key]) / cfg["steps"]
             if rank == 0:
                 r = methods[method]
                 print(f"  {cfg['phase']:>8} {method:<16} {r['step_ms']:8.0f} ms/step  "
-                      f"{r['bytes_per_step'] / 1e6:8.2f} MB sent/step", flush=True)
+                      f"{r['bytes_per_step'] / 1e6:8.2f} MB sent/step  "
+                      f"{statistics.fmean(node_tx) / 1e6:8.2f} MB/step from a node to the others", flush=True)
         if rank == 0:
             with open(cfg["result"], "w") as f:
                 json.dump({"link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,

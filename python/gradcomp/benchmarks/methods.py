@@ -3,6 +3,8 @@
     "allreduce"       DDP's own all-reduce, no hook
     "torch-fp16"      torch's fp16_compress_hook
     "torch-powersgd"  torch's powerSGD_hook (rank ``powersgd_rank``)
+    "pipe:<spec>"     a gradcomp codec spec whose buckets are cut into pipelined chunks of
+                      PIPE_CHUNK_NUMEL elements (State's ``chunk_numel=``)
     "node:<spec>"     a gradcomp codec spec reduced hierarchically, node by node
                       ("node:int8"): registered with ``ranks_per_node=`` the topology's
                       ranks a node (gradcomp.State's keyword; the hierarchy is State's)
@@ -25,6 +27,8 @@ from ..collectives import ring_allreduce_bytes
 
 TORCH_METHODS = ("allreduce", "torch-fp16", "torch-powersgd")
 NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each node, then across nodes
+PIPE_PREFIX = "pipe:"  # "pipe:<spec>": gradcomp's codec, buckets cut into pipelined chunks of PIPE_CHUNK_NUMEL
+PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 
 
@@ -34,7 +38,13 @@ def parse_methods(text: str) -> list[str]:
     if not methods:
         raise ValueError("no methods given")
     for m in methods:
-        if is_node_method(m):
+        if m.startswith(PIPE_PREFIX):
+            try:
+                codecs.parse(codec_spec(m))
+            except ValueError as e:
+                raise ValueError(f"{m!r}: {PIPE_PREFIX} takes a gradcomp codec spec (e.g. {PIPE_PREFIX}int8): "
+                                 f"{e}") from e
+        elif is_node_method(m):
             try:
                 codecs.parse(codec_spec(m))
             except ValueError as e:
@@ -57,8 +67,11 @@ def is_node_method(method: str) -> bool:
 
 
 def codec_spec(method: str) -> str:
-    """The gradcomp codec spec of a gradcomp method: "int8" for "int8" and for "node:int8"."""
-    return method[len(NODE_PREFIX):] if is_node_method(method) else method
+    """The gradcomp codec spec of a gradcomp method: "int8" for "int8", "node:int8" and "pipe:int8"."""
+    for prefix in (NODE_PREFIX, PIPE_PREFIX):
+        if method.startswith(prefix):
+            return method[len(prefix):]
+    return method
 
 
 def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: float) -> float:
@@ -125,6 +138,10 @@ class Method:
             dist.all_reduce = self._counting_all_reduce
         elif is_node_method(name):
             self.state = _register_hierarchical(ddp, name, start_step, ranks_per_node)
+        elif name.startswith(PIPE_PREFIX):
+            from .. import register
+
+            self.state = register(ddp, codec_spec(name), start_step=start_step, chunk_numel=PIPE_CHUNK_NUMEL)
         else:
             from .. import register
 

@@ -51,10 +51,25 @@ class Hier:
     """The intra-node stage of a hierarchical plan: the buffer's compressed elements, laid out
     as L chunks of ``chunk`` elements (chunk i: the blocks local rank i owns)."""
 
-    src: torch.Tensor | None  # [M] int64: element indices in the buffer (None: the buffer's first M, in order)
-    dst: torch.Tensor | None  # [M] int64: their positions in the [L * chunk] send buffer (None: the same)
+    pieces: list | None  # _Piece a (span, local rank); None: the buffer itself, cut in L contiguous chunks
     chunk: int
     lane: torch.dtype  # dtype of the intra-node lane (float32: exact)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The blocks of one span that one local rank owns: every L-th block from ``first``, at
+    block places ``place``, ``place`` + 1, ... of that rank's chunk (``count`` whole blocks, then
+    the span's partial last block if it is one of them: ``tail`` elements, else 0)."""
+
+    local: int
+    offset: int  # the span's offset in the buffer
+    whole: int  # whole blocks in the span
+    first: int
+    count: int
+    place: int
+    tail: int
+    tail_offset: int  # element offset of the partial block in the buffer
 
 
 @dataclass
@@ -98,18 +113,40 @@ class Exchange:
         raise NotImplementedError
 
 
-def _intra_scatter(buf: torch.Tensor, hier: Hier, topo: Topology):
+def _views(buf: torch.Tensor, flat: torch.Tensor, piece: _Piece, L: int, B: int, chunk: int):
+    """(the piece's blocks in ``buf``, [count, B] strided; their places in ``flat``, [count, B];
+    the partial block in ``buf``; its place in ``flat``) — blocks are copied as rows, no index."""
+    rows = buf[piece.offset : piece.offset + piece.whole * B].view(piece.whole, B)[piece.first :: L]
+    at = piece.local * chunk + piece.place * B
+    slots = flat[at : at + piece.count * B].view(piece.count, B)
+    tail = buf[piece.tail_offset : piece.tail_offset + piece.tail]
+    at += piece.count * B
+    return rows, slots, tail, flat[at : at + piece.tail]
+
+
+def _intra_scatter(buf: torch.Tensor, hier: Hier, topo: Topology, block: int = 0):
     """Starts the exact (or 16-bit) reduce-scatter inside the node as an all-to-all: the caller
     sums the L rows it receives in local-rank order, so the sum is the same on every backend.
-    Returns (work, received [L, chunk], bytes sent)."""
+    Values are divided by L first (in float32), as torch's default hook does, so 16-bit sums do
+    not overflow. Returns (work, received [L, chunk], bytes sent)."""
     L, chunk = topo.per_node, hier.chunk
     send = torch.zeros(L * chunk, dtype=hier.lane, device=buf.device)
-    vals = buf if hier.src is None else buf.index_select(0, hier.src)
-    vals = vals.to(torch.float32) / L  # divided first, as torch's default hook, so 16-bit sums do not overflow
-    if hier.dst is None:
-        send[: vals.numel()] = vals
+
+    def put(src: torch.Tensor, dst: torch.Tensor) -> None:
+        if src.dtype == torch.float32 and dst.dtype == torch.float32:
+            torch.div(src, L, out=dst)
+        else:
+            dst.copy_(torch.div(src.float(), L))
+
+    if hier.pieces is None:
+        put(buf, send[: buf.numel()])
     else:
-        send.index_copy_(0, hier.dst, vals.to(hier.lane))
+        for piece in hier.pieces:
+            rows, slots, tail, tail_slot = _views(buf, send, piece, L, block, chunk)
+            if piece.count:
+                put(rows, slots)
+            if piece.tail:
+                put(tail, tail_slot)
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=topo.intra, async_op=True)
     return work, recv.view(L, chunk), (L - 1) * chunk * send.element_size()
@@ -123,16 +160,21 @@ def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _intra_gather(buf: torch.Tensor, mine: torch.Tensor, hier: Hier, topo: Topology) -> int:
+def _intra_gather(buf: torch.Tensor, mine: torch.Tensor, hier: Hier, topo: Topology, block: int = 0) -> int:
     """All-gather of the node's reduced chunks, written back into the buffer; every rank of the
     node reads the same bytes (its own chunk included). Returns bytes sent."""
     part = mine.to(hier.lane)
     gathered = torch.empty(topo.per_node * hier.chunk, dtype=hier.lane, device=buf.device)
     all_gather_single(gathered, part, topo.intra)
-    if hier.dst is None:
+    if hier.pieces is None:
         buf.copy_(gathered[: buf.numel()])
     else:
-        buf.index_copy_(0, hier.src, gathered.index_select(0, hier.dst).to(buf.dtype))
+        for piece in hier.pieces:
+            rows, slots, tail, tail_slot = _views(buf, gathered, piece, topo.per_node, block, hier.chunk)
+            if piece.count:
+                rows.copy_(slots)
+            if piece.tail:
+                tail.copy_(tail_slot)
     return (topo.per_node - 1) * part.numel() * part.element_size()
 
 
@@ -142,7 +184,7 @@ class CastExchange(Exchange):
     def build(self, engine, plan, spans, buf, topo):
         plan.cast_dtype = engine.codec.wire_dtype
         if topo.per_node > 1:
-            plan.hier = Hier(None, None, -(-buf.numel() // topo.per_node), engine.intra_lane)
+            plan.hier = Hier(None, -(-buf.numel() // topo.per_node), engine.intra_lane)
 
     def run(self, engine, buf, plan, call):
         topo = call.topo
@@ -219,12 +261,7 @@ class QuantExchange(Exchange):
         k = torch.arange(order.numel(), dtype=torch.int64) - starts[blocal[order]]  # block's place in its chunk
         pos = torch.empty_like(k)
         pos[order] = blocal[order] * chunk + k * B  # chunk position of each block, in block order
-        lens = blen
-        within = torch.arange(int(lens.sum()), dtype=torch.int64) - torch.repeat_interleave(
-            torch.cumsum(lens, 0) - lens, lens)
-        src = torch.repeat_interleave(boff, lens) + within
-        dst = torch.repeat_interleave(pos, lens) + within
-        plan.hier = Hier(to_device(src, buf.device), to_device(dst, buf.device), chunk, engine.intra_lane)
+        plan.hier = Hier(_pieces(spans, B, L), chunk, engine.intra_lane)
         # the inter-node table: my blocks, at their places in my chunk
         mine = blocal == topo.local
         m_off = pos[mine] - topo.local * chunk
@@ -255,7 +292,7 @@ class QuantExchange(Exchange):
                                                             topo.rank, call.group, c.bits, **rounding)
             return 0, sent, codec_s
         t0 = time.perf_counter()
-        work, rows, intra = _intra_scatter(buf, plan.hier, topo)
+        work, rows, intra = _intra_scatter(buf, plan.hier, topo, c.block_size)
         codec_s = time.perf_counter() - t0
         yield
         work.wait()
@@ -265,7 +302,7 @@ class QuantExchange(Exchange):
         sent, quant_s = _finish(quantized_allreduce_(mine, plan.table, plan.table_dev, plan.my_rows_dev, topo.node,
                                                      topo.inter, c.bits, **rounding))
         t0 = time.perf_counter()
-        intra += _intra_gather(buf, mine, plan.hier, topo)
+        intra += _intra_gather(buf, mine, plan.hier, topo, c.block_size)
         codec_s += time.perf_counter() - t0
         return intra, sent, (codec_s if buf.device.type == "cpu" else 0.0) + quant_s
 
@@ -295,6 +332,25 @@ class RandomKExchange(TopKExchange):
         sent, codec_s = yield from randomk_allreduce_(buf, plan.sparse, plan.table_dev, call.group, call.topo.world,
                                                       seed=engine.seed or 0, step=call.step)
         return 0, sent, codec_s
+
+
+def _pieces(spans: list[Span], B: int, L: int) -> list[_Piece]:
+    """The (span, local rank) pieces of a hierarchical layout: local rank l owns the blocks j of
+    a span with (first_block + j) mod L == l, every L-th from j0 = (l - first_block) mod L, and
+    lays them out in span order, then j order (the order ``_build_hier``'s table assumes)."""
+    out, place = [], [0] * L
+    for s in spans:
+        whole, tail = s.numel // B, s.numel % B
+        nb = whole + (tail > 0)
+        for local in range(L):
+            j0 = (local - s.first_block) % L
+            count = max(0, -(-(whole - j0) // L))
+            has_tail = tail > 0 and (nb - 1 - j0) % L == 0 and nb - 1 >= j0
+            if count or has_tail:
+                out.append(_Piece(local, s.offset, whole, j0, count, place[local], tail if has_tail else 0,
+                                  s.offset + whole * B))
+                place[local] += count + has_tail
+    return out
 
 
 @dataclass(frozen=True)

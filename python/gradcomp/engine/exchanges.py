@@ -23,6 +23,7 @@ from ..collectives import (
     quantized_allreduce_,
     randomk_allreduce_,
     ring_allreduce_bytes,
+    run_to_end,
     topk_allgather_,
 )
 from ..layout import (
@@ -299,7 +300,7 @@ class QuantExchange(Exchange):
         t0 = time.perf_counter()
         mine = _sum_rows(rows)
         codec_s += time.perf_counter() - t0
-        sent, quant_s = _finish(quantized_allreduce_(mine, plan.table, plan.table_dev, plan.my_rows_dev, topo.node,
+        sent, quant_s = run_to_end(quantized_allreduce_(mine, plan.table, plan.table_dev, plan.my_rows_dev, topo.node,
                                                      topo.inter, c.bits, **rounding))
         t0 = time.perf_counter()
         intra += _intra_gather(buf, mine, plan.hier, topo, c.block_size)
@@ -371,14 +372,6 @@ def _sparse_layout(engine, plan, spans, buf) -> list:
             addr = plan.residuals[-1].data_ptr()
         out.append(_LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
     return out
-
-
-def _finish(exchange):
-    try:
-        while True:
-            next(exchange)
-    except StopIteration as done:
-        return done.value
 
 
 _FAMILIES = {codecs.Cast: CastExchange(), codecs.BlockQuantizer: QuantExchange(), codecs.TopK: TopKExchange(),

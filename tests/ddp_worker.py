@@ -390,7 +390,7 @@ def scenario_allreduce(rank, world, args):
     shapes, steps, seed = args["shapes"], args["steps"], args.get("seed", 0)
     names = args.get("names")
     os.environ.update(args.get("env_per_rank", {}).get(str(rank), {}))
-    state_args = dict(args.get("state", {}))
+    state_args = {**args.get("state", {}), **args.get("state_per_rank", {}).get(str(rank), {})}
     state = gradcomp.State(args["codec"], **state_args)
     out = {"inputs": [], "outputs": [], "saved": None, "loaded": None}
     drift = None

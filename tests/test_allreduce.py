@@ -102,6 +102,18 @@ def test_16bit_tensors_match_the_reference(tmp_path, per_node):
     assert outs[0]["stats"]["buckets_compressed"] == 2 * 3  # three dtypes: three buffers a call
 
 
+def test_float64_tensors_are_averaged_exactly_in_rank_order(tmp_path):
+    """No codec takes float64: the exact lane averages it in float64, (x0/W + x1/W) + x2/W."""
+    outs = _run(3, tmp_path, shapes=[[5000], [7, 9]], dtypes=["float64", "float64"], steps=2, codec="int8")
+    for step in range(2):
+        for i in range(2):
+            xs = [outs[r]["inputs"][step][i] for r in range(3)]
+            expect = (xs[0] / 3 + xs[1] / 3) + xs[2] / 3
+            for r in range(3):
+                assert outs[r]["outputs"][step][i].dtype == torch.float64
+                assert torch.equal(outs[r]["outputs"][step][i], expect)
+
+
 @pytest.mark.parametrize("codec", ["int4:block=128", "sign:block=32"])
 def test_low_bit_hierarchical_matches_the_reference(tmp_path, codec):
     block, bits = int(codec.split("=")[1]), {"int4": 4, "sign": 1}[codec.split(":")[0]]
@@ -208,6 +220,13 @@ def test_ranks_per_node_errors(tmp_path):
                     state={"ranks_per_node": "auto"}, env_per_rank=env)
     assert res.ok, describe(res)
     assert all("not contiguous" in o["error"] or "contiguous nodes" in o["error"] for o in res.outputs)
+    # nodes of different sizes: the ranks compare the L they resolved before making any group
+    env = {str(r): {"LOCAL_WORLD_SIZE": "2" if r < 2 else "4", "GROUP_RANK": "0", "LOCAL_RANK": str(r)}
+           for r in range(4)}
+    res = run_ranks("allreduce", 4, tmp_path / "sizes", timeout=90, shapes=[[4096]], steps=1, codec="int8",
+                    expect_error=True, state={"ranks_per_node": "auto"}, env_per_rank=env)
+    assert res.ok, describe(res)
+    assert all("ranks disagree on ranks_per_node: resolved to [2, 2, 4, 4]" in o["error"] for o in res.outputs)
     res = run_ranks("allreduce", 2, tmp_path / "noenv", shapes=[[4096]], steps=1, codec="int8", expect_error=True,
                     state={"ranks_per_node": "auto"})
     assert res.ok, describe(res)

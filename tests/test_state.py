@@ -86,7 +86,7 @@ def test_state_dict_is_weights_only_and_round_trips(tmp_path):
     path = tmp_path / "s.pt"
     torch.save(state.state_dict(), path)
     sd = torch.load(path, weights_only=True)
-    assert sd["world_size"] is None and set(sd) == {"format", "world_size", "unranked"}
+    assert sd["world_size"] is None and set(sd) == {"format", "world_size", "step", "seed", "unranked"}
     mine = torch.load(io.BytesIO(sd["unranked"]), weights_only=True)  # one value: DCP-safe (see test_dcp)
     assert mine["rank"] is None and mine["world_size"] is None
     assert mine["config"]["codec"] == "int4" and mine["config"]["block_size"] == 128

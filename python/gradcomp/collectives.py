@@ -149,7 +149,8 @@ def exact_mean_(values: torch.Tensor, world: int, group):
     """Averages ``values`` over the group in place, exactly and in rank order (a generator:
     module docstring): each rank divides by W (as torch's default hook does, so 16-bit sums do
     not overflow), an all-to-all gives rank j the j-th of W contiguous chunks from every rank,
-    it sums them in rank order (in float32), and an all-gather returns the sums. The bytes are
+    it sums them in rank order (in float32, or the values' dtype if wider), and an all-gather
+    returns the sums. The bytes are
     a ring all-reduce's, but every element's sum is (x_0 + x_1) + ... in rank order whatever
     the buffer's size, where a ring all-reduce's order depends on where the element falls in
     the buffer: with three or more ranks its bits would change with DDP's bucket layout, and
@@ -165,7 +166,7 @@ def exact_mean_(values: torch.Tensor, world: int, group):
     yield
     work.wait()
     rows = recv.view(world, chunk)
-    acc = rows[0].to(torch.float32, copy=True)
+    acc = rows[0].to(torch.promote_types(values.dtype, torch.float32), copy=True)  # float64 stays float64
     for j in range(1, world):
         acc += rows[j]
     gathered = torch.empty_like(send)

@@ -36,12 +36,15 @@ class State:
         process_group: the group to reduce over; None means the default group. Building a
             State is never collective: it can be made, and pickled, before
             ``init_process_group``.
-        min_numel: tensors with fewer elements are reduced exactly (plain averaged
-            all-reduce), as are tensors of a dtype the codec does not take.
+        min_numel: tensors with fewer elements are averaged exactly (in rank order, in
+            float32 or wider: docs/design.md, "The pipeline"), as are tensors of a dtype the
+            codec does not take.
         start_step: the first ``start_step`` steps run a plain all-reduce.
         force_compression: compress even at world size 1 (by default nothing is compressed
             there: there is nothing to send). For tests, e.g. NCCL on a one-GPU machine.
-        timeout: timeout of the private Gloo groups (how long a rank waits for a peer).
+        timeout: timeout of the State's own groups (the private Gloo groups, and the
+            hierarchy's intra- and inter-node groups on any backend): how long a rank waits
+            for a peer.
         seed: the seed of stochastic rounding's and random-k's draws, an int in [0, 2**63).
             None (default): rank 0 draws one at the first call and every rank adopts it.
             Either way ``state.seed`` then holds it, and a pickled State carries it, so a
@@ -112,6 +115,7 @@ class State:
         self._worker = None
         self._private_group = None
         self._topo: Topology | None = None
+        self._per_node: int | None = None  # ranks_per_node as resolved at the first call
         self._checked = False
         self._side_streams: dict = {}
         self._logged = False
@@ -200,13 +204,15 @@ class State:
         }
         blob = io.BytesIO()
         torch.save(mine, blob)
-        return {"format": _FORMAT, "world_size": world, key: blob.getvalue()}
+        # step and seed are the same on every rank: a rank that finds no entry of its own
+        # (a checkpoint of fewer ranks, loaded with on_world_change="reset") takes them from here
+        return {"format": _FORMAT, "world_size": world, "step": self.step, "seed": self.seed, key: blob.getvalue()}
 
     def load_state_dict(self, state_dict: dict, *, on_world_change: str = "error") -> None:
         """Restores what :meth:`state_dict` saved on this rank, for a bit-identical resume.
 
         The configuration (codec, min_numel, start_step, force_compression, ranks_per_node,
-        intra_node) must be the one saved; a seed given to this State must equal the saved one
+        intra_node, chunk_numel) must be the one saved; a seed given to this State must equal the saved one
         (None adopts it). The rank and world size must match too: checked here when the
         process group is up, otherwise at the first call.
 
@@ -272,7 +278,8 @@ class State:
                                  "on_world_change='reset' to start this rank from zero")
             logger.warning("gradcomp: checkpoint saved at world size %d has no entry for %s: this rank starts "
                            "from its current state with zero residuals", saved_world, own)
-            mine = dict(mine, residuals={}, rank=None, world_size=None)
+            mine = dict(mine, residuals={}, rank=None, world_size=None, step=state_dict.get("step", mine["step"]),
+                        seed=state_dict.get("seed", mine["seed"]))
         return mine
 
     def _check_saved_by(self, saved_by: tuple) -> bool:
@@ -331,24 +338,38 @@ class State:
     # ------------------------------------------------------------------ running reductions
     def _ready(self, group, device: torch.device, backend: str | None, signature: int = 0):
         """Once, where the State's collectives run (the Gloo worker, or the CUDA side stream):
-        the hierarchy's groups and the configuration check. Returns the topology."""
-        if self._topo is None:
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            per_node = resolve_ranks_per_node(self.ranks_per_node, world)
-            topo = Topology.of(world, rank, per_node)
-            if topo.per_node > 1:
-                topo.make_groups(dist.get_process_group_ranks(group), backend, self.timeout)
-            self._topo = topo
+        the configuration check, then the hierarchy's groups. The check comes first and
+        compares the L every rank resolved, so ranks that disagree on the topology (or whose L
+        does not divide the group) fail together instead of waiting for each other in
+        ``new_group``. Returns the topology."""
         if not self._checked:
-            extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), signature)
+            world = dist.get_world_size(group)
+            try:
+                per_node, problem = resolve_ranks_per_node(self.ranks_per_node, world), None
+            except ValueError as e:
+                per_node, problem = None, e
+            resolved = -2 if problem is not None else (per_node or 0)
+            extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), signature,
+                     resolved)
             seed, rows = agree(group, device, self.config(), self.seed, extra)
             if len({r[2] for r in rows}) != 1:
                 raise GradcompError("gradcomp: ranks passed different tensors to all_reduce (keys, sizes or dtypes "
                                     "differ between ranks); every rank must pass the same list or dict")
-            if self.ranks_per_node == "auto" and self._topo.per_node > 1:
-                check_contiguous_nodes([(r[0], r[1]) for r in rows], self._topo.per_node)
+            if problem is not None:
+                raise problem
+            if len({r[3] for r in rows}) != 1:
+                raise GradcompError(f"gradcomp: ranks disagree on ranks_per_node: resolved to {[r[3] for r in rows]} "
+                                    "by group rank (0: none); every rank must see the same node size")
+            if self.ranks_per_node == "auto" and (per_node or 1) > 1:
+                check_contiguous_nodes([(r[0], r[1]) for r in rows], per_node)
             self.seed = seed
+            self._per_node = per_node
             self._checked = True
+        if self._topo is None:
+            topo = Topology.of(dist.get_world_size(group), dist.get_rank(group), self._per_node)
+            if topo.per_node > 1:
+                topo.make_groups(dist.get_process_group_ranks(group), backend, self.timeout)
+            self._topo = topo
         return self._topo
 
     def _submit(self, make, device: torch.device, step: int, what: str, last: bool,

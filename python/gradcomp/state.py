@@ -15,6 +15,7 @@ import torch.distributed as dist
 from . import codecs
 from .collectives import run_to_end
 from .engine import Call, Engine, GlooWorker, GradcompError, Topology, agree, new_stats, run_on_side_stream
+from .engine.core import hash56
 from .engine.topology import check_contiguous_nodes, check_ranks_per_node, resolve_ranks_per_node
 
 __all__ = ["State", "GradcompError"]
@@ -415,11 +416,7 @@ class State:
 
     def _signature_hash(self) -> int:
         sig = self._all_reduce_signature
-        if sig is None:
-            return 0
-        import hashlib
-
-        return int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:7], "little")
+        return 0 if sig is None else hash56(repr(sig).encode())
 
     def _log_once(self, world: int) -> None:
         if not self._logged:

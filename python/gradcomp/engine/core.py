@@ -22,7 +22,7 @@ from .. import codecs
 from ..collectives import all_gather_single, exact_mean_, ring_allreduce_bytes, run_to_end
 from ..layout import num_blocks
 from .exchanges import Plan, Span, family_of, to_device
-from .store import ResidualStore
+from .store import ResidualStore, describe_key
 from .topology import Topology
 
 logger = logging.getLogger("gradcomp")
@@ -130,7 +130,7 @@ class Engine:
                     if isinstance(self.codec, codecs.BlockQuantizer):
                         self._next_block += num_blocks(numel, self.codec.block_size)
             elif k.numel != numel or k.dtype != dtype:
-                raise ValueError(f"gradcomp: {_describe(key)} had {k.numel} elements of "
+                raise ValueError(f"gradcomp: {describe_key(key)} had {k.numel} elements of "
                                  f"{str(k.dtype).replace('torch.', '')} when first reduced, now {numel} of "
                                  f"{str(dtype).replace('torch.', '')}: a key's tensor must keep its size and dtype")
             out.append(k.ordinal)
@@ -280,9 +280,13 @@ class Engine:
                         elements, what, self.min_numel, self.codec)
 
 
-def config_hash(config: dict) -> int:
-    blob = json.dumps(config, sort_keys=True).encode()
+def hash56(blob: bytes) -> int:
+    """56 bits of SHA-256: fits an int64 tensor for the first call's all-gather."""
     return int.from_bytes(hashlib.sha256(blob).digest()[:7], "little")
+
+
+def config_hash(config: dict) -> int:
+    return hash56(json.dumps(config, sort_keys=True).encode())
 
 
 def agree(group, device: torch.device, config: dict, seed: int | None, extra: tuple[int, ...] = ()) -> list:
@@ -300,7 +304,3 @@ def agree(group, device: torch.device, config: dict, seed: int | None, extra: tu
         raise GradcompError(f"gradcomp: ranks disagree on the State configuration (ranks {differ} differ from rank 0); "
                             f"this rank runs {config}")
     return [rows[0][1], [r[2:] for r in rows]]
-
-
-def _describe(key) -> str:
-    return f"parameter {key}" if isinstance(key, int) else f"tensor {key!r}"

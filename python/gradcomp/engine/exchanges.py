@@ -35,6 +35,7 @@ from ..layout import (
     noise_words,
     table_of_blocks,
 )
+from ..layout import Span as LayoutSpan
 from .topology import Topology
 
 
@@ -215,13 +216,7 @@ class QuantExchange(Exchange):
     def build(self, engine, plan, spans, buf, topo):
         c = engine.codec
         if topo.per_node == 1:
-            layout = []
-            for s in spans:
-                addr = 0
-                if c.error_feedback:
-                    plan.residuals.append(engine.residual(s.key, s.numel, buf.device))
-                    addr = plan.residuals[-1].data_ptr()
-                layout.append(_LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
+            layout = _layout_spans(engine, plan, spans, buf)
             chunk = engine.chunk_numel
             if chunk is not None and sum(s.numel for s in spans) > chunk:
                 tables = chunked_tables(layout, c.block_size, topo.world, c.residual_dtype.itemsize, chunk)
@@ -314,7 +309,7 @@ class TopKExchange(Exchange):
     supports_hierarchy = False
 
     def build(self, engine, plan, spans, buf, topo):
-        plan.sparse = build_sparse_table(_sparse_layout(engine, plan, spans, buf), engine.codec.ratio)
+        plan.sparse = build_sparse_table(_layout_spans(engine, plan, spans, buf), engine.codec.ratio)
         plan.table_dev = to_device(plan.sparse.table, buf.device)
 
     def run(self, engine, buf, plan, call):
@@ -354,23 +349,16 @@ def _pieces(spans: list[Span], B: int, L: int) -> list[_Piece]:
     return out
 
 
-@dataclass(frozen=True)
-class _LayoutSpan:  # layout.Span's fields, built here from an engine Span
-    offset: int
-    numel: int
-    first_block: int
-    residual_addr: int
-    ordinal: int
-
-
-def _sparse_layout(engine, plan, spans, buf) -> list:
+def _layout_spans(engine, plan, spans, buf) -> list[LayoutSpan]:
+    """The spans as layout.py takes them: each with its residual's address (made here and kept
+    alive by the plan), 0 without error feedback."""
     out = []
     for s in spans:
         addr = 0
         if engine.codec.error_feedback:
             plan.residuals.append(engine.residual(s.key, s.numel, buf.device))
             addr = plan.residuals[-1].data_ptr()
-        out.append(_LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
+        out.append(LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
     return out
 
 

@@ -28,7 +28,7 @@ class ResidualStore:
             r = self._tensors[key] = torch.zeros(numel, dtype=dtype, device=device)
             return r
         if r.numel() != numel:
-            raise ValueError(f"gradcomp: the residual of {_name(key)} has {r.numel()} elements but {numel} are "
+            raise ValueError(f"gradcomp: the residual of {describe_key(key)} has {r.numel()} elements but {numel} are "
                              "expected here: this state was saved from another model or another node layout")
         if r.device != device or r.dtype != dtype or not r.is_contiguous() or r.dim() != 1:
             r = self._tensors[key] = r.detach().to(device, dtype).contiguous().reshape(-1)
@@ -64,5 +64,6 @@ class ResidualStore:
         self.version += 1
 
 
-def _name(key) -> str:
+def describe_key(key) -> str:
+    """A key in a message: a DDP parameter's ordinal, or an all_reduce position or name."""
     return f"parameter {key}" if isinstance(key, int) else f"tensor {key!r}"

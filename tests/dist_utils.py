@@ -35,7 +35,8 @@ class RunResult:
         return not self.timed_out and all(rc == 0 for rc in self.returncodes)
 
 
-def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 120.0, **args) -> RunResult:
+def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 120.0, worker: Path = WORKER,
+              **args) -> RunResult:
     port = free_port()
     procs, logs = [], []
     out_dir = Path(tmp_path)
@@ -45,7 +46,7 @@ def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 120.0, **arg
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         log = open(out_dir / f"rank{rank}.log", "w+")  # noqa: SIM115 - closed below
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out_dir), json.dumps(args)],
+        procs.append(subprocess.Popen([sys.executable, str(worker), scenario, str(out_dir), json.dumps(args)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout
     timed_out = False

@@ -355,3 +355,58 @@ def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: i
                 residuals[(r, i)] = a
         outs.append(out)
     return outs
+
+
+# ---------------------------------------------------------------- FSDP2's compressed reduce-scatter
+def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dict, block: int, bits: int,
+                        min_numel: int, compress: bool = True, rounding: dict | None = None,
+                        error_feedback: bool = True) -> list:
+    """The engine's reduce-scatter of one FSDP unit over W ranks (rounding to nearest).
+
+    inputs[r]: rank r's [W · S] input (row j: rank j's chunks); pieces: the unit's
+    engine.reduce_scatter.Chunked layout; residuals: (rank, key, row) -> residual [real],
+    updated in place. A piece of at least min_numel elements (its whole parameter) of a
+    dtype the codec takes is compressed: every rank r encodes the valid part of its chunk for
+    each row j != r with error feedback; rank j decodes what it received, takes its own row
+    as it is, sums the W rows in rank order in float32 and divides by W. If any sender's
+    payload for row j flagged a non-finite block, all of row j's compressed values are NaN.
+    Exact pieces sum the rows as they are. ``rounding``: None (to nearest) or {"seed", "step"}:
+    rank i draws noise(seed, step, i, 1, index · W + j) for row j. Returns each rank's [S]
+    float32 output."""
+    world = len(inputs)
+    shard = sum(p.chunk for p in pieces)
+    rows = [x.view(world, shard).float() for x in inputs]
+    outs = []
+    for me in range(world):
+        got = [rows[i][me].clone() for i in range(world)]
+        flagged = False
+        quant_cols = []
+        for p in pieces:
+            if not (compress and p.numel >= min_numel):
+                continue
+            n = p.real[me]
+            quant_cols.append(torch.arange(p.offset, p.offset + n))
+            for i in range(world):
+                if i == me or n == 0:
+                    continue
+                x = inputs[i].view(world, shard)[me, p.offset : p.offset + n]
+                key = (i, p.key, me)
+                res = residuals.get(key, torch.zeros(n)) if error_feedback else None
+                draws = None
+                if rounding is not None:
+                    draws = noise(rounding["seed"], rounding["step"], i, 1, p.index * world + me, -(-n // block), block)
+                scales, codes, new_res, nonfinite = encode_ef(x, res, block, bits, draws)
+                if error_feedback:
+                    residuals[key] = new_res
+                flagged |= bool(nonfinite.any())
+                got[i][p.offset : p.offset + n] = (codes.float() * scales[:, None]).reshape(-1)[:n]
+        if flagged:
+            cols = torch.cat(quant_cols)
+            for i in range(world):
+                if i != me:
+                    got[i][cols] = float("nan")
+        acc = got[0].clone()
+        for i in range(1, world):
+            acc = acc + got[i]
+        outs.append(acc / world)
+    return outs

@@ -1,0 +1,338 @@
+"""gradcomp for FSDP2 (``torch.distributed.fsdp.fully_shard``) and HSDP.
+
+    fully_shard(block, mesh=mesh) for each block; fully_shard(model, mesh=mesh)
+    state = gradcomp.fsdp.register(model, "int8")          # a compressed reduce-scatter
+
+    # HSDP: shard inside a node with FSDP2, replicate across nodes through gradcomp
+    mesh = init_device_mesh("cuda", (nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    fully_shard(block, mesh=mesh["shard"]) ...
+    state = gradcomp.fsdp.register(model, "int8", replicate_group=mesh)
+
+The same engine, codecs and block rules as the DDP hook (docs/design.md, "FSDP2 and HSDP").
+Without ``replicate_group`` every FSDP unit's gradient reduce-scatter is replaced
+(``set_custom_reduce_scatter``) by the engine's compressed reduce-scatter, which owns all
+scaling (FSDP is told to sum and divide by 1). With ``replicate_group`` FSDP's reduce-scatter
+inside the node stays exact and divides by the node's ranks, and the replica all-reduce of
+each shard is gradcomp's compressed all-reduce (``set_all_reduce_hook``), which divides by
+the replica count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from . import codecs
+from .collectives import run_to_end
+from .engine import Call, GradcompError, Topology
+from .engine.reduce_scatter import Chunked, plan_reduce_scatter, reduce_scatter_
+from .state import State
+
+__all__ = ["register", "FSDPState"]
+
+logger = logging.getLogger("gradcomp")
+
+_NOT_OPTIONS = ("ranks_per_node", "intra_node")
+
+
+class FSDPState(State):
+    """The state :func:`register` returns: a :class:`gradcomp.State` (stats, per-rank
+    ``state_dict()`` / ``load_state_dict()``, config agreement at the first reduction) whose
+    front end is an FSDP2 model. ``mode`` is ``"reduce_scatter"`` or ``"hsdp"``.
+
+    Steps: one step is one backward's reductions. A step begins when a unit reduces for the
+    second time since the last began (or for the first time at all), so gradient
+    accumulation (``set_requires_gradient_sync(False)``) counts one step per reduction."""
+
+    def __init__(self, codec, process_group, *, mode: str, **options):
+        super().__init__(codec, process_group, **options)
+        self.mode = mode
+        self._front = "fsdp"
+        self._units_this_step: set = set()
+        self._current_step = 0
+        self._group_seen = None
+        self._fsdp_units: list = []  # _Unit a registered parameter group, in the model's module order
+
+    def config(self) -> dict:
+        return {**super().config(), "fsdp": self.mode}
+
+    def load_state_dict(self, state_dict: dict, **kwargs) -> None:
+        super().load_state_dict(state_dict, **kwargs)
+        self._units_this_step = set()
+
+    def __getstate__(self):
+        raise TypeError("gradcomp: an FSDPState is not pickled; checkpoint it with state_dict() (per rank, or DCP)")
+
+    def _begin(self, unit: int) -> int:
+        if not self._units_this_step or unit in self._units_this_step:
+            self._current_step = self.step
+            self.step += 1
+            self._units_this_step = {unit}
+            self.stats["steps"] = self.step
+        else:
+            self._units_this_step.add(unit)
+        return self._current_step
+
+    def _first_call(self, group, device: torch.device) -> None:
+        """The configuration check over ``group`` (once), and that every unit reduces over it."""
+        if self._group_seen is None:
+            self._group_seen = group
+            self._check_loaded()
+            self._ready(group, device, None)
+            self._log_once(dist.get_world_size(group))
+        elif group is not self._group_seen:
+            raise GradcompError("gradcomp.fsdp: FSDP units reduce over different process groups; one gradcomp "
+                                "state serves units sharded on one mesh")
+
+    def _log_once(self, world: int) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.info("gradcomp fsdp (%s): %s over %d ranks (min_numel=%d, start_step=%d)", self.mode, self.codec,
+                        world, self.min_numel, self.start_step)
+
+
+def _fsdp_api():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError as e:  # torch < 2.6
+        raise RuntimeError(f"gradcomp.fsdp needs FSDP2 (torch.distributed.fsdp.FSDPModule, torch >= 2.6); torch "
+                           f"{torch.__version__} has none") from e
+    return FSDPModule
+
+
+def _require(module, names: tuple, what: str) -> None:
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise RuntimeError(f"gradcomp.fsdp: {what} needs FSDPModule.{', '.join(missing)}, which torch "
+                           f"{torch.__version__} lacks (torch >= 2.9 has them); gradcomp will not run uncompressed "
+                           "silently: upgrade torch or reduce without gradcomp")
+
+
+def _replicate_of(replicate_group):
+    """A ProcessGroup, or a 2-D DeviceMesh whose replicate dimension is named "replicate" (or is dim 0)."""
+    if isinstance(replicate_group, dist.ProcessGroup):
+        return replicate_group
+    mesh = replicate_group
+    if hasattr(mesh, "get_group") and hasattr(mesh, "ndim"):
+        if mesh.ndim != 2:
+            raise ValueError(f"gradcomp.fsdp: replicate_group as a DeviceMesh must be 2-D (replicate, shard), got "
+                             f"{mesh.ndim}-D")
+        names = mesh.mesh_dim_names or ()
+        return mesh.get_group("replicate" if "replicate" in names else 0)
+    raise TypeError(f"gradcomp.fsdp: replicate_group must be a ProcessGroup or a 2-D DeviceMesh, got "
+                    f"{type(replicate_group).__name__}")
+
+
+class _Unit:
+    """One FSDP unit's parameter group: its parameters' chunk layout, in FSDP's order."""
+
+    def __init__(self, state: FSDPState, index: int, module, param_group, names: dict, first_index: int):
+        self.state = state
+        self.index = index
+        self.module = module
+        self.group = param_group
+        self.fqn = names.get(id(module), "")
+        self.params = list(param_group.fsdp_params)
+        self.names = [names[id(fp.sharded_param)] for fp in self.params]
+        self.first_index = first_index
+        self._layout_cache: dict = {}
+        self._plans: dict = {}
+        self.topology = None
+
+    def what(self) -> str:
+        return f"FSDP unit {self.fqn or '<root>'!r}"
+
+    def pieces(self, world: int) -> list:
+        """The chunk layout of the parameters that reduce (those requiring grad: with
+        ``set_reduce_scatter_unused_params(True)`` FSDP includes them whether or not they got a
+        gradient)."""
+        flags = tuple(fp.sharded_param.requires_grad for fp in self.params)
+        cached = self._layout_cache.get(world)
+        if cached is not None:
+            if cached[0] != flags:
+                raise GradcompError(f"gradcomp.fsdp: {self.what()}: the parameters requiring grad changed since the "
+                                    "first reduction; error feedback is laid out per parameter chunk, so freezing or "
+                                    "unfreezing needs a new gradcomp state (register again)")
+            return cached[1]
+        out, offset = [], 0
+        for i, (fp, name) in enumerate(zip(self.params, self.names)):
+            if not fp.sharded_param.requires_grad:
+                continue
+            size = fp._orig_size
+            chunk = fp.padded_sharded_param_size.numel()
+            numel = size.numel()
+            if fp.fsdp_placement.dim == 0 and len(size) > 0:
+                per = fp.padded_sharded_param_size[0]
+                inner = chunk // per if per else 0
+                real = tuple(max(0, min(per, size[0] - j * per)) * inner for j in range(world))
+            else:  # Shard(i > 0) shards evenly
+                real = (chunk,) * world
+            out.append(Chunked(name, self.first_index + i, numel, offset, chunk, real))
+            offset += chunk
+        self._layout_cache[world] = (flags, out)
+        return out
+
+    def check_size(self, numel: int, expected: int, where: str) -> None:
+        if numel != expected:
+            hint = ("" if hasattr(self.module, "set_reduce_scatter_unused_params") else
+                    f" (torch {torch.__version__} leaves parameters without a gradient out of the reduction, and "
+                    "lacks set_reduce_scatter_unused_params to keep them in)")
+            raise GradcompError(f"gradcomp.fsdp: {self.what()}: the {where} holds {numel} elements, the layout of its "
+                                f"parameters {expected}: a parameter got no gradient this step or the layout changed"
+                                f"{hint}; gradcomp refuses to apply residuals to the wrong elements")
+
+
+class CompressedReduceScatter:
+    """FSDP2's ``ReduceScatter`` comm of one unit (``set_custom_reduce_scatter``)."""
+
+    def __init__(self, unit: _Unit):
+        self.unit = unit
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op=dist.ReduceOp.SUM,
+                 async_op: bool = False):
+        unit, state = self.unit, self.unit.state
+        if op != dist.ReduceOp.SUM:
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()} was asked for reduce op {op}; gradcomp owns the "
+                                "scaling and takes SUM only (register sets set_force_sum_reduction_for_comms(True) "
+                                "and set_gradient_divide_factor(1.0) on every unit: do not change them)")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if input_tensor.dim() != 1 or output_tensor.dim() != 1 or input_tensor.numel() != world * output_tensor.numel():
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()}: a reduce-scatter input of {input_tensor.numel()} and "
+                                f"output of {output_tensor.numel()} elements do not fit {world} ranks")
+        state._first_call(group, input_tensor.device)
+        pieces = unit.pieces(world)
+        unit.check_size(output_tensor.numel(), sum(p.chunk for p in pieces), "reduce-scatter output")
+        step = state._begin(unit.index)
+        compress = state._compressing(step)
+        key = (world, rank, input_tensor.dtype, input_tensor.device, compress)
+        cached = unit._plans.get(key)
+        if cached is None or cached[0] != state.engine.store.version:
+            plan = plan_reduce_scatter(state.engine, pieces, world, rank, input_tensor.dtype, input_tensor.device,
+                                       compress)
+            cached = unit._plans[key] = (state.engine.store.version, plan)
+        plan = cached[1]
+        sent, codec_s = reduce_scatter_(state.engine, plan, input_tensor, output_tensor, group, step)
+        s = state.stats
+        s["bytes_sent"] += sent
+        s["bytes_uncompressed"] += (world - 1) * output_tensor.numel() * input_tensor.element_size()
+        s["codec_seconds"] += codec_s
+        s["buckets_compressed" if plan.params_compressed else "buckets_fallback"] += 1
+        s["params_compressed"] += plan.params_compressed
+        s["params_fallback"] += plan.params_fallback
+        s["ratio"] = s["bytes_uncompressed"] / s["bytes_sent"] if s["bytes_sent"] else 1.0
+        return None  # FSDP reads the output when the call returns: the work is done
+
+
+class CompressedReplicaAllReduce:
+    """FSDP2's all-reduce hook of one unit (``set_all_reduce_hook``): the replica all-reduce
+    of HSDP, compressed, averaged over the replica group, in place on the shard."""
+
+    def __init__(self, unit: _Unit, replicate_group):
+        self.unit = unit
+        self.replicate_group = replicate_group
+
+    def __call__(self, reduce_output: torch.Tensor) -> None:
+        unit, state, group = self.unit, self.unit.state, self.replicate_group
+        if not unit.group.all_reduce_grads:
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()}: set_requires_all_reduce(False) is not supported with "
+                                "gradcomp's replica all-reduce (FSDP runs the hook on every microbatch's shard); "
+                                "accumulate with set_requires_gradient_sync(False) instead")
+        state._first_call(group, reduce_output.device)
+        shard_world = unit.group.mesh_info.shard_mesh_size
+        shard_rank = unit.group.mesh_info.shard_mesh_rank
+        pieces = unit.pieces(shard_world)
+        unit.check_size(reduce_output.numel(), sum(p.chunk for p in pieces), "reduce-scattered shard")
+        step = state._begin(unit.index)
+        entries = []
+        for p in pieces:  # the chunk's valid part and its padding are keyed apart
+            real = p.real[shard_rank]
+            entries.append((p.key, real, reduce_output.dtype))
+            if p.chunk > real:
+                entries.append((p.key + "#pad", p.chunk - real, reduce_output.dtype))
+        ordinals = state.engine.ordinals(entries)
+        if unit.topology is None:  # the replica group spans nodes: every byte it sends crosses one
+            unit.topology = Topology.of(dist.get_world_size(group), dist.get_rank(group), 1)
+        call = Call(group, unit.topology, step, f"{unit.what()} (step {step})", state._compressing(step))
+        run_to_end(state.engine.exchange(reduce_output, ordinals, call))
+
+
+def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **options) -> FSDPState:
+    """Compresses the gradient reduction of every FSDP2 unit in ``model``'s tree.
+
+    Args:
+        model: a module on which ``fully_shard`` was called (its root and, typically, its
+            blocks): every ``FSDPModule`` in its tree is registered.
+        codec: a spec (``"int8"``, ``"int4:ef=0:stochastic"``, ``"int8:residual=bf16"``, ...)
+            or a Codec: a block quantizer or a cast codec (fp16, bf16). Top-k and random-k
+            choose per whole parameter and are refused.
+        replicate_group: None: FSDP over the whole group, its reduce-scatter compressed.
+            A ProcessGroup or a 2-D DeviceMesh ``(replicate, shard)``: HSDP on a model sharded
+            with ``fully_shard`` over the shard (intra-node) mesh only; FSDP's reduce-scatter
+            stays exact and gradcomp compresses the all-reduce across the replica group.
+        **options: State options: min_numel, start_step, force_compression, timeout, seed,
+            and (HSDP only) chunk_numel.
+
+    Returns the :class:`FSDPState`: keep it, checkpoint it per rank with ``state_dict()``.
+    """
+    FSDPModule = _fsdp_api()
+    for name in _NOT_OPTIONS:
+        if name in options:
+            raise ValueError(f"gradcomp.fsdp: {name} is a DDP option; with FSDP the shard mesh is the node: give "
+                             "replicate_group for HSDP")
+    spec = codecs.parse(codec)
+    if isinstance(spec, codecs.Sparsifier):
+        raise ValueError(f"gradcomp.fsdp: {spec.name} chooses its values per whole parameter, which a sharded "
+                         "reduction never holds; use a quantizer (int8, int4, int2, sign) or fp16/bf16")
+    hsdp = replicate_group is not None
+    if not hsdp and "chunk_numel" in options:
+        raise ValueError("gradcomp.fsdp: chunk_numel applies to HSDP's replica all-reduce only")
+    units_mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units_mods:
+        raise ValueError("gradcomp.fsdp.register: the model holds no FSDPModule; call fully_shard on it (and its "
+                         "blocks) first")
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names.update({id(m): n for n, m in model.named_modules()})
+    groups = []
+    for m in units_mods:
+        pgs = m._get_fsdp_state()._fsdp_param_groups
+        if len(pgs) > 1:
+            raise ValueError(f"gradcomp.fsdp: FSDP unit {names.get(id(m), '?')!r} has {len(pgs)} parameter groups "
+                             "(a per-parameter mesh); torch's custom reduce-scatter and all-reduce hooks take one")
+        for pg in pgs:
+            if pg._is_hsdp or type(pg.mesh_info).__name__ in ("DDPMeshInfo", "HSDPMeshInfo"):
+                raise ValueError("gradcomp.fsdp: this model is sharded with torch's native HSDP (a 2-D mesh): its "
+                                 "exact replica all-reduce runs before any hook and cannot be replaced. Shard with "
+                                 "fully_shard(mesh=mesh['shard']) and pass replicate_group=mesh")
+            if isinstance(getattr(pg, "_reduce_scatter_comm", None), CompressedReduceScatter) or \
+                    isinstance(getattr(pg, "_all_reduce_hook", None), CompressedReplicaAllReduce):
+                raise ValueError("gradcomp.fsdp: this model is already registered with gradcomp")
+            groups.append((m, pg))
+    if not groups:
+        raise ValueError("gradcomp.fsdp.register: the model's FSDP units hold no parameters")
+    if hsdp:
+        group = _replicate_of(replicate_group)
+        _require(units_mods[0], ("set_all_reduce_hook",), "HSDP")
+    else:
+        group = groups[0][1].mesh_info.shard_process_group
+        _require(units_mods[0], ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
+                                 "set_gradient_divide_factor"), "a compressed reduce-scatter")
+    state = FSDPState(spec, group, mode="hsdp" if hsdp else "reduce_scatter", **options)
+    first = 0
+    for index, (m, pg) in enumerate(groups):
+        unit = _Unit(state, index, m, pg, names, first)
+        state._fsdp_units.append(unit)
+        first += len(unit.params)
+        if hasattr(m, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
+            m.set_reduce_scatter_unused_params(True, recurse=False)
+        if hsdp:
+            m.set_all_reduce_hook(CompressedReplicaAllReduce(unit, group))
+        else:
+            m.set_custom_reduce_scatter(CompressedReduceScatter(unit))
+            m.set_force_sum_reduction_for_comms(True)
+            m.set_gradient_divide_factor(1.0)
+    return state

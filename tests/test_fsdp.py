@@ -1,0 +1,314 @@
+"""FSDP2 and HSDP (gradcomp.fsdp): real processes on Gloo, every reduction held bit for bit
+to tests/reference.py's pure-torch reduce-scatter and all-reduce, and the engine's
+reduce-scatter alone through a loopback among threads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch.distributed.fsdp")
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
+if not hasattr(FSDPModule, "set_custom_reduce_scatter"):
+    pytest.skip("this torch has no FSDPModule.set_custom_reduce_scatter (torch < 2.9)", allow_module_level=True)
+
+import reference  # noqa: E402
+from dist_utils import describe, run_ranks  # noqa: E402
+from gradcomp import codecs  # noqa: E402
+from gradcomp.engine import Engine  # noqa: E402
+from gradcomp.engine.reduce_scatter import Chunked, plan_reduce_scatter, reduce_scatter_  # noqa: E402
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+MIN = 256  # so the test model has compressed and exact parameters on both sides
+
+
+def run(world, tmp_path, **args):
+    res = run_ranks(args.pop("scenario", "train"), world, tmp_path, timeout=args.pop("timeout", 180), worker=WORKER,
+                    **args)
+    assert res.ok, describe(res)
+    return res.outputs
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit: NaN where NaN, and -0.0 told from +0.0 (torch.equal would equate them)."""
+    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(bits[a.element_size()]), b.reshape(-1).view(bits[b.element_size()])))
+
+
+def pieces_of(layout_unit) -> list:
+    return [Chunked(**{**d, "real": tuple(d["real"])}) for d in layout_unit]
+
+
+def check_reduce_scatter(outs, world, *, bits=8, block=256, min_numel=MIN, start_step=0, rounding_seed=None,
+                         error_feedback=True):
+    """Every recorded reduce-scatter call against the reference, bit for bit; returns the
+    worst |output - exact mean| / max|exact mean| over compressed calls."""
+    layout, residuals, worst = outs[0]["layout"], {}, 0.0
+    for step in sorted(outs[0]["calls"]):
+        calls = [outs[r]["calls"][step] for r in range(world)]
+        assert len({len(c) for c in calls}) == 1 and calls[0], f"step {step}: ranks made different calls"
+        for ci in range(len(calls[0])):
+            unit = calls[0][ci][0]
+            inputs = [calls[r][ci][1] for r in range(world)]
+            rounding = None if rounding_seed is None else {"seed": rounding_seed, "step": step}
+            ref = reference.fsdp_reduce_scatter(inputs, pieces_of(layout[unit]), residuals, block, bits, min_numel,
+                                                compress=step >= start_step, rounding=rounding,
+                                                error_feedback=error_feedback)
+            for r in range(world):
+                got = calls[r][ci][2]
+                assert same(got, ref[r].to(got.dtype)), f"step {step} unit {unit} rank {r}: differs from the reference"
+                exact = sum(inputs[i].view(world, -1)[r].float() for i in range(world)) / world
+                scale = float(exact.abs().max()) or 1.0
+                worst = max(worst, float((got.float() - exact).abs().max()) / scale)
+    return worst
+
+
+def check_grads_are_outputs(outs, world):
+    """What FSDP left in each sharded .grad is the recorded output's slice (no other scaling)."""
+    for r in range(world):
+        for step, calls in outs[r]["calls"].items():
+            outputs = {unit: out for unit, _, out in calls}
+            grads = outs[r]["grads"][step]
+            for unit, pieces in enumerate(outs[r]["layout"]):
+                for p in pieces:
+                    n = p["real"][r]
+                    if n:
+                        assert same(grads[p["key"]].reshape(-1), outputs[unit][p["offset"] : p["offset"] + n]), \
+                            f"rank {r} step {step}: {p['key']}'s gradient is not the reduce-scatter's output"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_reduce_scatter_is_the_reference_bit_for_bit(tmp_path, world):
+    outs = run(world, tmp_path, codec="int8", steps=3, state={"min_numel": MIN})
+    worst = check_reduce_scatter(outs, world)
+    assert 0 < worst < 0.02, f"int8 should be near the exact mean, worst relative error {worst}"
+    check_grads_are_outputs(outs, world)
+    s = outs[0]["final"]["stats"]
+    assert s["steps"] == 3 and s["buckets_compressed"] == 9 and s["params_compressed"] > 0 and s["params_fallback"] > 0
+    assert s["ratio"] > 2.5
+    keys = outs[0]["final"]["residuals"].keys()
+    assert all("@" in k and not k.endswith("@0") for k in keys), "rank 0 keeps residuals of the rows it sends only"
+
+
+def test_fsdp2_stochastic_int4_without_error_feedback_and_warm_up(tmp_path):
+    """3 ranks (uneven padding), int4 with stochastic rounding and no residual, the first step
+    exact (start_step=1)."""
+    outs = run(3, tmp_path, codec="int4:ef=0:stochastic", steps=3,
+               state={"min_numel": MIN, "seed": 77, "start_step": 1})
+    check_reduce_scatter(outs, 3, bits=4, start_step=1, rounding_seed=77, error_feedback=False)
+    assert outs[0]["final"]["residuals"] == {}
+
+
+@pytest.mark.parametrize("mp", [{"reduce_dtype": "bf16"}, {"param_dtype": "bf16", "reduce_dtype": "fp32"}])
+def test_fsdp2_mixed_precision(tmp_path, mp):
+    outs = run(2, tmp_path, codec="int8", steps=2, state={"min_numel": MIN}, **mp)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[mp["reduce_dtype"]]
+    assert outs[0]["calls"][0][0][1].dtype == dtype
+    check_reduce_scatter(outs, 2)
+
+
+def test_fsdp2_gradient_accumulation_reduces_once_a_step(tmp_path):
+    outs = run(2, tmp_path, codec="int8", steps=2, accumulate=3, state={"min_numel": MIN})
+    for r in range(2):
+        assert [len(c) for c in outs[r]["calls"].values()] == [3, 3], "one reduction per unit per step"
+    assert outs[0]["final"]["step"] == 2
+    check_reduce_scatter(outs, 2)
+    check_grads_are_outputs(outs, 2)
+
+
+def test_fsdp2_non_finite_gradient_makes_nan_everywhere_it_reaches(tmp_path):
+    outs = run(2, tmp_path, codec="int8", steps=2, poison={"rank": 1, "step": 1}, state={"min_numel": MIN})
+    check_reduce_scatter(outs, 2)
+    for r in range(2):
+        assert not any(torch.isnan(out).any() for _, _, out in outs[r]["calls"][0])
+        assert all(torch.isnan(out).any() for _, _, out in outs[r]["calls"][1]), "rank 1's Inf reaches every shard"
+        assert all(torch.isfinite(res).all() for res in outs[r]["final"]["residuals"].values())
+
+
+def test_hsdp_2x2_replica_all_reduce_is_the_reference_and_replicas_match(tmp_path):
+    """FSDP2 inside each 2-rank "node" (exact, FSDP's own), gradcomp across the 2 nodes: the
+    replica all-reduce of each shard is gradcomp's compressed all-reduce (reference:
+    compressed_mean with the engine's block owners; the exact lane x/R summed in rank order)."""
+    world, L = 4, 2
+    outs = run(world, tmp_path, codec="int8", steps=3, per_node=L, state={"min_numel": MIN})
+    N = world // L
+    residuals, compared = {}, 0
+    for step in range(3):
+        calls = [outs[r]["calls"][step] for r in range(world)]
+        for ci in range(len(calls[0])):
+            unit = calls[0][ci][0]
+            for s in range(L):
+                ranks = [n * L + s for n in range(N)]
+                first_blocks = outs[s]["first_blocks"]
+                off = 0
+                for d in outs[s]["layout"][unit]:
+                    for key, n in ((d["key"], d["real"][s]), (d["key"] + "#pad", d["chunk"] - d["real"][s])):
+                        if n == 0 and key.endswith("#pad"):
+                            continue
+                        xs = [calls[r][ci][1][off : off + n] for r in ranks]
+                        fb = first_blocks[key]
+                        if fb is None:
+                            ref = xs[0] / N
+                            for x in xs[1:]:
+                                ref = ref + x / N
+                        else:
+                            res = [residuals.get((r, key), torch.zeros(n)) for r in ranks]
+                            ref, after = reference.compressed_mean(xs, res, 256, (fb + torch.arange(-(-n // 256))) % N)
+                            residuals.update({(r, key): a for r, a in zip(ranks, after)})
+                            compared += 1
+                        for r in ranks:
+                            assert same(calls[r][ci][2][off : off + n], ref), f"step {step} rank {r} {key}"
+                        off += n
+    assert compared > 0
+    for s in range(L):  # replicas hold the same shards, bit for bit
+        for step in range(3):
+            for k, g in outs[s]["grads"][step].items():
+                assert same(g, outs[s + L]["grads"][step][k]), f"{k}: replicas {s} and {s + L} differ at step {step}"
+        for k, p in outs[s]["params"].items():
+            assert same(p, outs[s + L]["params"][k])
+    st = outs[0]["final"]["stats"]
+    assert st["bytes_sent_inter_node"] == st["bytes_sent"] > 0 and st["ratio"] > 2
+
+
+@pytest.mark.parametrize("how,world,per_node", [("torch", 2, None), ("dcp", 2, None), ("dcp", 4, None),
+                                                ("dcp", 4, 2)])
+def test_fsdp_resume_is_bit_for_bit(tmp_path, how, world, per_node):
+    """Saved at step 3 of 6 (model, optimizer and gradcomp state: per-rank torch.save files, or
+    one DCP checkpoint with the FSDPState as a Stateful), loaded by fresh processes: steps 3-5
+    are the straight run's, bit for bit, and the state is this rank's own."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    common = {"codec": "int4:stochastic", "state": {"min_numel": MIN, "seed": 5}, "per_node": per_node}
+    first = run(world, tmp_path / "first", start=0, stop=3, save=how, ckpt=str(ckpt), **common)
+    straight = run(world, tmp_path / "straight", start=0, stop=6, **common)
+    resumed = run(world, tmp_path / "second", start=3, stop=6, load=how, ckpt=str(ckpt), **common)
+    for r in range(world):
+        saved, loaded = first[r]["final"], resumed[r]["loaded"]
+        assert saved["residuals"] and saved["step"] == 3
+        for k in ("rank", "world_size", "step", "seed", "stats", "config"):
+            assert loaded[k] == saved[k], f"rank {r}: {k} did not round-trip"
+        assert loaded["residuals"].keys() == saved["residuals"].keys()
+        assert all(same(loaded["residuals"][k], v) for k, v in saved["residuals"].items()), f"rank {r}: residuals"
+        for step in range(3, 6):
+            for k, g in straight[r]["grads"][step].items():
+                assert same(g, resumed[r]["grads"][step][k]), f"rank {r} step {step} {k} differs"
+        for k, p in straight[r]["params"].items():
+            assert same(p, resumed[r]["params"][k])
+
+
+def test_fsdp_errors_are_clear(tmp_path):
+    outs = run(2, tmp_path, scenario="errors")
+    msgs = outs[0]
+    expect = {
+        "not_sharded": "holds no FSDPModule",
+        "topk": "topk chooses its values per whole parameter",
+        "ranks_per_node": "ranks_per_node is a DDP option",
+        "twice": "already registered",
+        "native_hsdp": "torch's native HSDP",
+        "layout_changed": "parameters requiring grad changed",
+        "avg": "takes SUM only",
+    }
+    for name, text in expect.items():
+        assert msgs[name] is not None and text in msgs[name], f"{name}: {msgs[name]}"
+
+
+# ---------------------------------------------------------------- the engine's reduce-scatter alone
+def loopback(world: int):
+    """all_to_all for ``world`` threads, each a rank: the handle's wait() has the data."""
+    barrier = threading.Barrier(world)
+    sends: dict = {}
+
+    def for_rank(rank):
+        def a2a(recv, send):
+            sends[rank] = send.reshape(-1)
+            barrier.wait()
+            chunk = send.numel() // world
+            flat = recv.view(-1)
+            for j in range(world):
+                flat[j * chunk : (j + 1) * chunk].copy_(sends[j][rank * chunk : (rank + 1) * chunk])
+            barrier.wait()
+
+            class Done:
+                def wait(self):
+                    return True
+
+            return Done()
+        return a2a
+
+    return for_rank
+
+
+def engine_reduce_scatter(inputs, pieces, codec, steps, device="cpu", min_numel=MIN, seed=3):
+    """Every rank's output of ``steps`` reduce-scatters of ``inputs[step][rank]``, the ranks as threads."""
+    world = len(inputs[0])
+    engines = [Engine(codecs.parse(codec), min_numel=min_numel, seed=seed) for _ in range(world)]
+    outs = [[None] * world for _ in steps]
+    for si, step in enumerate(steps):
+        a2a = loopback(world)
+        errors = []
+
+        def rank_body(r, si=si, step=step, a2a=a2a, errors=errors):
+            try:
+                x = inputs[si][r].to(device).clone()
+                plan = plan_reduce_scatter(engines[r], pieces, world, r, x.dtype, torch.device(device), True)
+                out = torch.empty(x.numel() // world, dtype=x.dtype, device=device)
+                reduce_scatter_(engines[r], plan, x, out, None, step, all_to_all=a2a(r))
+                outs[si][r] = out.cpu()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=rank_body, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    return outs
+
+
+def random_layout(world: int, gen: torch.Generator):
+    """Odd dim-0 sizes, including one with no rows for the last rank and one below MIN."""
+    shapes = [(3 * world - 1, 97), (world - 1, 300), (5, 7), (2 * world + 1, 700)]
+    pieces, offset = [], 0
+    for i, (d0, inner) in enumerate(shapes):
+        per = -(-d0 // world)
+        real = tuple(max(0, min(per, d0 - j * per)) * inner for j in range(world))
+        pieces.append(Chunked(f"p{i}", i, d0 * inner, offset, per * inner, real))
+        offset += per * inner
+    return pieces, offset
+
+
+@pytest.mark.parametrize("codec,bits,ef,stochastic", [("int8", 8, True, False), ("int2", 2, True, False),
+                                                      ("sign", 1, True, False), ("int4:ef=0:stochastic", 4, False,
+                                                                                 True)])
+@pytest.mark.parametrize("world", [2, 3])
+def test_engine_reduce_scatter_loopback_is_the_reference(world, codec, bits, ef, stochastic):
+    gen = torch.Generator().manual_seed(world * 100 + bits)
+    pieces, shard = random_layout(world, gen)
+    steps = [0, 1, 2]
+    inputs = []
+    for _ in steps:
+        per_rank = []
+        for _r in range(world):
+            x = torch.zeros(world, shard)
+            for p in pieces:
+                for j in range(world):
+                    x[j, p.offset : p.offset + p.real[j]] = torch.randn(p.real[j], generator=gen)
+            per_rank.append(x.reshape(-1))
+        inputs.append(per_rank)
+    inputs[2][1][5] = float("inf")  # step 2: rank 1 sends rank 0 a non-finite value
+    got = engine_reduce_scatter(inputs, pieces, codec, steps)
+    residuals = {}
+    for si, step in enumerate(steps):
+        ref = reference.fsdp_reduce_scatter(inputs[si], pieces, residuals, 256, bits, MIN,
+                                            rounding={"seed": 3, "step": step} if stochastic else None,
+                                            error_feedback=ef)
+        for r in range(world):
+            assert same(got[si][r], ref[r]), f"step {step} rank {r}"
+    assert torch.isnan(got[2][0]).any() and not torch.isnan(got[1][0]).any()

@@ -507,13 +507,14 @@ SCENARIOS = {"train": scenario_train, "compile": scenario_compile, "order": scen
              "dcp": scenario_dcp}
 
 
-def main():
+def main(scenarios: dict = SCENARIOS):
+    """Runs one of ``scenarios`` (tests/fsdp_worker.py passes its own) as this rank."""
     scenario, out_dir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.get("pg_timeout", 60)))
     try:
-        out = SCENARIOS[scenario](rank, world, args)
+        out = scenarios[scenario](rank, world, args)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         print(f"rank {rank}: scenario done, output saved", flush=True)  # tells a crash at exit from one before
     finally:

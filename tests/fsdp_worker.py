@@ -5,10 +5,7 @@ Usage: python fsdp_worker.py SCENARIO OUT_DIR JSON_ARGS   (RANK, WORLD_SIZE, MAS
 Writes OUT_DIR/rank{r}.pt with what the scenario records.
 """
 
-import json
 import os
-import sys
-from datetime import timedelta
 
 import gradcomp
 import gradcomp.fsdp
@@ -36,10 +33,12 @@ class Net(nn.Module):
     odd dim-0 sizes (padding at 2 and 4 ranks; the head's bias has no rows on rank 3 of 4)
     and parameters on both sides of min_numel."""
 
-    def __init__(self, width: int = 37, blocks: int = 2, inputs: int = 13, outputs: int = 5):
+    def __init__(self, width: int = 37, blocks: int = 2, inputs: int = 13, outputs: int = 5, unused: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(inputs, width)
+        if unused:  # compressed, but never in the graph: no gradient, ever
+            self.spare = nn.Linear(width, 2 * width, bias=False)
         self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
         self.head = nn.Linear(width, outputs)
 
@@ -116,7 +115,7 @@ def scenario_train(rank, world, args):
         mesh = mesh2["shard"]
     else:
         mesh2, mesh = None, init_device_mesh("cpu", (world,))
-    model = shard(Net(args.get("width", 37)), mesh, args)
+    model = shard(Net(args.get("width", 37), unused=args.get("unused", False)), mesh, args)
     log: list = []
     state = None
     if args.get("codec"):
@@ -224,6 +223,12 @@ def scenario_errors(rank, world, args):
     frozen.blocks[0].up.weight.requires_grad_(False)
     attempt("layout_changed", lambda: ((frozen(x) - y) ** 2).mean().backward())
     # a comm called with another op
+    saved = FSDPModule.set_custom_reduce_scatter  # a torch without the hook (< 2.9)
+    del FSDPModule.set_custom_reduce_scatter
+    try:
+        attempt("old_torch", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8"))
+    finally:
+        FSDPModule.set_custom_reduce_scatter = saved
     other = shard(Net(), mesh, {})
     gradcomp.fsdp.register(other, "int8")
     comm = units_of(other)[0]._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
@@ -234,18 +239,7 @@ def scenario_errors(rank, world, args):
 SCENARIOS = {"train": scenario_train, "errors": scenario_errors}
 
 
-def main():
-    scenario, out_dir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.get("pg_timeout", 60)))
-    try:
-        out = SCENARIOS[scenario](rank, world, args)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        print(f"rank {rank}: scenario done, output saved", flush=True)
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    from ddp_worker import main
+
+    main(SCENARIOS)

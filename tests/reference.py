@@ -360,7 +360,8 @@ def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: i
 # ---------------------------------------------------------------- FSDP2's compressed reduce-scatter
 def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dict, block: int, bits: int,
                         min_numel: int, compress: bool = True, rounding: dict | None = None,
-                        error_feedback: bool = True) -> list:
+                        error_feedback: bool = True, residual_dtype: torch.dtype | None = torch.float32,
+                        wire: torch.dtype | None = None) -> list:
     """The engine's reduce-scatter of one FSDP unit over W ranks (rounding to nearest).
 
     inputs[r]: rank r's [W · S] input (row j: rank j's chunks); pieces: the unit's
@@ -372,17 +373,19 @@ def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dic
     payload for row j flagged a non-finite block, all of row j's compressed values are NaN.
     Exact pieces sum the rows as they are. ``rounding``: None (to nearest) or {"seed", "step"}:
     rank i draws noise(seed, step, i, 1, index · W + j) for row j. Returns each rank's [S]
-    float32 output."""
+    float32 output. ``wire``: a cast codec's dtype, which the other ranks' rows of exact pieces
+    travel in (None: the input's)."""
     world = len(inputs)
     shard = sum(p.chunk for p in pieces)
     rows = [x.view(world, shard).float() for x in inputs]
     outs = []
     for me in range(world):
-        got = [rows[i][me].clone() for i in range(world)]
+        got = [rows[i][me].clone() if wire is None or i == me else
+               inputs[i].view(world, shard)[me].to(wire).float() for i in range(world)]
         flagged = False
         quant_cols = []
         for p in pieces:
-            if not (compress and p.numel >= min_numel):
+            if not (compress and p.numel >= min_numel) or wire is not None:
                 continue
             n = p.real[me]
             quant_cols.append(torch.arange(p.offset, p.offset + n))
@@ -391,7 +394,7 @@ def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dic
                     continue
                 x = inputs[i].view(world, shard)[me, p.offset : p.offset + n]
                 key = (i, p.key, me)
-                res = residuals.get(key, torch.zeros(n)) if error_feedback else None
+                res = residuals.get(key, torch.zeros(n, dtype=residual_dtype)) if error_feedback else None
                 draws = None
                 if rounding is not None:
                     draws = noise(rounding["seed"], rounding["step"], i, 1, p.index * world + me, -(-n // block), block)

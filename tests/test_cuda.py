@@ -510,3 +510,24 @@ def test_nccl_all_reduce_world_size_one_forced(nccl_world1):
         for i, (x, e) in enumerate(zip(xs, expect)):
             got = x.cpu().reshape(-1)
             assert torch.equal(got, host[i].reshape(-1) if e is None else e), f"tensor {i} step {step}"
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4:stochastic", "sign"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fsdp_reduce_scatter_on_cuda_is_the_cpu_result(codec, dtype):
+    """The engine's reduce-scatter (what gradcomp.fsdp's comm runs, on the stream FSDP hands it)
+    for 3 simulated ranks as threads on one GPU: the same bytes as on the CPU, step after step
+    (residuals carried), a non-finite value included. One GPU never makes FSDP call the comm,
+    so the ranks' all-to-all is a loopback."""
+    from test_fsdp import engine_reduce_scatter, random_layout, same
+
+    world = 3
+    gen = torch.Generator().manual_seed(11)
+    pieces, shard = random_layout(world, gen)
+    inputs = [[torch.randn(world * shard, generator=gen).to(dtype) for _ in range(world)] for _ in range(3)]
+    inputs[1][2][7] = float("nan")
+    cpu = engine_reduce_scatter(inputs, pieces, codec, [0, 1, 2])
+    gpu = engine_reduce_scatter(inputs, pieces, codec, [0, 1, 2], device="cuda")
+    for step in range(3):
+        for r in range(world):
+            assert same(gpu[step][r], cpu[step][r]), f"step {step} rank {r}"

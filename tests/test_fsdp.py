@@ -84,7 +84,9 @@ def check_grads_are_outputs(outs, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_reduce_scatter_is_the_reference_bit_for_bit(tmp_path, world):
-    outs = run(world, tmp_path, codec="int8", steps=3, state={"min_numel": MIN})
+    """Including a compressed parameter that never gets a gradient: FSDP reduces its zeros
+    (set_reduce_scatter_unused_params), so the layout and its residuals stay put."""
+    outs = run(world, tmp_path, codec="int8", steps=3, unused=True, state={"min_numel": MIN})
     worst = check_reduce_scatter(outs, world)
     assert 0 < worst < 0.02, f"int8 should be near the exact mean, worst relative error {worst}"
     check_grads_are_outputs(outs, world)
@@ -173,6 +175,13 @@ def test_hsdp_2x2_replica_all_reduce_is_the_reference_and_replicas_match(tmp_pat
             assert same(p, outs[s + L]["params"][k])
     st = outs[0]["final"]["stats"]
     assert st["bytes_sent_inter_node"] == st["bytes_sent"] > 0 and st["ratio"] > 2
+    for r in range(world):  # the residuals: the compressed pieces of this rank's shard, no more
+        s = r % L
+        compressed = sum(d["real"][s] for unit in outs[r]["layout"] for d in unit
+                         if outs[r]["first_blocks"][d["key"]] is not None)
+        held = sum(t.numel() for t in outs[r]["final"]["residuals"].values())
+        shard = sum(d["chunk"] for unit in outs[r]["layout"] for d in unit)
+        assert held == compressed and 0 < held <= shard
 
 
 @pytest.mark.parametrize("how,world,per_node", [("torch", 2, None), ("dcp", 2, None), ("dcp", 4, None),
@@ -212,6 +221,7 @@ def test_fsdp_errors_are_clear(tmp_path):
         "native_hsdp": "torch's native HSDP",
         "layout_changed": "parameters requiring grad changed",
         "avg": "takes SUM only",
+        "old_torch": "which torch",
     }
     for name, text in expect.items():
         assert msgs[name] is not None and text in msgs[name], f"{name}: {msgs[name]}"
@@ -286,7 +296,9 @@ def random_layout(world: int, gen: torch.Generator):
 
 @pytest.mark.parametrize("codec,bits,ef,stochastic", [("int8", 8, True, False), ("int2", 2, True, False),
                                                       ("sign", 1, True, False), ("int4:ef=0:stochastic", 4, False,
-                                                                                 True)])
+                                                                                 True),
+                                                      ("int8:residual=bf16", 8, True, False),
+                                                      ("fp16", 0, False, False), ("bf16", 0, False, False)])
 @pytest.mark.parametrize("world", [2, 3])
 def test_engine_reduce_scatter_loopback_is_the_reference(world, codec, bits, ef, stochastic):
     gen = torch.Generator().manual_seed(world * 100 + bits)
@@ -304,11 +316,49 @@ def test_engine_reduce_scatter_loopback_is_the_reference(world, codec, bits, ef,
         inputs.append(per_rank)
     inputs[2][1][5] = float("inf")  # step 2: rank 1 sends rank 0 a non-finite value
     got = engine_reduce_scatter(inputs, pieces, codec, steps)
+    spec = codecs.parse(codec)
     residuals = {}
     for si, step in enumerate(steps):
         ref = reference.fsdp_reduce_scatter(inputs[si], pieces, residuals, 256, bits, MIN,
                                             rounding={"seed": 3, "step": step} if stochastic else None,
-                                            error_feedback=ef)
+                                            error_feedback=ef, wire=getattr(spec, "wire_dtype", None),
+                                            residual_dtype=getattr(spec, "residual_dtype", torch.float32))
         for r in range(world):
             assert same(got[si][r], ref[r]), f"step {step} rank {r}"
-    assert torch.isnan(got[2][0]).any() and not torch.isnan(got[1][0]).any()
+    assert not torch.isfinite(got[2][0]).all() and torch.isfinite(got[1][0]).all()
+
+
+@pytest.mark.parametrize("codec", ["int2", "sign"])
+def test_engine_reduce_scatter_error_feedback_tracks_the_running_mean(codec):
+    """With error feedback nothing is lost, only late: after T steps, W · (sum of rank j's
+    outputs) plus what the other ranks still hold for row j (their residuals) is the sum of
+    every input row j, up to float32 rounding; without it the gap is far larger."""
+    world, steps, bits = 3, 8, 2 if codec == "int2" else 1
+    gen = torch.Generator().manual_seed(5)
+    pieces, shard = random_layout(world, gen)
+    bias = torch.randn(world * shard, generator=gen)  # a persistent direction, as gradients have
+    inputs = [[bias + 0.3 * torch.randn(world * shard, generator=gen) for _ in range(world)] for _ in range(steps)]
+    for x in (x for per in inputs for x in per):  # FSDP pads with zeros
+        for j in range(world):
+            for p in pieces:
+                x.view(world, shard)[j, p.offset + p.real[j] : p.offset + p.chunk] = 0
+    gap = {}
+    for ef in (True, False):
+        residuals: dict = {}
+        ref = [reference.fsdp_reduce_scatter(inputs[t], pieces, residuals, 256, bits, MIN, error_feedback=ef)
+               for t in range(steps)]
+        got = engine_reduce_scatter(inputs, pieces, codec if ef else f"{codec}:ef=0", list(range(steps)))
+        assert all(same(got[t][r], ref[t][r]) for t in range(steps) for r in range(world))
+        worst = 0.0
+        for j in range(world):
+            total = sum(inputs[t][i].view(world, shard)[j] for t in range(steps) for i in range(world))
+            held = torch.zeros(shard)  # what the other ranks have not sent rank j yet
+            for (_, key, row), r in residuals.items():
+                if row == j:
+                    p = next(p for p in pieces if p.key == key)
+                    held[p.offset : p.offset + p.real[j]] += r.float()
+            sent = world * sum(got[t][j] for t in range(steps))
+            worst = max(worst, float((sent + held - total).abs().max() / total.abs().max()))
+        gap[ef] = worst
+    assert gap[True] < 1e-5, gap
+    assert gap[False] > 1000 * gap[True], gap

@@ -117,6 +117,8 @@ def plan_reduce_scatter(engine, pieces: list[Chunked], world: int, rank: int, dt
             plan.exact_cols = to_device(cols, device)
         cast = compress and isinstance(c, codecs.Cast) and dtype in c.dtypes
         plan.wire = c.wire_dtype if cast else dtype
+        if cast:  # a cast codec compresses every parameter, in the lane
+            plan.params_compressed, plan.params_fallback = len(exact), 0
     return plan
 
 

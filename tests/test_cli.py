@@ -451,3 +451,48 @@ def _workers(parent: int | None = None) -> list[int]:
             if b"gradcomp.benchmarks.net" in args and b"--worker" in args and parent in (None, ppid):
                 pids.append(int(pid))
     return pids
+
+
+def test_demo_fsdp_methods_train_like_fsdp_and_count_their_memory(tmp_path, capsys):
+    """``fsdp`` (FSDP2's own reduce-scatter) and ``fsdp:<spec>`` (gradcomp.fsdp.register): int8
+    trains like FSDP2 plain with about a quarter of its reduce-scatter bytes, and keeps a
+    residual of (W - 1)/W of the unsharded fp32 gradient; a bad spec is refused by name."""
+    from gradcomp import demo
+
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--methods", "fsdp,fsdp:int9"])
+    assert "'fsdp:int9': fsdp: takes a gradcomp codec spec" in capsys.readouterr().err
+    run([*GRADCOMP, "demo", "--methods", "fsdp,fsdp:int8", "--epochs", "3", "--json", "f.json", "--plot", "",
+         "--no-progress"], tmp_path)
+    meta, res = _demo_results(tmp_path / "f.json")
+    plain, int8 = res["fsdp"], res["fsdp:int8"]
+    assert 3.8 < plain["bytes_per_step"] / int8["bytes_per_step"] < 4.0
+    assert abs(int8["final_loss"] - plain["final_loss"]) < 0.05 * plain["final_loss"]
+    assert plain["residual_bytes"] == 0 and plain["test_accuracy"] > 0.85
+    # every parameter of the MLP but the biases and the 10-row head's bias is compressed
+    assert 0.99 * 2 * meta["parameters"] < int8["residual_bytes"] <= 4 * meta["parameters"] / 2
+
+
+def test_bench_net_fsdp_and_hsdp_arguments(capsys):
+    from gradcomp.benchmarks import net
+
+    a = net.parse_args(["--fsdp"])
+    assert (a.mode, a.methods, a.world, net.output_name(a)) == ("fsdp", ["plain", "int8", "int4"], 2,
+                                                                "net-1gbit-fsdp-w2.json")
+    a = net.parse_args(["--hsdp", "--nodes", "2", "--ranks-per-node", "2", "--methods", "plain,int8"])
+    assert (a.mode, a.methods, a.world, net.output_name(a)) == ("hsdp", ["plain", "int8"], 4,
+                                                                "net-1gbit-hsdp-n2x2.json")
+    a = net.parse_args([])
+    assert a.mode == "ddp" and a.methods[0] == "allreduce" and net.output_name(a) == "net-1gbit-w2.json"
+    for argv, message in ((["--fsdp", "--hsdp"], "not allowed with"),
+                          (["--hsdp", "--nodes", "2"], "--hsdp needs --nodes N and --ranks-per-node L"),
+                          (["--hsdp", "--nodes", "2", "--ranks-per-node", "1"], "--ranks-per-node >= 2"),
+                          (["--fsdp", "--methods", "allreduce"], "'allreduce' is a DDP method"),
+                          (["--hsdp", "--world", "4", "--ranks-per-node", "2", "--methods", "node:int8"],
+                           "'node:int8' is a DDP method"),
+                          (["--fsdp", "--methods", "topk:0.01"], "takes no sparsifier"),
+                          (["--fsdp", "--methods", "int9"], "'int9' is neither 'plain' nor a gradcomp codec")):
+        with pytest.raises(SystemExit) as e:
+            net.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv

@@ -14,6 +14,9 @@ Methods ``node:<spec>`` (e.g. ``node:int8``) reduce hierarchically, within each 
 ``--ranks-per-node`` contiguous ranks, then across nodes: gradcomp registered with
 ``ranks_per_node=`` (gradcomp.State's keyword; the world must be a multiple of it).
 
+Methods ``fsdp`` and ``fsdp:<spec>`` shard the MLP with FSDP2 (each Linear a unit) and
+reduce with FSDP2's own reduce-scatter or gradcomp's (``gradcomp.fsdp.register``).
+
 Rank 0 shows a tqdm bar per method, then prints a table (final loss on the whole training
 set, test accuracy, bytes it sent per step, the ratio to plain all-reduce's bytes, median
 step time), writes a PNG of the loss curves and, with ``--json``, the numbers.
@@ -90,7 +93,7 @@ def parse_args(argv):
     try:
         if args.codec:
             args.methods = "allreduce" if args.codec == "allreduce" else f"allreduce,{args.codec}"
-        args.methods = parse_methods(args.methods)
+        args.methods = _parse_with_fsdp(args.methods)
     except ValueError as e:
         p.error(str(e))
     for name in ("world", "epochs", "batch", "width", "powersgd_rank"):
@@ -108,6 +111,52 @@ def parse_args(argv):
         if problem:
             p.error(problem)
     return args
+
+
+FSDP_PREFIX = "fsdp:"
+
+
+def is_fsdp_method(method: str) -> bool:
+    return method == "fsdp" or method.startswith(FSDP_PREFIX)
+
+
+def _parse_with_fsdp(text: str) -> list[str]:
+    """parse_methods, plus ``fsdp`` (FSDP2's own reduce-scatter) and ``fsdp:<spec>``
+    (gradcomp.fsdp.register with that codec)."""
+    from . import codecs
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m.startswith(FSDP_PREFIX):
+            try:
+                codecs.parse(m[len(FSDP_PREFIX):])
+            except ValueError as e:
+                raise ValueError(f"{m!r}: {FSDP_PREFIX} takes a gradcomp codec spec (e.g. {FSDP_PREFIX}int8): "
+                                 f"{e}") from e
+    others = [m for m in methods if not is_fsdp_method(m)]
+    parsed = parse_methods(",".join(others)) if others else []
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is listed twice: {text}")
+    return [m if is_fsdp_method(m) else parsed[others.index(m)] for m in methods]
+
+
+def _fsdp_method(method: str, model, device, start_step: int):
+    """The demo's MLP sharded with FSDP2 (each Linear a unit, then the root), reduced by FSDP's
+    own reduce-scatter (``fsdp``) or gradcomp's (``fsdp:<spec>``): benchmarks.methods.FSDPMethod."""
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .benchmarks.methods import FSDP_PLAIN, FSDPMethod
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    name = method[len(FSDP_PREFIX):] if method.startswith(FSDP_PREFIX) else FSDP_PLAIN
+    return FSDPMethod(name, model, mode="fsdp", mesh=mesh, start_step=start_step)
 
 
 def _world_problem(world: int, ranks_per_node: int | None) -> str | None:
@@ -158,14 +207,20 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)  # the same initial weights on every rank, for every method
     model = make_model(args.width).to(device)
-    cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
-    ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
+    if is_fsdp_method(method):
+        cap = None
+        ddp = model
+        method_ctx = _fsdp_method(method, model, device, args.start_step)
+    else:
+        cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
+        ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
+        method_ctx = Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank,
+                            ranks_per_node=args.ranks_per_node)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     n = len(y_train)
     steps_per_epoch = n // (args.batch * world)
     losses, step_seconds, test_acc = [], [], []
-    with Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank,
-                ranks_per_node=args.ranks_per_node) as m:
+    with method_ctx as m:
         for epoch in range(args.epochs):
             # one permutation on every rank, each rank takes its own interleaved shard
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -190,6 +245,8 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         sent = m.bytes_sent(steps)
         codec_s = m.codec_seconds()
         stats = dict(m.state.stats) if m.state is not None else None
+        residual_bytes = (sum(r.numel() * r.element_size() for r in m.state.residuals.values())
+                          if getattr(m, "state", None) is not None else 0)
     # the loss curve averaged over ranks (after training: not part of any timed step)
     curve = torch.tensor(losses, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(curve)
@@ -207,6 +264,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         "loss_curve": (curve / world).tolist(),
         "bucket_cap_mb": cap,
         "stats": stats,
+        "residual_bytes": residual_bytes,  # this rank's error-feedback memory at the end
     }
 
 
@@ -261,12 +319,15 @@ def report(out: dict, args) -> None:
     print(f"\ngradcomp demo: digits, MLP of {meta['parameters']:,} parameters, {meta['world']} ranks "
           f"({meta['backend']}, {meta['device'].split(':')[0]}), {meta['steps']} steps of {meta['batch_per_rank']} "
           "per rank")
-    print(f"{'method':<16} {'final loss':>10} {'test acc':>9} {'bytes sent/step':>16} {'ratio':>8} {'step ms':>8}")
+    print(f"{'method':<22} {'final loss':>10} {'test acc':>9} {'bytes sent/step':>16} {'ratio':>8} {'step ms':>8}"
+          f" {'residual MB':>11}")
     for method, r in results.items():
-        print(f"{method:<16} {r['final_loss']:>10.4f} {r['test_accuracy']:>9.3f} {r['bytes_per_step']:>16,.0f}"
-              f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f}")
+        print(f"{method:<22} {r['final_loss']:>10.4f} {r['test_accuracy']:>9.3f} {r['bytes_per_step']:>16,.0f}"
+              f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f} {r.get('residual_bytes', 0) / 1e6:>11.2f}")
     print("(final loss: cross-entropy on the whole training set at the end; test acc: the held-out 20%; bytes: what "
-          "rank 0 put on the wire per step; ratio: plain all-reduce's bytes over the method's; step: median)")
+          "rank 0 put on the wire per step (fsdp: the gradient reduce-scatter only, not the parameter "
+          "all-gathers); ratio: plain all-reduce's bytes over the method's; step: median; residual: rank 0's "
+          "error-feedback memory)")
     if args.plot:
         plot(out, args.plot)
         print(f"loss curves: {args.plot}")

@@ -13,6 +13,15 @@
 ``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
 the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs and
 ``make_ddp`` builds the model with it.
+
+Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nodes) the
+methods are (``parse_fsdp_methods``, ``FSDPMethod``):
+
+    "plain"           FSDP2's own exact reduction: its reduce-scatter (FSDP); its reduce-scatter
+                      inside the node and a plain all-reduce of each shard across the replicas
+                      (``set_all_reduce_hook``; HSDP)
+    anything else     a gradcomp codec spec ("int8", "int4", "fp16", ...): gradcomp.fsdp.register,
+                      a compressed reduce-scatter (FSDP) or replica all-reduce (HSDP)
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each no
 PIPE_PREFIX = "pipe:"  # "pipe:<spec>": gradcomp's codec, buckets cut into pipelined chunks of PIPE_CHUNK_NUMEL
 PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
+FSDP_PLAIN = "plain"  # FSDP2's own exact reduction, the FSDP and HSDP baseline
+FSDP_DEFAULT_METHODS = (FSDP_PLAIN, "int8", "int4")
+MODES = ("ddp", "fsdp", "hsdp")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -203,3 +215,165 @@ def _register_hierarchical(ddp, name: str, start_step: int, ranks_per_node: int 
     if missing:
         raise TypeError(missing)
     return register(ddp, codec_spec(name), start_step=start_step, ranks_per_node=ranks_per_node)
+
+
+# ---- FSDP2 and HSDP ---------------------------------------------------------------------
+
+
+def baseline(mode: str) -> str:
+    """The exact method of ``mode`` (the floor of the benchmark's table)."""
+    return "allreduce" if mode == "ddp" else FSDP_PLAIN
+
+
+def parse_fsdp_methods(text: str, mode: str = "fsdp") -> list[str]:
+    """The methods of an FSDP2 (``mode="fsdp"``) or HSDP run: "plain" and gradcomp codec
+    specs that gradcomp.fsdp takes (quantizers and casts: no top-k or random-k, which choose
+    per whole parameter). A bad one raises ValueError naming it."""
+    what = "--hsdp" if mode == "hsdp" else "--fsdp"
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("no methods given")
+    for m in methods:
+        if m == FSDP_PLAIN:
+            continue
+        if m in TORCH_METHODS or m.startswith((NODE_PREFIX, PIPE_PREFIX)):
+            raise ValueError(f"{m!r} is a DDP method; under {what} the methods are {FSDP_PLAIN!r} (FSDP2's own "
+                             "exact reduction) and gradcomp codec specs (int8, int4, ...)")
+        try:
+            spec = codecs.parse(m)
+        except ValueError as e:
+            raise ValueError(f"{m!r} is neither {FSDP_PLAIN!r} nor a gradcomp codec: {e}") from e
+        if isinstance(spec, codecs.Sparsifier):
+            raise ValueError(f"{m!r}: gradcomp.fsdp takes no sparsifier (it chooses per whole parameter, which a "
+                             "sharded reduction never holds); use a quantizer (int8, int4, int2, sign) or fp16/bf16")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a method is listed twice: {text}")
+    return methods
+
+
+def fsdp_missing(mode: str) -> str | None:
+    """Why ``mode`` ("fsdp" or "hsdp") cannot run with this torch and gradcomp, or None: for
+    a check before any namespace is made."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
+    try:
+        from .. import fsdp  # noqa: F401
+    except ImportError as e:
+        return f"this gradcomp has no gradcomp.fsdp ({e})"
+    needed = ("set_all_reduce_hook",) if mode == "hsdp" else \
+        ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms", "set_gradient_divide_factor")
+    lacking = [n for n in needed if not hasattr(FSDPModule, n)]
+    if lacking:
+        return f"torch {torch.__version__}'s FSDPModule lacks {', '.join(lacking)}"
+    return None
+
+
+def fsdp_units(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[float, float]:
+    """(bytes one rank sends in a ring reduce-scatter of the model's gradient over
+    ``shard_world`` ranks, bytes of the shard it keeps), with FSDP2's padding: each parameter's
+    dim 0 is padded to a multiple of the ranks, and a rank sends W−1 of the W chunks."""
+    sent = kept = 0.0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shape = tuple(p.shape)  # a DTensor's is the unsharded parameter's
+        rows = shape[0] if shape else 1
+        inner = p.numel() // rows if rows else 0
+        chunk = -(-rows // shard_world) * inner * p.element_size()
+        sent += (shard_world - 1) * chunk
+        kept += chunk
+    return sent, kept
+
+
+class FSDPMethod:
+    """A method attached to an FSDP2 model (``fully_shard`` on its blocks, then its root),
+    with Method's interface: ``bytes_sent(steps)``, ``codec_seconds()``, ``split_bytes()``,
+    ``state``. Bytes count the gradient reduction only: FSDP's parameter all-gathers are the
+    same for every method and are not counted.
+
+    ``mode="fsdp"``: the model is sharded over the whole world; "plain" is FSDP's own
+    reduce-scatter, a gradcomp spec ``gradcomp.fsdp.register(model, spec)``.
+    ``mode="hsdp"``: the model is sharded over ``mesh["shard"]`` (the node's ranks) of a 2-D
+    mesh ``(replicate, shard)``; "plain" adds an exact all-reduce over the replica group
+    (``set_all_reduce_hook``, divided by the replicas), a gradcomp spec is
+    ``gradcomp.fsdp.register(model, spec, replicate_group=mesh)``. FSDP's reduce-scatter inside
+    the node is exact in both and counted as intra-node bytes."""
+
+    def __init__(self, name: str, model: torch.nn.Module, *, mode: str, mesh, start_step: int = 0):
+        if mode not in ("fsdp", "hsdp"):
+            raise ValueError(f"FSDPMethod: mode must be 'fsdp' or 'hsdp', got {mode!r}")
+        self.name, self.mode = name, mode
+        self.state = None
+        if mode == "hsdp":
+            self.replicas = mesh.size(0)
+            shard_world = mesh.size(1)
+            replicate_group = mesh.get_group("replicate")
+        else:
+            self.replicas, shard_world, replicate_group = 1, mesh.size(), None
+        # FSDP's reduce-scatter (the whole reduction under FSDP; inside the node under HSDP)
+        rs_sent, shard_bytes = reduce_scatter_bytes(model, shard_world)
+        self._rs_per_step = rs_sent
+        # not counted in bytes_sent, for the record: the parameters' ring all-gathers over the
+        # shard group, in forward and again in backward (fully_shard reshards the layers after
+        # forward; the benchmark's root holds no parameters of its own)
+        self.allgather_per_step = 2.0 * (shard_world - 1) * shard_bytes
+        self._replica_per_step = ring_allreduce_bytes(shard_bytes, self.replicas) if mode == "hsdp" else 0.0
+        self.units = fsdp_units(model)
+        if not self.units:
+            raise ValueError("FSDPMethod: the model holds no FSDPModule (call fully_shard first)")
+        if name == FSDP_PLAIN:
+            if mode == "hsdp":
+                replicas = self.replicas
+
+                def replica_all_reduce(t: torch.Tensor) -> None:  # exact: the simplest baseline
+                    dist.all_reduce(t, group=replicate_group)
+                    t.div_(replicas)
+
+                for unit in self.units:
+                    unit.set_all_reduce_hook(replica_all_reduce)
+        else:
+            from .. import fsdp
+
+            if mode == "hsdp":
+                self.state = fsdp.register(model, name, replicate_group=mesh, start_step=start_step)
+            else:
+                self.state = fsdp.register(model, name, start_step=start_step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def _gradcomp_sent(self) -> float:
+        return float(self.state.stats["bytes_sent"]) if self.state is not None else 0.0
+
+    def bytes_sent(self, steps: int) -> float:
+        """Bytes of gradient reduction this rank has sent in its first ``steps`` steps."""
+        if self.mode == "fsdp":
+            return self._gradcomp_sent() if self.state is not None else self._rs_per_step * steps
+        inter = self._gradcomp_sent() if self.state is not None else self._replica_per_step * steps
+        return self._rs_per_step * steps + inter
+
+    def split_bytes(self, steps: int) -> dict[str, float]:
+        """HSDP: the bytes sent inside the node (FSDP's reduce-scatter) and across nodes (the
+        replica all-reduce) in the first ``steps`` steps; FSDP: empty (its flat reduce-scatter
+        does not tell which hops cross nodes)."""
+        if self.mode != "hsdp":
+            return {}
+        inter = self._gradcomp_sent() if self.state is not None else self._replica_per_step * steps
+        return {"bytes_sent_intra_node": self._rs_per_step * steps, "bytes_sent_inter_node": inter}
+
+    def codec_seconds(self) -> float:
+        return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0

@@ -1,4 +1,4 @@
-"""``gradcomp bench net``: real DDP steps over a link of a set bandwidth, per method.
+"""``gradcomp bench net``: real DDP, FSDP2 or HSDP steps over a link of a set bandwidth, per method.
 
 Topology: ``--nodes N`` nodes of ``--ranks-per-node L`` ranks (world N·L; ``--world W``
 alone is W nodes of one rank, the default 2 × 1). Every node is its own network namespace,
@@ -15,6 +15,17 @@ and only traffic between nodes crosses the shaped links.
 Methods: plain all-reduce, torch's fp16 and PowerSGD hooks, gradcomp codec specs, and
 ``node:<spec>`` (e.g. ``node:int8``): gradcomp registered with ``ranks_per_node=L``, which
 reduces within each node, then across nodes (gradcomp.State's keyword).
+
+``--fsdp``: the model is sharded with FSDP2 instead (``fully_shard`` on each layer, then the
+root, over a 1-D mesh of the world) and the methods are ``plain`` (FSDP2's own
+reduce-scatter) and gradcomp codec specs (``gradcomp.fsdp.register(model, spec)``: a
+compressed reduce-scatter). ``--hsdp`` (with ``--nodes`` and ``--ranks-per-node``): a 2-D
+mesh (replicate = nodes, shard = a node's ranks), each node's ranks shard the model with
+FSDP2 over its loopback; ``plain`` adds an exact all-reduce of each shard across the
+nodes (``set_all_reduce_hook``), a gradcomp spec compresses that all-reduce
+(``gradcomp.fsdp.register(model, spec, replicate_group=mesh)``). Under both, the bytes
+counted are the gradient reduction's only: FSDP's parameter all-gathers are the same for
+every method and not counted (the node's eth0 bytes include them where they cross nodes).
 
 Two phases, each a fresh set of rank processes: the same links unshaped (the floor),
 then shaped, repeated for ``--rounds`` rounds so that a slow spell of a shared machine hits
@@ -35,6 +46,8 @@ the next run.
     gradcomp bench net [--rate 1gbit] [--world 2 | --nodes 2 --ranks-per-node 2]
                        [--methods allreduce,torch-fp16,...,node:int8] [--params 16e6]
                        [--batch 32] [--steps 10] [--warmup 5] [--out FILE]
+    gradcomp bench net --fsdp [--world 2] [--methods plain,int8,int4] ...
+    gradcomp bench net --hsdp --nodes 2 --ranks-per-node 2 [--methods plain,int8,int4] ...
 """
 
 from __future__ import annotations
@@ -54,7 +67,15 @@ import sys
 import tempfile
 import time
 
-from .methods import DEFAULT_METHODS, hierarchy_missing, parse_methods
+from .methods import (
+    DEFAULT_METHODS,
+    FSDP_DEFAULT_METHODS,
+    baseline,
+    fsdp_missing,
+    hierarchy_missing,
+    parse_fsdp_methods,
+    parse_methods,
+)
 
 MAX_NODES = 200  # addresses SUBNET.1 .. SUBNET.200
 MAX_WORLD = 200
@@ -191,7 +212,15 @@ def parse_args(argv):
                    help="nodes, each its own namespace behind its own shaped link (default: world / ranks per node)")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks a node, joined by its unshaped loopback (default 1)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"default {','.join(DEFAULT_METHODS)}")
+    p.add_argument("--methods", default=None,
+                   help=f"default {','.join(DEFAULT_METHODS)}; with --fsdp or --hsdp {','.join(FSDP_DEFAULT_METHODS)}")
+    sharding = p.add_mutually_exclusive_group()
+    sharding.add_argument("--fsdp", action="store_true",
+                          help="shard the model with FSDP2 (fully_shard) over all ranks instead of DDP; methods: "
+                               "plain (FSDP2's reduce-scatter) and gradcomp codec specs")
+    sharding.add_argument("--hsdp", action="store_true",
+                          help="HSDP: FSDP2 within each node, replicas across nodes (needs --nodes and "
+                               "--ranks-per-node); methods: plain (exact replica all-reduce) and gradcomp codec specs")
     p.add_argument("--params", type=float, default=16e6,
                    help="model size: an MLP of 4 square layers with about this many parameters (default 16e6)")
     p.add_argument("--batch", type=int, default=32, help="batch per rank (default 32)")
@@ -211,12 +240,21 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.worker:
         return args
+    args.mode = "hsdp" if args.hsdp else "fsdp" if args.fsdp else "ddp"
     try:
-        args.methods = parse_methods(args.methods)
+        if args.mode == "ddp":
+            args.methods = parse_methods(args.methods or ",".join(DEFAULT_METHODS))
+        else:
+            args.methods = parse_fsdp_methods(args.methods or ",".join(FSDP_DEFAULT_METHODS), args.mode)
         args.rate_bps = parse_rate(args.rate)
     except ValueError as e:
         p.error(str(e))
+    if args.mode == "hsdp" and (args.ranks_per_node is None or (args.nodes is None and args.world is None)):
+        p.error("--hsdp needs --nodes N and --ranks-per-node L: FSDP2 shards over a node's L ranks, "
+                "the N nodes hold replicas")
     _topology(p, args)
+    if args.mode == "hsdp" and args.ranks_per_node < 2:
+        p.error("--hsdp needs --ranks-per-node >= 2: a node's ranks are what FSDP2 shards over")
     for name in ("batch", "steps", "powersgd_rank", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -265,6 +303,13 @@ def topology_name(args) -> str:
     return f"w{args.world}" if args.ranks_per_node == 1 else f"n{args.nodes}x{args.ranks_per_node}"
 
 
+def output_name(args) -> str:
+    """The default output's name: net-<rate>-<topology>.json, the mode before the topology
+    under FSDP2 or HSDP (net-1gbit-fsdp-w2.json, net-1gbit-hsdp-n2x2.json)."""
+    mode = getattr(args, "mode", "ddp")
+    return f"net-{args.rate}-" + ("" if mode == "ddp" else f"{mode}-") + f"{topology_name(args)}.json"
+
+
 def main(argv=None, out_dir: str = ".") -> int:
     args = parse_args(argv)
     if args.worker:
@@ -273,7 +318,7 @@ def main(argv=None, out_dir: str = ".") -> int:
         print("gradcomp bench net: needs root, to create network namespaces and shape links with tc; "
               "nothing was done (run it as root, e.g. sudo $(which gradcomp) bench net ...)", file=sys.stderr)
         return 1
-    unsupported = hierarchy_missing(args.methods)
+    unsupported = hierarchy_missing(args.methods) if args.mode == "ddp" else fsdp_missing(args.mode)
     if unsupported:  # before any namespace and minutes of the other methods
         print(f"gradcomp bench net: {unsupported}; nothing was done", file=sys.stderr)
         return 1
@@ -281,7 +326,7 @@ def main(argv=None, out_dir: str = ".") -> int:
     if missing:
         print(f"gradcomp bench net: needs iproute2's {' and '.join(missing)} on PATH", file=sys.stderr)
         return 1
-    out = args.out or os.path.join(out_dir, f"net-{args.rate}-{topology_name(args)}.json")
+    out = args.out or os.path.join(out_dir, output_name(args))
     out_folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_folder, exist_ok=True)
     if not os.access(out_folder, os.W_OK):  # before minutes of measuring, not after
@@ -340,7 +385,7 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
     result_path = os.path.join(workdir, f"{phase_tag}.json")
     config = {k: getattr(args, k) for k in ("world", "nodes", "ranks_per_node", "methods", "params", "batch",
                                             "steps", "warmup", "bucket_cap_mb", "powersgd_rank", "threads",
-                                            "rate_bps")}
+                                            "rate_bps", "mode")}
     config.update(phase=phase, result=result_path, master=netns.address(0))
     config_path = os.path.join(workdir, f"{phase_tag}-config.json")
     with open(config_path, "w") as f:
@@ -354,7 +399,7 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.world), LOCAL_RANK=str(r % per_node),
                        LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(r // per_node),
                        MASTER_ADDR=netns.address(0), MASTER_PORT=str(PORT), GLOO_SOCKET_IFNAME="eth0",
-                       PYTHONUNBUFFERED="1")
+                       PYTHONUNBUFFERED="1", PYTHONPATH=_worker_pythonpath())
             log = open(os.path.join(workdir, f"{phase_tag}-rank{r}.log"), "w")  # closed in the finally below
             logs.append(log)
             # rank 0 prints progress here; every rank's output is also in its log for errors
@@ -388,6 +433,20 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             log.close()
 
 
+def _worker_pythonpath() -> str:
+    """PYTHONPATH for the ranks: they import gradcomp from where this process did (a source
+    tree run with PYTHONPATH, or from its folder, included), not whichever copy is installed;
+    a site-packages folder, on the path anyway, is not put before the standard library."""
+    import site
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sites = {os.path.abspath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
+    if root not in sites and (not paths or os.path.abspath(paths[0]) != root):
+        paths.insert(0, root)
+    return os.pathsep.join(paths)
+
+
 def _tail(path: str, lines: int = 25) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
@@ -413,28 +472,33 @@ def _merge(runs: list[dict]) -> dict:
             "codec_ms_per_step": statistics.fmean(m["codec_ms_per_step"] for m in ms),
             "round_medians_ms": [m["step_ms"] for m in ms],
         }
-        for key in SPLIT_STATS:
+        for key in (*SPLIT_STATS, "allgather_bytes"):
             if all(f"{key}_per_step" in m for m in ms):
                 merged["methods"][method][f"{key}_per_step"] = statistics.fmean(m[f"{key}_per_step"] for m in ms)
+        if all("compression_ratio" in m for m in ms):
+            merged["methods"][method]["compression_ratio"] = statistics.fmean(m["compression_ratio"] for m in ms)
     return merged
 
 
 def _summarize(args, phases: dict, runs: dict) -> dict:
     shaped = phases["shaped"]
     unshaped = phases.get("unshaped")
-    floor = unshaped["methods"]["allreduce"]["step_ms"] if unshaped and "allreduce" in unshaped["methods"] else None
+    mode = getattr(args, "mode", "ddp")
+    base = baseline(mode)
+    floor = unshaped["methods"][base]["step_ms"] if unshaped and base in unshaped["methods"] else None
     rate = shaped["link_bps"]
     print()
     per_node = args.ranks_per_node
     topology = f"{args.world} ranks" if per_node == 1 else \
         f"{args.world} ranks ({args.nodes} nodes × {per_node} ranks)"
-    print(f"gradcomp bench net: {topology}, MLP of {shaped['parameters'] / 1e6:.1f} M parameters, batch "
-          f"{args.batch} per rank, {shaped['threads']} thread(s) a rank, median of {args.rounds} × {args.steps} steps")
+    print(f"gradcomp bench net ({MODE_TEXT[mode]}): {topology}, MLP of {shaped['parameters'] / 1e6:.1f} M "
+          f"parameters, batch {args.batch} per rank, {shaped['threads']} thread(s) a rank, median of "
+          f"{args.rounds} × {args.steps} steps")
     print(f"link{' between nodes' if per_node > 1 else ''}: tbf rate {args.rate} burst {args.burst}: "
           f"measured {rate / 1e9:.3f} Gbit/s"
           + (f"; unshaped {unshaped['link_bps'] / 1e9:.2f} Gbit/s" if unshaped else ""))
     print(f"step without communication: {shaped['compute_ms']:.0f} ms"
-          + (f"; floor (plain all-reduce, unshaped link): {floor:.0f} ms" if floor else ""))
+          + (f"; floor ({FLOOR_TEXT[mode]}, unshaped link): {floor:.0f} ms" if floor else ""))
     print(f"{'method':<16} {'shaped ms':>9} {'unshaped':>9} {'x floor':>8} {'x own':>6} {'MB sent':>8} "
           f"{'node MB':>8} " + (f"{'MB/rank':>8} " if per_node > 1 else "") + f"{'wire ms':>8} {'codec ms':>8}")
     rows = {}
@@ -457,9 +521,11 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
                "shaped_steps_ms": s["steps_ms"], "unshaped_steps_ms": u["steps_ms"] if u else None,
                "shaped_round_medians_ms": s["round_medians_ms"],
                "unshaped_round_medians_ms": u["round_medians_ms"] if u else None}
-        for key in SPLIT_STATS:  # gradcomp's own split, where its State counts it
+        for key in (*SPLIT_STATS, "allgather_bytes"):  # gradcomp's own split, where its State counts it
             if f"{key}_per_step" in s:
                 row[f"{key}_per_step"] = s[f"{key}_per_step"]
+        if "compression_ratio" in s:
+            row["compression_ratio"] = s["compression_ratio"]
         rows[method] = row
 
         def fmt(v, spec, width, unit=""):
@@ -470,14 +536,19 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
               f"{s['bytes_per_step'] / 1e6:>8.2f} {inter / 1e6:>8.2f} "
               + (f"{inter / per_node / 1e6:>8.2f} " if per_node > 1 else "")
               + f"{inter_wire_ms:>8.0f} {s['codec_ms_per_step']:>8.0f}")
-    print("(x floor: shaped step / plain all-reduce's unshaped step; x own: shaped / the method's unshaped step; "
+    print(f"(x floor: shaped step / {FLOOR_TEXT[mode]}'s unshaped step; x own: shaped / the method's unshaped step; "
           "MB sent: what rank 0 sent a step, counted"
           + (", to its own node's ranks too" if per_node > 1 else "")
+          + ("" if mode == "ddp" else f", gradient reduction only ({BYTES_TEXT}; {GLOO_RS_TEXT})")
           + "; node MB: what a node's eth0 sent to the other nodes a step, headers included, mean over nodes"
+          + ("" if mode != "fsdp" else ", FSDP2's all-gathers included")
           + ("; MB/rank: node MB / ranks a node" if per_node > 1 else "")
           + "; wire ms: node MB at the measured rate; codec ms: gradcomp's encode + decode, wall time)")
     return {
-        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "meta": {"mode": mode, "baseline": base,
+                 "bytes_counted": "gradient reduction only" + ("" if mode == "ddp" else f" ({BYTES_TEXT})"),
+                 **({} if mode == "ddp" else {"note": GLOO_RS_TEXT}),
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "argv": sys.argv[1:], "rate": args.rate, "burst": args.burst,
                  "latency": args.latency, "world": args.world, "nodes": args.nodes,
@@ -491,6 +562,16 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
         "methods": rows,
         "rounds": runs,
     }
+
+
+MODE_TEXT = {"ddp": "DDP", "fsdp": "FSDP2, fully_shard over all ranks",
+             "hsdp": "HSDP, FSDP2 within a node, replicas across nodes"}
+FLOOR_TEXT = {"ddp": "plain all-reduce", "fsdp": "plain: FSDP2's own reduce-scatter",
+              "hsdp": "plain: FSDP2's reduce-scatter + exact replica all-reduce"}
+BYTES_TEXT = "FSDP2's parameter all-gathers are the same for every method and not counted"
+GLOO_RS_TEXT = ("plain's reduce-scatter is counted as a ring's, (W-1)/W of the gradient; torch's Gloo (2.13 at least) "
+                "sends an all-reduce's 2(W-1)/W for a reduce_scatter_tensor, which the measured eth0 / lo bytes and "
+                "the step times show; gradcomp's reduce-scatter is its own all-to-all")
 
 
 def _cpu_name() -> str:
@@ -600,9 +681,37 @@ def _model(params: float):
 SPLIT_STATS = ("bytes_sent_intra_node", "bytes_sent_inter_node")
 
 
-def _split_bytes(m) -> dict[str, float]:
-    """gradcomp's counts of the bytes this rank sent within its node and to other nodes,
-    where its State keeps them (a hierarchical one); empty otherwise."""
+def _mesh(mode: str, world: int, nodes: int, per_node: int):
+    """FSDP2's device mesh: the world (``fsdp``), or (replicate = nodes, shard = a node's
+    contiguous ranks) (``hsdp``); None for DDP."""
+    if mode == "ddp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if mode == "hsdp":
+        return init_device_mesh("cpu", (nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (world,))
+
+
+def _shard(net, mesh, mode: str):
+    """``fully_shard`` on each layer with parameters, then on the root: over the whole mesh
+    (FSDP) or its shard dimension, a node's ranks (HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    shard_mesh = mesh["shard"] if mode == "hsdp" else mesh
+    for layer in net:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=shard_mesh)
+    fully_shard(net, mesh=shard_mesh)
+    return net
+
+
+def _split_bytes(m, steps: int) -> dict[str, float]:
+    """gradcomp's counts of the bytes this rank sent within its node and to other nodes in
+    its first ``steps`` steps, where its State keeps them (a hierarchical one) or the method
+    knows them (HSDP's); empty otherwise."""
+    if hasattr(m, "split_bytes"):
+        return m.split_bytes(steps)
     stats = m.state.stats if m.state is not None else {}
     return {key: float(stats[key]) for key in SPLIT_STATS if key in stats}
 
@@ -614,7 +723,7 @@ def _worker(config_path: str) -> int:
 
     import gradcomp
 
-    from .methods import Method, bucket_cap_mb, make_ddp
+    from .methods import FSDPMethod, Method, bucket_cap_mb, make_ddp
 
     with open(config_path) as f:
         cfg = json.load(f)
@@ -627,6 +736,8 @@ def _worker(config_path: str) -> int:
     link_bps = _measure_link(rank, cfg["master"], max(16 << 20, int(cfg["rate_bps"] / 8 * 2)), sender=per_node)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
     try:
+        mode = cfg.get("mode", "ddp")
+        mesh = _mesh(mode, world, nodes, per_node)
         torch.manual_seed(1000 + rank)
         model, layers, width = _model(cfg["params"])
         x = torch.randn(cfg["batch"], width)
@@ -653,20 +764,25 @@ def _worker(config_path: str) -> int:
         for method in cfg["methods"]:
             torch.manual_seed(0)
             net, _, _ = _model(cfg["params"])
-            ddp = make_ddp(net, bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
-            opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+            if mode == "ddp":
+                trained = make_ddp(net, bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
+                attach = Method(method, trained, powersgd_rank=cfg["powersgd_rank"], ranks_per_node=per_node)
+            else:
+                trained = _shard(net, mesh, mode)
+                attach = FSDPMethod(method, trained, mode=mode, mesh=mesh)
+            opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
 
-            def step(ddp=ddp, opt=opt):
+            def step(trained=trained, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(ddp(x), y).backward()
+                nn.functional.cross_entropy(trained(x), y).backward()
                 opt.step()
 
-            with Method(method, ddp, powersgd_rank=cfg["powersgd_rank"], ranks_per_node=per_node) as m:
+            with attach as m:
                 dist.barrier()
                 for _ in range(cfg["warmup"]):
                     step()
                 sent0, codec0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds()
-                split0 = _split_bytes(m)
+                split0 = _split_bytes(m, cfg["warmup"])
                 tx0 = _drained_tx_bytes(reader)
                 times = timed_steps(step, 0, cfg["steps"])
                 tx1 = _drained_tx_bytes(reader)
@@ -683,7 +799,11 @@ def _worker(config_path: str) -> int:
                     "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / cfg["steps"],
                     "stats": dict(m.state.stats) if m.state is not None else None,
                 }
-                for key, value in _split_bytes(m).items():  # gradcomp's own intra / inter-node counts
+                if m.state is not None:  # gradcomp's own uncompressed / sent over the run
+                    methods[method]["compression_ratio"] = float(m.state.stats["ratio"])
+                if hasattr(m, "allgather_per_step"):  # FSDP2's parameter all-gathers: computed, not counted
+                    methods[method]["allgather_bytes_per_step"] = m.allgather_per_step
+                for key, value in _split_bytes(m, total).items():  # gradcomp's own intra / inter-node counts
                     methods[method][f"{key}_per_step"] = (value - split0[key]) / cfg["steps"]
             if rank == 0:
                 r = methods[method]
@@ -692,7 +812,7 @@ def _worker(config_path: str) -> int:
                       f"{statistics.fmean(node_tx) / 1e6:8.2f} MB/step from a node to the others", flush=True)
         if rank == 0:
             with open(cfg["result"], "w") as f:
-                json.dump({"link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,
+                json.dump({"mode": mode, "link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,
                            "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
                            "width": width, "threads": threads, "torch": torch.__version__,
                            "gradcomp": gradcomp.build_info()}, f)

@@ -60,8 +60,15 @@ def shard(model: Net, mesh, args) -> Net:
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.get("param_dtype")],
                                   reduce_dtype=DTYPES[args.get("reduce_dtype")])
     kw = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
+    block_kw = dict(kw)
+    if args.get("shard1"):  # weights whose dim 1 divides evenly (and dim 0 does not) shard on dim 1
+        from torch.distributed.tensor import Shard
+
+        n = mesh.size()
+        block_kw["shard_placement_fn"] = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % n == 0 and \
+            p.shape[0] % n else None
     for b in model.blocks:
-        fully_shard(b, **kw)
+        fully_shard(b, **block_kw)
     fully_shard(model, **kw)
     return model
 
@@ -229,6 +236,16 @@ def scenario_errors(rank, world, args):
         attempt("old_torch", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8"))
     finally:
         FSDPModule.set_custom_reduce_scatter = saved
+    attempt("chunk_numel", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", chunk_numel=4096))
+    # the replica group of a model sharded over the whole world: every rank holds another shard
+    wrong = shard(Net(), mesh, {})
+    gradcomp.fsdp.register(wrong, "int8", replicate_group=dist.group.WORLD)
+    attempt("replicas_hold_other_shards", lambda: ((wrong(x) - y) ** 2).mean().backward())
+    # a divide factor set after register would scale every gradient silently
+    rescaled = shard(Net(), mesh, {})
+    gradcomp.fsdp.register(rescaled, "int8")
+    rescaled.set_gradient_divide_factor(2.0)
+    attempt("divide_factor", lambda: ((rescaled(x) - y) ** 2).mean().backward())
     other = shard(Net(), mesh, {})
     gradcomp.fsdp.register(other, "int8")
     comm = units_of(other)[0]._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm

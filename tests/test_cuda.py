@@ -515,10 +515,11 @@ def test_nccl_all_reduce_world_size_one_forced(nccl_world1):
 @pytest.mark.parametrize("codec", ["int8", "int4:stochastic", "sign"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fsdp_reduce_scatter_on_cuda_is_the_cpu_result(codec, dtype):
-    """The engine's reduce-scatter (what gradcomp.fsdp's comm runs, on the stream FSDP hands it)
-    for 3 simulated ranks as threads on one GPU: the same bytes as on the CPU, step after step
+    """The engine's reduce-scatter (what gradcomp.fsdp's comm runs) for 3 simulated ranks as
+    threads on one GPU, on its default stream: the same bytes as on the CPU, step after step
     (residuals carried), a non-finite value included. One GPU never makes FSDP call the comm,
-    so the ranks' all-to-all is a loopback."""
+    so the ranks' all-to-all is a loopback; NCCL's all-to-all and FSDP's streams await a
+    machine with several GPUs."""
     from test_fsdp import engine_reduce_scatter, random_layout, same
 
     world = 3

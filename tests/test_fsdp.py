@@ -78,7 +78,8 @@ def check_grads_are_outputs(outs, world):
                 for p in pieces:
                     n = p["real"][r]
                     if n:
-                        assert same(grads[p["key"]].reshape(-1), outputs[unit][p["offset"] : p["offset"] + n]), \
+                        g = grads[p["key"]].reshape(-1)  # in the parameter's dtype: FSDP casts the output
+                        assert same(g, outputs[unit][p["offset"] : p["offset"] + n].to(g.dtype)), \
                             f"rank {r} step {step}: {p['key']}'s gradient is not the reduce-scatter's output"
 
 
@@ -99,10 +100,13 @@ def test_fsdp2_reduce_scatter_is_the_reference_bit_for_bit(tmp_path, world):
 
 def test_fsdp2_stochastic_int4_without_error_feedback_and_warm_up(tmp_path):
     """3 ranks (uneven padding), int4 with stochastic rounding and no residual, the first step
-    exact (start_step=1)."""
-    outs = run(3, tmp_path, codec="int4:ef=0:stochastic", steps=3,
+    exact (start_step=1); the blocks' down weights sharded on dim 1 (Shard(1): even chunks)."""
+    outs = run(3, tmp_path, codec="int4:ef=0:stochastic", steps=3, shard1=True,
                state={"min_numel": MIN, "seed": 77, "start_step": 1})
     check_reduce_scatter(outs, 3, bits=4, start_step=1, rounding_seed=77, error_feedback=False)
+    check_grads_are_outputs(outs, 3)
+    down = [d for unit in outs[0]["layout"] for d in unit if d["key"].endswith("down.weight")]
+    assert down and all(d["real"] == [d["chunk"]] * 3 and d["chunk"] == 37 * 37 for d in down)
     assert outs[0]["final"]["residuals"] == {}
 
 
@@ -112,6 +116,7 @@ def test_fsdp2_mixed_precision(tmp_path, mp):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[mp["reduce_dtype"]]
     assert outs[0]["calls"][0][0][1].dtype == dtype
     check_reduce_scatter(outs, 2)
+    check_grads_are_outputs(outs, 2)
 
 
 def test_fsdp2_gradient_accumulation_reduces_once_a_step(tmp_path):
@@ -184,6 +189,23 @@ def test_hsdp_2x2_replica_all_reduce_is_the_reference_and_replicas_match(tmp_pat
         assert held == compressed and 0 < held <= shard
 
 
+def test_hsdp_2x2_bf16_reduce_dtype(tmp_path):
+    """HSDP with FSDP reducing in bf16: gradcomp's all-reduce takes the bf16 shard; replicas
+    stay bit-identical and the result is the replicas' mean within int8's error."""
+    world, L = 4, 2
+    outs = run(world, tmp_path, codec="int8", steps=2, per_node=L, reduce_dtype="bf16", state={"min_numel": MIN})
+    worst = 0.0
+    for step in range(2):
+        for ci, (unit, before, after) in enumerate(outs[0]["calls"][step]):
+            assert before.dtype == after.dtype == torch.bfloat16
+            for s in range(L):
+                mine, other = outs[s]["calls"][step][ci], outs[s + L]["calls"][step][ci]
+                assert same(mine[2], other[2]), f"step {step} unit {unit}: replicas of shard {s} differ"
+                mean = (mine[1].float() + other[1].float()) / 2
+                worst = max(worst, float((mine[2].float() - mean).abs().max() / mean.abs().max()))
+    assert 0 < worst < 0.03, worst
+
+
 @pytest.mark.parametrize("how,world,per_node", [("torch", 2, None), ("dcp", 2, None), ("dcp", 4, None),
                                                 ("dcp", 4, 2)])
 def test_fsdp_resume_is_bit_for_bit(tmp_path, how, world, per_node):
@@ -222,6 +244,9 @@ def test_fsdp_errors_are_clear(tmp_path):
         "layout_changed": "parameters requiring grad changed",
         "avg": "takes SUM only",
         "old_torch": "which torch",
+        "chunk_numel": "chunk_numel applies to HSDP's replica all-reduce only",
+        "replicas_hold_other_shards": "replicate_group must join the ranks that hold the same shard",
+        "divide_factor": "with divide factor 2.0",
     }
     for name, text in expect.items():
         assert msgs[name] is not None and text in msgs[name], f"{name}: {msgs[name]}"

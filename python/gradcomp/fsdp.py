@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import codecs
 from .collectives import run_to_end
-from .engine import Call, GradcompError, Topology
+from .engine import Call, GradcompError, Topology, agree
 from .engine.reduce_scatter import Chunked, plan_reduce_scatter, reduce_scatter_
 from .state import State
 
@@ -75,11 +75,33 @@ class FSDPState(State):
             self._units_this_step.add(unit)
         return self._current_step
 
-    def _first_call(self, group, device: torch.device) -> None:
-        """The configuration check over ``group`` (once), and that every unit reduces over it."""
+    def _world_rank(self) -> tuple[int, int]:
+        """The whole job's world size and this rank's global rank: a checkpoint entry belongs to
+        one rank of the job (under HSDP the replica group's rank alone would not say which shard
+        its residuals are of)."""
+        return dist.get_world_size(), dist.get_rank()
+
+    def _compressing(self, step: int) -> bool:
+        world = dist.get_world_size(self._group())
+        return (world > 1 or self.force_compression) and step >= self.start_step
+
+    def _first_call(self, group, device: torch.device, shard: tuple | None = None) -> None:
+        """The configuration check (once), and that every unit reduces over the same group.
+        ``shard``: HSDP's (shard group, its size, this rank's index in it): the node's ranks
+        must run one configuration too, and the replica group must join ranks holding the same
+        shard, or its all-reduce would average different shards."""
         if self._group_seen is None:
             self._group_seen = group
             self._check_loaded()
+            if shard is not None:
+                shard_group, size, index = shard
+                agree(shard_group, device, self.config(), self.seed)
+                _, rows = agree(group, device, self.config(), self.seed, (size, index))
+                if len({tuple(r) for r in rows}) != 1:
+                    raise GradcompError("gradcomp.fsdp: replicate_group must join the ranks that hold the same shard "
+                                        "(one rank of each node, of the same index within its node); its ranks hold "
+                                        f"shards (shard group size, index) {[tuple(r) for r in rows]}: pass the "
+                                        "replicate dimension of the mesh the model was sharded on")
             self._ready(group, device, None)
             self._log_once(dist.get_world_size(group))
         elif group is not self._group_seen:
@@ -111,14 +133,17 @@ def _require(module, names: tuple, what: str) -> None:
 
 
 def _replicate_of(replicate_group):
-    """A ProcessGroup, or a 2-D DeviceMesh whose replicate dimension is named "replicate" (or is dim 0)."""
+    """A ProcessGroup, a 1-D DeviceMesh, or a 2-D DeviceMesh whose replicate dimension is named
+    "replicate" (or is dim 0)."""
     if isinstance(replicate_group, dist.ProcessGroup):
         return replicate_group
     mesh = replicate_group
     if hasattr(mesh, "get_group") and hasattr(mesh, "ndim"):
+        if mesh.ndim == 1:  # the replicate dimension itself, e.g. mesh["replicate"]
+            return mesh.get_group()
         if mesh.ndim != 2:
-            raise ValueError(f"gradcomp.fsdp: replicate_group as a DeviceMesh must be 2-D (replicate, shard), got "
-                             f"{mesh.ndim}-D")
+            raise ValueError(f"gradcomp.fsdp: replicate_group as a DeviceMesh must be 2-D (replicate, shard) or its "
+                             f"1-D replicate dimension, got {mesh.ndim}-D")
         names = mesh.mesh_dim_names or ()
         return mesh.get_group("replicate" if "replicate" in names else 0)
     raise TypeError(f"gradcomp.fsdp: replicate_group must be a ProcessGroup or a 2-D DeviceMesh, got "
@@ -193,13 +218,16 @@ class CompressedReduceScatter:
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op=dist.ReduceOp.SUM,
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op=None,
                  async_op: bool = False):
         unit, state = self.unit, self.unit.state
-        if op != dist.ReduceOp.SUM:
-            raise GradcompError(f"gradcomp.fsdp: {unit.what()} was asked for reduce op {op}; gradcomp owns the "
-                                "scaling and takes SUM only (register sets set_force_sum_reduction_for_comms(True) "
-                                "and set_gradient_divide_factor(1.0) on every unit: do not change them)")
+        scaling = (getattr(unit.group, "gradient_divide_factor", 1.0), getattr(unit.group,
+                                                                              "force_sum_reduction_for_comms", True))
+        if (op is not None and op != dist.ReduceOp.SUM) or scaling[0] not in (None, 1.0) or not scaling[1]:
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()} was asked for reduce op {op} with divide factor "
+                                f"{scaling[0]} and force-sum {scaling[1]}; gradcomp owns the scaling and takes SUM "
+                                "only (register sets set_force_sum_reduction_for_comms(True) and "
+                                "set_gradient_divide_factor(1.0) on every unit: do not change them)")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if input_tensor.dim() != 1 or output_tensor.dim() != 1 or input_tensor.numel() != world * output_tensor.numel():
             raise GradcompError(f"gradcomp.fsdp: {unit.what()}: a reduce-scatter input of {input_tensor.numel()} and "
@@ -242,9 +270,14 @@ class CompressedReplicaAllReduce:
             raise GradcompError(f"gradcomp.fsdp: {unit.what()}: set_requires_all_reduce(False) is not supported with "
                                 "gradcomp's replica all-reduce (FSDP runs the hook on every microbatch's shard); "
                                 "accumulate with set_requires_gradient_sync(False) instead")
-        state._first_call(group, reduce_output.device)
-        shard_world = unit.group.mesh_info.shard_mesh_size
-        shard_rank = unit.group.mesh_info.shard_mesh_rank
+        mesh_info = unit.group.mesh_info
+        shard_world, shard_rank = mesh_info.shard_mesh_size, mesh_info.shard_mesh_rank
+        state._first_call(group, reduce_output.device, (mesh_info.shard_process_group, shard_world, shard_rank))
+        if reduce_output.is_cuda:
+            # FSDP keeps this buffer alive for its native HSDP only: without this, a cast or an
+            # accumulation after the hook frees it to the allocator while the exchange queued on
+            # this stream still reads and writes it (no host sync either way)
+            reduce_output.record_stream(torch.cuda.current_stream(reduce_output.device))
         pieces = unit.pieces(shard_world)
         unit.check_size(reduce_output.numel(), sum(p.chunk for p in pieces), "reduce-scattered shard")
         step = state._begin(unit.index)
@@ -274,8 +307,9 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
             A ProcessGroup or a 2-D DeviceMesh ``(replicate, shard)``: HSDP on a model sharded
             with ``fully_shard`` over the shard (intra-node) mesh only; FSDP's reduce-scatter
             stays exact and gradcomp compresses the all-reduce across the replica group.
-        **options: State options: min_numel, start_step, force_compression, timeout, seed,
-            and (HSDP only) chunk_numel.
+        **options: State options: min_numel, start_step, seed, force_compression (compress
+            even over one replica: HSDP on one node; FSDP itself never calls its reduce-scatter
+            at world size 1), and (HSDP only) chunk_numel.
 
     Returns the :class:`FSDPState`: keep it, checkpoint it per rank with ``state_dict()``.
     """

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import codecs
 from .collectives import run_to_end
 from .engine import Call, GradcompError, Topology, agree
-from .engine.reduce_scatter import Chunked, plan_reduce_scatter, reduce_scatter_
+from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_
 from .state import State
 
 __all__ = ["register", "FSDPState"]
@@ -163,7 +163,6 @@ class _Unit:
         self.names = [names[id(fp.sharded_param)] for fp in self.params]
         self.first_index = first_index
         self._layout_cache: dict = {}
-        self._plans: dict = {}
         self.topology = None
 
     def what(self) -> str:
@@ -237,22 +236,9 @@ class CompressedReduceScatter:
         unit.check_size(output_tensor.numel(), sum(p.chunk for p in pieces), "reduce-scatter output")
         step = state._begin(unit.index)
         compress = state._compressing(step)
-        key = (world, rank, input_tensor.dtype, input_tensor.device, compress)
-        cached = unit._plans.get(key)
-        if cached is None or cached[0] != state.engine.store.version:
-            plan = plan_reduce_scatter(state.engine, pieces, world, rank, input_tensor.dtype, input_tensor.device,
-                                       compress)
-            cached = unit._plans[key] = (state.engine.store.version, plan)
-        plan = cached[1]
-        sent, codec_s = reduce_scatter_(state.engine, plan, input_tensor, output_tensor, group, step)
-        s = state.stats
-        s["bytes_sent"] += sent
-        s["bytes_uncompressed"] += (world - 1) * output_tensor.numel() * input_tensor.element_size()
-        s["codec_seconds"] += codec_s
-        s["buckets_compressed" if plan.params_compressed else "buckets_fallback"] += 1
-        s["params_compressed"] += plan.params_compressed
-        s["params_fallback"] += plan.params_fallback
-        s["ratio"] = s["bytes_uncompressed"] / s["bytes_sent"] if s["bytes_sent"] else 1.0
+        plan = cached_plan(state.engine, unit.index, pieces, world, rank, input_tensor.dtype, input_tensor.device,
+                           compress)
+        reduce_scatter_(state.engine, plan, input_tensor, output_tensor, group, step)
         return None  # FSDP reads the output when the call returns: the work is done
 
 

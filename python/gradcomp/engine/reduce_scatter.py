@@ -63,6 +63,18 @@ def compressible(engine, piece: Chunked, dtype: torch.dtype) -> bool:
     return isinstance(c, codecs.BlockQuantizer) and piece.numel >= engine.min_numel and dtype in c.dtypes
 
 
+def cached_plan(engine, unit, pieces: list[Chunked], world: int, rank: int, dtype: torch.dtype,
+                device: torch.device, compress: bool) -> RSPlan:
+    """``unit``'s plan (any hashable naming the layout), kept in the engine's plan cache beside
+    its all-reduce plans and rebuilt, as they are, when the residual store's version moves."""
+    key = ("reduce_scatter", unit, world, rank, dtype, device, compress)
+    cached = engine._plans.get(key)
+    if cached is None or cached[0] != engine.store.version:
+        cached = engine._plans[key] = (engine.store.version, plan_reduce_scatter(engine, pieces, world, rank, dtype,
+                                                                                 device, compress))
+    return cached[1]
+
+
 def plan_reduce_scatter(engine, pieces: list[Chunked], world: int, rank: int, dtype: torch.dtype,
                         device: torch.device, compress: bool) -> RSPlan:
     """The tables of one layout. Destination j's payload shard lists the blocks of row j
@@ -126,7 +138,8 @@ def reduce_scatter_(engine, plan: RSPlan, inp: torch.Tensor, out: torch.Tensor, 
                     all_to_all=None) -> tuple:
     """Writes the mean of the W ranks' rows ``plan.rank`` into ``out`` ([S], any float dtype),
     from ``inp`` ([W · S], this rank's rows; used as scratch when float32). Runs on the
-    current stream with no host sync; returns (bytes this rank sent, codec seconds on CPU).
+    current stream with no host sync; counts the call in ``engine.stats`` and returns (bytes
+    this rank sent, codec seconds on CPU).
     ``all_to_all(recv, send)`` returns a handle to wait on; default: ``all_to_all_single`` over
     ``group`` (tests pass a loopback among threads)."""
     if all_to_all is None:
@@ -182,4 +195,13 @@ def reduce_scatter_(engine, plan: RSPlan, inp: torch.Tensor, out: torch.Tensor, 
             acc.index_copy_(0, plan.exact_cols, lane_sum)
     acc.div_(W)
     out.copy_(acc)
-    return float(sent), (codec_s if timed else 0.0)
+    codec_s = codec_s if timed else 0.0
+    st = engine.stats
+    st["bytes_sent"] += sent
+    st["bytes_uncompressed"] += (W - 1) * S * inp.element_size()  # a ring reduce-scatter's
+    st["codec_seconds"] += codec_s
+    st["buckets_compressed" if plan.params_compressed else "buckets_fallback"] += 1
+    st["params_compressed"] += plan.params_compressed
+    st["params_fallback"] += plan.params_fallback
+    st["ratio"] = st["bytes_uncompressed"] / st["bytes_sent"] if st["bytes_sent"] else 1.0
+    return float(sent), codec_s

@@ -122,14 +122,14 @@ def is_fsdp_method(method: str) -> bool:
 
 def _parse_with_fsdp(text: str) -> list[str]:
     """parse_methods, plus ``fsdp`` (FSDP2's own reduce-scatter) and ``fsdp:<spec>``
-    (gradcomp.fsdp.register with that codec)."""
-    from . import codecs
+    (gradcomp.fsdp.register with that codec; bench net's parse_fsdp_methods checks it)."""
+    from .benchmarks.methods import parse_fsdp_methods
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
         if m.startswith(FSDP_PREFIX):
             try:
-                codecs.parse(m[len(FSDP_PREFIX):])
+                parse_fsdp_methods(m[len(FSDP_PREFIX):])
             except ValueError as e:
                 raise ValueError(f"{m!r}: {FSDP_PREFIX} takes a gradcomp codec spec (e.g. {FSDP_PREFIX}int8): "
                                  f"{e}") from e
@@ -144,17 +144,12 @@ def _fsdp_method(method: str, model, device, start_step: int):
     """The demo's MLP sharded with FSDP2 (each Linear a unit, then the root), reduced by FSDP's
     own reduce-scatter (``fsdp``) or gradcomp's (``fsdp:<spec>``): benchmarks.methods.FSDPMethod."""
     import torch.distributed as dist
-    import torch.nn as nn
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    from .benchmarks.methods import FSDP_PLAIN, FSDPMethod
+    from .benchmarks.methods import FSDP_PLAIN, FSDPMethod, fully_shard_layers
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard_layers(model, mesh)
     name = method[len(FSDP_PREFIX):] if method.startswith(FSDP_PREFIX) else FSDP_PLAIN
     return FSDPMethod(name, model, mode="fsdp", mesh=mesh, start_step=start_step)
 
@@ -246,7 +241,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         codec_s = m.codec_seconds()
         stats = dict(m.state.stats) if m.state is not None else None
         residual_bytes = (sum(r.numel() * r.element_size() for r in m.state.residuals.values())
-                          if getattr(m, "state", None) is not None else 0)
+                          if m.state is not None else 0)
     # the loss curve averaged over ranks (after training: not part of any timed step)
     curve = torch.tensor(losses, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(curve)

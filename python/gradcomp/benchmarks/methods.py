@@ -270,6 +270,18 @@ def fsdp_missing(mode: str) -> str | None:
     return None
 
 
+def fully_shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """``fully_shard`` on each child of ``model`` that holds parameters (an FSDP unit each),
+    then on ``model`` itself: how the benchmarks and the demo shard their MLPs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.children():
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def fsdp_units(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 

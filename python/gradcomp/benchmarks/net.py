@@ -696,14 +696,9 @@ def _mesh(mode: str, world: int, nodes: int, per_node: int):
 def _shard(net, mesh, mode: str):
     """``fully_shard`` on each layer with parameters, then on the root: over the whole mesh
     (FSDP) or its shard dimension, a node's ranks (HSDP)."""
-    from torch.distributed.fsdp import fully_shard
+    from .methods import fully_shard_layers
 
-    shard_mesh = mesh["shard"] if mode == "hsdp" else mesh
-    for layer in net:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=shard_mesh)
-    fully_shard(net, mesh=shard_mesh)
-    return net
+    return fully_shard_layers(net, mesh["shard"] if mode == "hsdp" else mesh)
 
 
 def _split_bytes(m, steps: int) -> dict[str, float]:

@@ -41,7 +41,6 @@ PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 FSDP_PLAIN = "plain"  # FSDP2's own exact reduction, the FSDP and HSDP baseline
 FSDP_DEFAULT_METHODS = (FSDP_PLAIN, "int8", "int4")
-MODES = ("ddp", "fsdp", "hsdp")
 
 
 def parse_methods(text: str) -> list[str]:

@@ -417,6 +417,9 @@ def scenario_allreduce(rank, world, args):
         xs = allreduce_inputs(seed, rank, step, shapes, args.get("dtypes"))
         if drift is not None:
             xs = [x + args["drift"] * d for x, d in zip(xs, drift)]
+        for p_step, p_rank, p_index, p_value in args.get("poison", []):  # a non-finite element, here only
+            if (p_step, p_rank) == (step, rank):
+                xs[p_index].view(-1)[0] = float(p_value)
         out["inputs"].append([x.clone() for x in xs])
         arg = dict(zip(names, xs)) if names else xs
         try:
@@ -434,6 +437,7 @@ def scenario_allreduce(rank, world, args):
         out["outputs"].append([x.clone() for x in xs])
     out["stats"] = dict(state.stats)
     out["residuals"] = {k: r.clone() for k, r in state.residuals.items()}
+    out["factors"] = {k: q.clone() for k, q in state.engine.factors.items()}
     out["seed"], out["step"] = state.seed, state.step
     return out
 
@@ -442,7 +446,8 @@ def _fields(state) -> dict:
     """Every per-rank field of a State's checkpoint, as they stand."""
     world, rank = state._world_rank()
     return {"rank": rank, "world_size": world, "step": state.step, "seed": state.seed, "stats": dict(state.stats),
-            "config": state.config(), "residuals": {k: r.clone() for k, r in state.residuals.items()}}
+            "config": state.config(), "residuals": {k: r.clone() for k, r in state.residuals.items()},
+            "factors": {k: q.clone() for k, q in state.engine.factors.items()}}
 
 
 def out_dir_of_this_run() -> str:

@@ -413,3 +413,85 @@ def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dic
             acc = acc + got[i]
         outs.append(acc / world)
     return outs
+
+
+# ---------------------------------------------------------------- PowerSGD
+def powersgd_q0(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
+    """A key's first Q (or every step's, without warm start): N(0, 1) draws from a CPU
+    generator seeded with 63 bits of SHA-256("seed:ordinal:" + step or "")."""
+    import hashlib
+
+    words = f"{seed}:{ordinal}:{'' if step is None else step}".encode()
+    seed63 = int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1
+    return torch.randn(m, rank, generator=torch.Generator().manual_seed(seed63))
+
+
+def _mean_in_rank_order(parts: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
+    """What every rank holds after gradcomp's exact average of ``parts`` (one a rank): each
+    rank's part in the wire dtype divided by W there, summed in rank order in float32,
+    rounded back to the wire dtype."""
+    world = len(parts)
+    acc = torch.div(parts[0].to(wire), world).float()
+    for p in parts[1:]:
+        acc = acc + torch.div(p.to(wire), world).float()
+    return acc.to(wire)
+
+
+def powersgd_allreduce(inputs: list[list[torch.Tensor]], state: dict, rank: int, min_numel: int, seed: int,
+                       step: int, error_feedback: bool = True, warm_start: bool = True,
+                       wire: torch.dtype = torch.float32) -> list:
+    """PowerSGD over W ranks of one all_reduce call's tensors (keyed by position, one dtype),
+    one power iteration: for each tensor i seen as an n × m matrix (n its first dimension)
+    that has 2+ dimensions, min_numel elements and R(n + m) * 2 <= n m:
+
+        M_r = x_r + e_r;  P = mean_r(M_r Q);  P = QR(P).Q;  Q' = mean_r(M_rᵀ P);
+        out = P Q'ᵀ;  e_r = M_r - out;  Q = Q' (warm start; a zero column keeps the old one)
+
+    with means in rank order (``_mean_in_rank_order``). A non-finite value in any rank's
+    compressed tensors makes every compressed output NaN and keeps the residuals and Q.
+    ``state``: {"e": {(r, i): residual n × m}, "q": {i: Q}}, updated in place. Returns each
+    tensor's output (None where exact)."""
+    world = len(inputs)
+    e, qs = state.setdefault("e", {}), state.setdefault("q", {})
+    plans = []
+    for i, x in enumerate(inputs[0]):
+        n = x.shape[0] if x.dim() >= 2 else 0
+        m = x.numel() // n if n else 0
+        ok = x.dim() >= 2 and x.numel() >= min_numel and n and m and rank * (n + m) * 2 <= n * m
+        plans.append((i, n, m) if ok else None)
+    work = []
+    for plan in plans:
+        if plan is None:
+            continue
+        i, n, m = plan
+        q = powersgd_q0(seed, i, None if warm_start else step, m, rank) if (not warm_start or i not in qs) else qs[i]
+        ms = []
+        for r in range(world):
+            x = inputs[r][i].reshape(n, m)
+            ms.append(x.float() + e.get((r, i), torch.zeros(n, m)) if error_feedback else x.float())
+        work.append((i, n, m, q, ms))
+    bad = any(not torch.isfinite(mm).all() for *_, ms in work for mm in ms)
+    outs = [None] * len(plans)
+    ps = [_mean_in_rank_order([mm @ q for mm in ms], wire).float() for i, n, m, q, ms in work]
+    ps = [torch.linalg.qr(p).Q for p in ps]
+    for (i, n, m, q, ms), p in zip(work, ps):
+        qa = _mean_in_rank_order([mm.t() @ p for mm in ms], wire).float()
+        out = p @ qa.t()
+        dtype = inputs[0][i].dtype
+        if bad:
+            out = torch.full_like(out, float("nan"))
+        outs[i] = out.to(dtype).reshape(-1)
+        applied = out.to(dtype).float()
+        if not bad:
+            if error_feedback:
+                for r in range(world):
+                    e[(r, i)] = ms[r] - applied
+            if warm_start:
+                zero = (qa == 0).all(0, keepdim=True)
+                qs[i] = torch.where(zero, q, qa)
+        elif warm_start and i not in qs:
+            qs[i] = q
+        if error_feedback:  # the engine keeps a residual from the first call on, bad or not
+            for r in range(world):
+                e.setdefault((r, i), torch.zeros(n, m))
+    return outs

@@ -61,7 +61,7 @@ def all_reduce(tensors, state: State, *, async_op: bool = False):
         fut.set_result(tensors)
         return fut if async_op else tensors
     # the engine numbers keys in the order of the first call, on every rank the same
-    ordinals = state.engine.ordinals((k, t.numel(), t.dtype) for k, t in items)
+    ordinals = state.engine.ordinals((k, t.numel(), t.dtype, t.shape) for k, t in items)
     by_dtype: dict = {}
     for (_, t), o in zip(items, ordinals):
         by_dtype.setdefault(t.dtype, []).append((t, o))

@@ -1,5 +1,5 @@
 """Codec classes and the spec grammar: NAME[:OPTION...], e.g. "int8", "int4:block=512",
-"sign:block=1024", "int2:ef=0", "int4:stochastic", "int8:residual=bf16"."""
+"sign:block=1024", "int2:ef=0", "int4:stochastic", "int8:residual=bf16", "powersgd:4", "powersgd:16:bf16:warmup=100"."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import torch
 from .ops import BLOCK_SIZES
 
 __all__ = ["Codec", "BlockQuantizer", "Cast", "Int8", "Int4", "Int2", "Sign", "Fp16", "Bf16", "Sparsifier", "TopK",
-           "RandomK", "parse", "VALID_SPECS"]
+           "RandomK", "PowerSGD", "parse", "VALID_SPECS"]
 
 VALID_SPECS = ("int8", "int4", "int2", "sign", "<int8|int4|int2|sign>:block=<32..4096, power of two>",
                "<int8|int4|int2|sign>:ef=<0|1>", "<int8|int4|int2|sign>:residual=<fp32|bf16>",
                "<int8|int4|int2>:stochastic", "fp16", "bf16", "topk:<ratio>", "topk:<ratio>:approx",
-               "topk:<ratio>:<fp32|fp16|bf16>", "<topk|randomk>:<ratio>:ef=<0|1>", "randomk:<ratio>")
+               "topk:<ratio>:<fp32|fp16|bf16>", "<topk|randomk>:<ratio>:ef=<0|1>", "randomk:<ratio>",
+               "powersgd:<rank 1..256>", "powersgd:<rank>:<fp32|fp16|bf16>", "powersgd:<rank>:ef=<0|1>",
+               "powersgd:<rank>:warm=<0|1>", "powersgd:<rank>:warmup=<steps>")
 
 _RESIDUAL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -247,7 +249,106 @@ class RandomK(Sparsifier):
 
 
 _VALUE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_CODECS = {c.name: c for c in (Int8, Int4, Int2, Sign, Fp16, Bf16, TopK, RandomK)}
+
+
+class PowerSGD(Codec):
+    """Low-rank compression (PowerSGD, Vogels et al. 2019): each compressed parameter's
+    gradient, seen as an n × m matrix M (its first dimension by the rest), is sent as two
+    thin factors, P = M Q (n × R) and Q = Mᵀ P (m × R), with one power iteration a step.
+
+    Per parameter and rank, every step: M = gradient + residual; P = M Q with Q warm-started
+    from the previous step (the same on every rank); the P of every rank are averaged (in rank
+    order, exactly: docs/design.md, "Low rank"); P is orthogonalized (Householder QR, the same
+    bits on every rank since every rank holds the same P); Q = Mᵀ P, averaged; the parameter's
+    average is P Qᵀ on every rank, and the residual keeps M − P Qᵀ. The two averages of a
+    buffer are issued in a fixed order by the State's worker (Gloo) or side stream (NCCL), so
+    any number of DDP buckets works, replicas stay bit-identical, and per-rank checkpoints
+    (residuals and Q) resume bit for bit.
+
+    A parameter is compressed when it has two dimensions or more, at least ``min_numel``
+    elements, and R (n + m) ≤ n m / 2 (at least 2x fewer values); vectors (biases, norms) and
+    other small parameters are averaged exactly.
+
+    Args:
+        rank: R, the factors' columns, 1 to 256. Bytes per compressed parameter and rank: a
+            ring all-reduce of R (n + m) values, against n m uncompressed.
+        error_feedback: keep M − P Qᵀ and add it to the next step's gradient (PowerSGD needs
+            it: without it, the low-rank estimate is biased).
+        warm_start: start each step's power iteration from the previous step's Q (default); off,
+            Q is drawn anew every step from (seed, step, parameter).
+        factor_dtype: the factors' type on the wire: torch.float32 (default), float16 or
+            bfloat16 (half the bytes; the matrix products stay in float32).
+        warmup: steps of exact all-reduce before the first compressed one (torch's
+            ``start_powerSGD_iter``); the same as the State's ``start_step``, carried by the spec.
+
+    Memory on each rank, per compressed n × m parameter: 4 n m bytes of residual (error
+    feedback) and 4 m R of Q, plus the factors of the buffer in flight.
+    """
+
+    name = "powersgd"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    residual_dtype = torch.float32
+    min_rate = 2  # compress a matrix only if its factors are at least this many times smaller
+
+    def __init__(self, rank: int = 4, error_feedback: bool = True, warm_start: bool = True,
+                 factor_dtype: torch.dtype = torch.float32, warmup: int = 0):
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 256:
+            raise ValueError(f"gradcomp: rank must be an int in [1, 256], got {rank!r}")
+        if isinstance(factor_dtype, str):
+            factor_dtype = {v: k for k, v in _VALUE_NAMES.items()}.get(factor_dtype, factor_dtype)
+        if factor_dtype not in _VALUE_NAMES:
+            raise ValueError(f"gradcomp: factor_dtype must be torch.float32, float16 or bfloat16, got {factor_dtype!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"gradcomp: warmup must be a non-negative int, got {warmup!r}")
+        self.rank = rank
+        self.error_feedback = bool(error_feedback)
+        self.warm_start = bool(warm_start)
+        self.factor_dtype = factor_dtype
+        self.warmup = warmup
+
+    def matrix(self, shape) -> tuple[int, int] | None:
+        """(n, m), the matrix a parameter of ``shape`` is compressed as, or None when it is
+        not (fewer than two dimensions, or factors not ``min_rate`` times smaller)."""
+        if shape is None or len(shape) < 2:
+            return None
+        n = int(shape[0])
+        m = 1
+        for d in shape[1:]:
+            m *= int(d)
+        if n == 0 or m == 0 or self.rank * (n + m) * self.min_rate > n * m:
+            return None
+        return n, m
+
+    def config(self) -> dict:
+        return {"codec": self.name, "rank": self.rank, "error_feedback": self.error_feedback,
+                "warm_start": self.warm_start, "factor_dtype": _VALUE_NAMES[self.factor_dtype], "warmup": self.warmup}
+
+    def __repr__(self) -> str:
+        return (f"PowerSGD(rank={self.rank}, error_feedback={self.error_feedback}, warm_start={self.warm_start}, "
+                f"factor_dtype={self.factor_dtype}, warmup={self.warmup})")
+
+
+_CODECS = {c.name: c for c in (Int8, Int4, Int2, Sign, Fp16, Bf16, TopK, RandomK, PowerSGD)}
+
+
+def _parse_powersgd(spec, opts: list[str]) -> Codec:
+    if not opts or not opts[0].isdigit():
+        raise _bad_spec(spec, "powersgd needs a rank, e.g. powersgd:4")
+    kwargs = {"rank": int(opts[0])}
+    for opt in opts[1:]:
+        key, eq, value = opt.partition("=")
+        if not eq and opt in ("fp32", "fp16", "bf16"):
+            kwargs["factor_dtype"] = opt
+        elif key in ("ef", "warm") and value in ("0", "1"):
+            kwargs["error_feedback" if key == "ef" else "warm_start"] = value == "1"
+        elif key == "warmup" and value.isdigit():
+            kwargs["warmup"] = int(value)
+        else:
+            raise _bad_spec(spec, f"unknown option {opt!r} for powersgd")
+    try:
+        return PowerSGD(**kwargs)
+    except ValueError as e:
+        raise _bad_spec(spec, str(e)) from None
 
 
 def _parse_sparse(spec, name: str, opts: list[str]) -> Codec:
@@ -288,6 +389,8 @@ def parse(spec) -> Codec:
         raise _bad_spec(spec, f"unknown codec {name!r}")
     if issubclass(_CODECS[name], Sparsifier):
         return _parse_sparse(spec, name, opts)
+    if name == "powersgd":
+        return _parse_powersgd(spec, opts)
     if opts and issubclass(_CODECS[name], Cast):
         raise _bad_spec(spec, f"{name} takes no options")
     kwargs = {}

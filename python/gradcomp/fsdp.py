@@ -308,6 +308,10 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
     if isinstance(spec, codecs.Sparsifier):
         raise ValueError(f"gradcomp.fsdp: {spec.name} chooses its values per whole parameter, which a sharded "
                          "reduction never holds; use a quantizer (int8, int4, int2, sign) or fp16/bf16")
+    if isinstance(spec, codecs.PowerSGD):
+        raise ValueError("gradcomp.fsdp: powersgd needs each parameter's whole gradient matrix (P = MQ is "
+                         "orthogonalized over all its rows), which FSDP's reduce-scatter and HSDP's shards never hold; "
+                         "use a quantizer (int8, int4, int2, sign) or fp16/bf16, or powersgd with DDP")
     hsdp = replicate_group is not None
     if not hsdp and "chunk_numel" in options:
         raise ValueError("gradcomp.fsdp: chunk_numel applies to HSDP's replica all-reduce only")

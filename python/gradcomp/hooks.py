@@ -48,7 +48,7 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
         state.stats["steps"] = state.step
     # numbered at every call, compressing or not, so warm-up steps (start_step) number
     # parameters in the same first-iteration order as a run without warm-up
-    ordinals = state.engine.ordinals((_ordinal(state, p), p.numel(), p.dtype) for p in bucket.parameters())
+    ordinals = state.engine.ordinals((_ordinal(state, p), p.numel(), p.dtype, p.shape) for p in bucket.parameters())
     what = f"bucket {bucket.index()} (step {step}, {buf.numel()} elements of {str(buf.dtype).replace('torch.', '')})"
     state._log_once(state._world_rank()[0])
     return state._submit(lambda: [(buf, ordinals)], buf.device, step, what, bucket.is_last())

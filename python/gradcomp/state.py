@@ -99,6 +99,10 @@ class State:
             raise ValueError(f"gradcomp: {codec.name} does not run hierarchically (ranks_per_node > 1): its "
                              "payloads are chosen per whole tensor; use a quantizer (int8, int4, int2, sign) or "
                              "fp16/bf16, or the flat exchange")
+        if self.ranks_per_node not in (None, 1) and isinstance(codec, codecs.PowerSGD):
+            raise ValueError("gradcomp: powersgd does not run hierarchically (ranks_per_node): it orthogonalizes "
+                             "P = MQ over a whole matrix, which a node's share of the blocks is not; use it flat, "
+                             "or a quantizer (int8, int4, int2, sign) or fp16/bf16 node by node")
         self.engine = Engine(codec, min_numel=min_numel, seed=seed, intra_node=intra_node, chunk_numel=chunk_numel)
         self.process_group = process_group
         self.start_step = start_step
@@ -160,7 +164,8 @@ class State:
             "force_compression": self.force_compression, "timeout": self.timeout, "seed": self.seed,
             "ranks_per_node": self.ranks_per_node, "intra_node": self.intra_node, "chunk_numel": self.chunk_numel,
             "step": self.step,
-            "stats": dict(self.stats), "residuals": self.residuals, "saved_by": self._saved_by,
+            "stats": dict(self.stats), "residuals": self.residuals, "factors": self.engine.factors.as_dict(),
+            "saved_by": self._saved_by,
             "front": self._front,
         }
 
@@ -169,6 +174,7 @@ class State:
                              intra_node=d.get("intra_node", "exact"), chunk_numel=d.get("chunk_numel"))
         self.engine.stats = {**new_stats(), **d["stats"]}
         self.engine.store.replace(d["residuals"])
+        self.engine.factors.replace(d.get("factors", {}))
         self.process_group = None
         self.start_step = d["start_step"]
         self.force_compression = d["force_compression"]
@@ -188,10 +194,10 @@ class State:
         ``"unranked"`` before the process group is up), as one value: the bytes of a
         ``torch.save`` of a dict of tensors and plain types (``torch.load(weights_only=True)``
         reads it). It holds the rank, the world size and the configuration (checked at load
-        time), the step counter, the seed, the statistics and this rank's own residuals (keyed
-        as the engine keys them). Beside it, ``"world_size"`` (the same on every rank) lets a
-        rank tell another world size's checkpoint from its own. Save it with
-        ``torch.save`` (every rank its own file) or DCP (``dcp.save({"gradcomp":
+        time), the step counter, the seed, the statistics, this rank's own residuals (keyed
+        as the engine keys them) and PowerSGD's warm-started Q factors. Beside it,
+        ``"world_size"`` (the same on every rank) lets a rank tell another world size's
+        checkpoint from its own. Save it with ``torch.save`` (every rank its own file) or DCP (``dcp.save({"gradcomp":
         state.state_dict()})``, or the State itself, which DCP treats as Stateful).
         """
         rank = world = None
@@ -202,6 +208,8 @@ class State:
         mine = {
             "rank": rank, "world_size": world, "config": self.config(), "step": self.step, "seed": self.seed,
             "stats": dict(self.stats), "residuals": {k: r.detach() for k, r in self.residuals.items()},
+            # PowerSGD's warm-started Q of each key (the same on every rank)
+            "factors": {k: q.detach() for k, q in self.engine.factors.items()},
         }
         blob = io.BytesIO()
         torch.save(mine, blob)
@@ -250,6 +258,7 @@ class State:
         self.step = int(mine["step"])
         self.stats = {**new_stats(), **mine["stats"]}
         self.engine.store.replace({} if drop else residuals)
+        self.engine.factors.replace(mine.get("factors", {}))  # rank-independent: kept at another world size
 
     def _entry_of_this_rank(self, state_dict, on_world_change: str) -> dict:
         """This rank's dict in a state_dict of either format."""
@@ -334,7 +343,8 @@ class State:
 
     def _compressing(self, step: int) -> bool:
         world, _ = self._world_rank()
-        return (world > 1 or self.force_compression) and step >= self.start_step
+        return (world > 1 or self.force_compression) and step >= max(self.start_step,
+                                                                     getattr(self.codec, "warmup", 0))
 
     # ------------------------------------------------------------------ running reductions
     def _ready(self, group, device: torch.device, backend: str | None, signature: int = 0):

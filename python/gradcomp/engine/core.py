@@ -71,6 +71,7 @@ class _Key:
     numel: int
     dtype: torch.dtype
     first_block: int | None  # model-wide index of its first block; None: reduced exactly
+    shape: tuple | None = None  # the tensor's shape where the front end gives it (low-rank codecs need it)
 
 
 class Engine:
@@ -100,6 +101,7 @@ class Engine:
         self.intra_node = intra_node
         self.intra_lane = INTRA_LANES[intra_node]
         self.store = ResidualStore()
+        self.factors = ResidualStore()  # low-rank codecs: each key's warm-started Q, the same on every rank
         self.stats = new_stats()
         self.reset_runtime()
 
@@ -118,14 +120,16 @@ class Engine:
 
     # ------------------------------------------------------------------ keys
     def ordinals(self, entries) -> tuple[int, ...]:
-        """Ordinals of (key, numel, dtype) entries, numbering new keys in the order given (which
-        must be the same on every rank). A known key must keep its size and dtype."""
+        """Ordinals of (key, numel, dtype) or (key, numel, dtype, shape) entries, numbering new
+        keys in the order given (which must be the same on every rank). A known key must keep
+        its size and dtype. Without a shape a key is a vector to a low-rank codec (exact)."""
         out = []
-        for key, numel, dtype in entries:
+        for key, numel, dtype, *shape in entries:
             k = self._keys.get(key)
             if k is None:
-                k = self._keys[key] = _Key(len(self._keys), numel, dtype, None)
-                if self._compressible(numel, dtype):
+                shape = tuple(int(d) for d in shape[0]) if shape and shape[0] is not None else None
+                k = self._keys[key] = _Key(len(self._keys), numel, dtype, None, shape)
+                if self._compressible(numel, dtype, shape):
                     k.first_block = self._next_block
                     if isinstance(self.codec, codecs.BlockQuantizer):
                         self._next_block += num_blocks(numel, self.codec.block_size)
@@ -139,10 +143,15 @@ class Engine:
     def keys(self) -> list:
         return list(self._keys)
 
-    def _compressible(self, numel: int, dtype: torch.dtype) -> bool:
+    def _compressible(self, numel: int, dtype: torch.dtype, shape: tuple | None = None) -> bool:
         if isinstance(self.codec, codecs.Cast):
             return False  # a Cast codec casts whole buffers of the dtypes it takes
+        if isinstance(self.codec, codecs.PowerSGD) and self.codec.matrix(shape) is None:
+            return False  # vectors, and matrices whose factors would not be smaller
         return numel >= self.min_numel and dtype in self.codec.dtypes
+
+    def shape_of(self, key) -> tuple | None:
+        return self._keys[key].shape
 
     def residual(self, key, numel: int, device: torch.device) -> torch.Tensor:
         return self.store.get(key, numel, device, self.codec.residual_dtype)

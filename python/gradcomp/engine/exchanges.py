@@ -90,6 +90,7 @@ class Plan:
     cast_dtype: torch.dtype | None = None
     hier: Hier | None = None
     chunks: list | None = None  # pipelined: (BlockTable, its device table, my rows) a chunk
+    lowrank: list | None = None  # PowerSGD: (span, n, m) a compressed parameter
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,11 @@ def _layout_spans(engine, plan, spans, buf) -> list[LayoutSpan]:
 
 _FAMILIES = {codecs.Cast: CastExchange(), codecs.BlockQuantizer: QuantExchange(), codecs.TopK: TopKExchange(),
              codecs.RandomK: RandomKExchange()}
+
+
+from .lowrank import LowRankExchange  # noqa: E402 - it builds on Exchange, above
+
+_FAMILIES[codecs.PowerSGD] = LowRankExchange()
 
 
 def family_of(codec: codecs.Codec) -> Exchange:

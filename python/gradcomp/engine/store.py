@@ -35,6 +35,11 @@ class ResidualStore:
             self.version += 1
         return r
 
+    def put(self, key, tensor: torch.Tensor) -> None:
+        """Stores ``tensor`` (1-D) as ``key``'s, in place of any other."""
+        self._tensors[key] = tensor
+        self.version += 1
+
     def __len__(self) -> int:
         return len(self._tensors)
 

@@ -1,0 +1,110 @@
+"""PowerSGD's exchange: per-parameter low-rank factors, averaged exactly in rank order
+(docs/design.md, "Low rank").
+
+For a buffer's compressed parameters M_k (each an n_k × m_k matrix, gradient + residual):
+
+1. P_k = M_k Q_k, all P_k packed in one flat buffer with a non-finite flag, averaged
+   (``exact_mean_``: all-to-all, sum in rank order, all-gather);
+2. P_k = QR(P_k).Q on every rank (the same bits: every rank holds the same P_k);
+3. Q_k = M_kᵀ P_k, packed and averaged the same way;
+4. the parameter's average is P_k Q_kᵀ; the residual keeps M_k − P_k Q_kᵀ; Q_k is kept as the
+   next step's start.
+
+Every product and factorization is torch's (matmul and QR are BLAS / LAPACK / cuBLAS /
+cuSOLVER work that a hand-written kernel would not beat); the only element-wise passes over
+the gradient are the residual's add and subtract, each one torch op. Each M_k, P_k and Q_k
+is a fresh contiguous tensor, so a product's bits do not depend on where a parameter sits in
+a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from ..collectives import exact_mean_, run_to_end
+from .exchanges import Exchange
+
+
+def initial_q(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
+    """The m × R start of a key's power iteration, the same on every rank: standard normal
+    draws from a CPU generator seeded by (seed, key ordinal) — and the step, without warm
+    start."""
+    words = f"{seed}:{ordinal}:{'' if step is None else step}".encode()
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1)
+    return torch.randn(m, rank, generator=g, dtype=torch.float32)
+
+
+class LowRankExchange(Exchange):
+    """PowerSGD: two exact averages of small factors a buffer, P then Q."""
+
+    supports_hierarchy = False  # P = MQ is orthogonalized over whole matrices: a node's block slice is not one
+
+    def build(self, engine, plan, spans, buf, topo):
+        plan.lowrank = [(s, *engine.codec.matrix(engine.shape_of(s.key))) for s in spans]
+
+    def run(self, engine, buf, plan, call):
+        c, world, dev = engine.codec, call.topo.world, buf.device
+        R, wire = c.rank, c.factor_dtype
+        t0 = time.perf_counter()
+        mats, sums, ps = [], [], []
+        for s, n, m in plan.lowrank:
+            g = buf[s.offset : s.offset + s.numel].view(n, m)
+            r = engine.residual(s.key, s.numel, dev).view(n, m) if c.error_feedback else None
+            mat = torch.add(g, r) if r is not None else g.to(torch.float32, copy=True)
+            q = self._start(engine, s, m, R, call.step, dev)
+            mats.append((s, n, m, mat, r, q))
+            sums.append(mat.sum())
+            ps.append(mat @ q)
+        # a non-finite gradient anywhere in the buffer makes every compressed value NaN on every
+        # rank (docs/design.md, "Non-finite values"); a sum is non-finite when an element is
+        flag = (~torch.isfinite(torch.stack(sums).sum())).to(torch.float32).reshape(1)
+        p_flat = torch.cat([p.reshape(-1) for p in ps] + [flag]).to(wire)
+        mean = exact_mean_(p_flat, world, call.group)
+        next(mean)  # the P all-to-all is in flight
+        codec_s = time.perf_counter() - t0
+        yield
+        sent = run_to_end(mean)
+        t0 = time.perf_counter()
+        bad = p_flat[-1] > 0
+        qs_new, pqs, off = [], [], 0
+        for _, n, _, mat, _, _ in mats:
+            p = p_flat[off : off + n * R].view(n, R).to(torch.float32, copy=True)
+            off += n * R
+            pq = torch.linalg.qr(p).Q
+            pqs.append(pq)
+            qs_new.append(mat.t() @ pq)
+        q_flat = torch.cat([q.reshape(-1) for q in qs_new]).to(wire)
+        codec_s += time.perf_counter() - t0
+        sent += run_to_end(exact_mean_(q_flat, world, call.group))
+        t0 = time.perf_counter()
+        scale = torch.where(bad, torch.tensor(float("nan"), device=dev), torch.tensor(1.0, device=dev))
+        off = 0
+        for (s, n, m, mat, r, q), pq in zip(mats, pqs):
+            qa = q_flat[off : off + m * R].view(m, R).to(torch.float32, copy=True)
+            off += m * R
+            out = (pq @ qa.t()).mul_(scale)
+            g = buf[s.offset : s.offset + s.numel].view(n, m)
+            g.copy_(out)
+            if r is not None:
+                applied = out if g.dtype == torch.float32 else g.to(torch.float32)
+                # a skipped (non-finite) step keeps the residual it found
+                r.copy_(torch.where(bad, r, mat.sub_(applied)))
+            if c.warm_start:
+                # the next step starts from this Q, but never from a NaN one or a zero column
+                # (a zero gradient's Q is zero, and the power iteration would stay at zero)
+                keep = bad | (qa.abs().amax(0, keepdim=True) == 0)
+                q.copy_(torch.where(keep, q, qa))
+        codec_s += time.perf_counter() - t0
+        return 0, sent, codec_s if dev.type == "cpu" else 0.0
+
+    @staticmethod
+    def _start(engine, s, m: int, R: int, step: int, dev: torch.device) -> torch.Tensor:
+        """The key's Q: the stored one (warm start; drawn at the first step), or a fresh draw."""
+        if not engine.codec.warm_start:
+            return initial_q(engine.seed or 0, s.ordinal, step, m, R).to(dev)
+        if s.key not in engine.factors:
+            engine.factors.put(s.key, initial_q(engine.seed or 0, s.ordinal, None, m, R).reshape(-1).to(dev))
+        return engine.factors.get(s.key, m * R, dev, torch.float32).view(m, R)

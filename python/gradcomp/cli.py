@@ -14,6 +14,11 @@
         real DDP steps between nodes (network namespaces of L ranks each) joined by veth
         pairs shaped to --rate (root only): step time and bytes between nodes per method
         over the shaped and the unshaped link
+    gradcomp bench converge [--tasks lm,mlp] [--methods allreduce,int8,...] [--world 4] [--seeds 0,1]
+                            [--steps N]
+        training quality: a small transformer language model (AdamW) and the demo's MLP (SGD)
+        trained once per method and seed; each method's final held-out loss against plain
+        all-reduce's at the same seed, beside the seed-to-seed spread: a table, JSON and a PNG
     gradcomp info
         version, how the core was built, torch, CUDA devices, which backends run here
 
@@ -31,7 +36,7 @@ def demo(argv) -> int:
 
 
 def bench(argv) -> int:
-    kinds = ("kernels", "sparse", "net")
+    kinds = ("kernels", "sparse", "net", "converge")
     if not argv or argv[0] not in kinds:
         print(f"usage: gradcomp bench {{{'|'.join(kinds)}}} [options]   (each takes --help)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -39,6 +44,8 @@ def bench(argv) -> int:
         from .benchmarks import kernels as module
     elif argv[0] == "sparse":
         from .benchmarks import sparse as module
+    elif argv[0] == "converge":
+        from .benchmarks import converge as module
     else:
         from .benchmarks import net as module
     return module.main(argv[1:]) or 0

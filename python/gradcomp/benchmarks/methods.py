@@ -3,6 +3,8 @@
     "allreduce"       DDP's own all-reduce, no hook
     "torch-fp16"      torch's fp16_compress_hook
     "torch-powersgd"  torch's powerSGD_hook (rank ``powersgd_rank``)
+    "torch-powersgd:R"
+                      the same at matrix_approximation_rank R ("torch-powersgd:1")
     "pipe:<spec>"     a gradcomp codec spec whose buckets are cut into pipelined chunks of
                       PIPE_CHUNK_NUMEL elements (State's ``chunk_numel=``)
     "node:<spec>"     a gradcomp codec spec reduced hierarchically, node by node
@@ -35,6 +37,7 @@ from .. import codecs
 from ..collectives import ring_allreduce_bytes
 
 TORCH_METHODS = ("allreduce", "torch-fp16", "torch-powersgd")
+TORCH_POWERSGD = "torch-powersgd"  # and "torch-powersgd:R", R its matrix_approximation_rank
 NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each node, then across nodes
 PIPE_PREFIX = "pipe:"  # "pipe:<spec>": gradcomp's codec, buckets cut into pipelined chunks of PIPE_CHUNK_NUMEL
 PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
@@ -61,6 +64,8 @@ def parse_methods(text: str) -> list[str]:
             except ValueError as e:
                 raise ValueError(f"{m!r}: {NODE_PREFIX} takes a gradcomp codec spec "
                                  f"(e.g. {NODE_PREFIX}int8): {e}") from e
+        elif m.startswith(TORCH_POWERSGD + ":"):
+            torch_powersgd_rank(m, 4)  # raises ValueError naming a bad rank
         elif m not in TORCH_METHODS:
             try:
                 codecs.parse(m)
@@ -77,6 +82,24 @@ def is_node_method(method: str) -> bool:
     return method.startswith(NODE_PREFIX)
 
 
+def is_torch_powersgd(method: str) -> bool:
+    """Whether ``method`` is torch's PowerSGD hook: "torch-powersgd" or "torch-powersgd:R"."""
+    return method == TORCH_POWERSGD or method.startswith(TORCH_POWERSGD + ":")
+
+
+def torch_powersgd_rank(method: str, default: int) -> int:
+    """The matrix_approximation_rank of a torch-powersgd method: R for "torch-powersgd:R",
+    ``default`` for plain "torch-powersgd". A rank that is not a positive integer raises
+    ValueError naming the method."""
+    if method == TORCH_POWERSGD:
+        return default
+    text = method[len(TORCH_POWERSGD) + 1:]
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{method!r}: {TORCH_POWERSGD}:R takes a positive integer rank R "
+                         f"(e.g. {TORCH_POWERSGD}:2), got {text!r}")
+    return int(text)
+
+
 def codec_spec(method: str) -> str:
     """The gradcomp codec spec of a gradcomp method: "int8" for "int8", "node:int8" and "pipe:int8"."""
     for prefix in (NODE_PREFIX, PIPE_PREFIX):
@@ -91,7 +114,7 @@ def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: fl
     callbacks of different buckets on its own threads in whatever order they finish, so with
     several buckets the ranks issue their collectives in different orders and Gloo aborts
     ("Received data size doesn't match expected size"). NCCL takes several buckets."""
-    if method == "torch-powersgd" and backend == "gloo":
+    if is_torch_powersgd(method) and backend == "gloo":
         return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
     return default
 
@@ -138,11 +161,12 @@ class Method:
 
             ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
             self._per_step = ring_allreduce_bytes(grad_bytes // 2, self.world)
-        elif name == "torch-powersgd":
+        elif is_torch_powersgd(name):
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
             # with error feedback PowerSGD can start at DDP's third iteration at the earliest
-            state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=powersgd_rank,
+            approx_rank = torch_powersgd_rank(name, powersgd_rank)
+            state = powerSGD_hook.PowerSGDState(process_group=group, matrix_approximation_rank=approx_rank,
                                                 start_powerSGD_iter=max(2, start_step), random_seed=0)
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
             self._saved_all_reduce = dist.all_reduce
@@ -235,7 +259,7 @@ def parse_fsdp_methods(text: str, mode: str = "fsdp") -> list[str]:
     for m in methods:
         if m == FSDP_PLAIN:
             continue
-        if m in TORCH_METHODS or m.startswith((NODE_PREFIX, PIPE_PREFIX)):
+        if m in TORCH_METHODS or is_torch_powersgd(m) or m.startswith((NODE_PREFIX, PIPE_PREFIX)):
             raise ValueError(f"{m!r} is a DDP method; under {what} the methods are {FSDP_PLAIN!r} (FSDP2's own "
                              "exact reduction) and gradcomp codec specs (int8, int4, ...)")
         try:

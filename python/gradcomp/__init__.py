@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import _C, fsdp
+from . import _C, fsdp, optim
 from .allreduce import all_reduce
 from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, PowerSGD, RandomK, Sign, TopK
 from .hooks import GradcompError, State, comm_hook, register
@@ -16,7 +16,7 @@ __version__ = _C.build_info()["version"]
 
 __all__ = [
     "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "PowerSGD", "RandomK", "Sign", "State", "TopK",
-    "all_reduce", "build_info", "comm_hook", "cuda_available", "fsdp", "register",
+    "all_reduce", "build_info", "comm_hook", "cuda_available", "fsdp", "optim", "register",
 ]
 
 

@@ -85,13 +85,13 @@ class LowRankExchange(Exchange):
         for (s, n, m, mat, r, q), pq in zip(mats, pqs):
             qa = q_flat[off : off + m * R].view(m, R).to(torch.float32, copy=True)
             off += m * R
-            out = (pq @ qa.t()).mul_(scale)
+            out = pq.mul_(scale) @ qa.t()  # NaN everywhere after a non-finite step; times 1 is exact
             g = buf[s.offset : s.offset + s.numel].view(n, m)
             g.copy_(out)
             if r is not None:
                 applied = out if g.dtype == torch.float32 else g.to(torch.float32)
                 # a skipped (non-finite) step keeps the residual it found
-                r.copy_(torch.where(bad, r, mat.sub_(applied)))
+                torch.where(bad, r, mat.sub_(applied), out=r)
             if c.warm_start:
                 # the next step starts from this Q, but never from a NaN one or a zero column
                 # (a zero gradient's Q is zero, and the power iteration would stay at zero)

@@ -390,6 +390,8 @@ def scenario_allreduce(rank, world, args):
     shapes, steps, seed = args["shapes"], args["steps"], args.get("seed", 0)
     names = args.get("names")
     os.environ.update(args.get("env_per_rank", {}).get(str(rank), {}))
+    if str(rank) in args.get("threads_per_rank", {}):
+        torch.set_num_threads(args["threads_per_rank"][str(rank)])
     state_args = {**args.get("state", {}), **args.get("state_per_rank", {}).get(str(rank), {})}
     state = gradcomp.State(args["codec"], **state_args)
     out = {"inputs": [], "outputs": [], "saved": None, "loaded": None}
@@ -415,6 +417,8 @@ def scenario_allreduce(rank, world, args):
             state = fresh
             out["loaded"] = _fields(state)
         xs = allreduce_inputs(seed, rank, step, shapes, args.get("dtypes"))
+        if "scale" in args:
+            xs = [x * args["scale"] for x in xs]
         if drift is not None:
             xs = [x + args["drift"] * d for x, d in zip(xs, drift)]
         for p_step, p_rank, p_index, p_value in args.get("poison", []):  # a non-finite element, here only

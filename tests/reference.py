@@ -418,12 +418,14 @@ def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dic
 # ---------------------------------------------------------------- PowerSGD
 def powersgd_q0(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
     """A key's first Q (or every step's, without warm start): N(0, 1) draws from a CPU
-    generator seeded with 63 bits of SHA-256("seed:ordinal:" + step or "")."""
+    generator seeded with 63 bits of SHA-256("seed:ordinal:" + step or ""), each column
+    scaled to length 1."""
     import hashlib
 
     words = f"{seed}:{ordinal}:{'' if step is None else step}".encode()
     seed63 = int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1
-    return torch.randn(m, rank, generator=torch.Generator().manual_seed(seed63))
+    q = torch.randn(m, rank, generator=torch.Generator().manual_seed(seed63))
+    return q / q.norm(dim=0, keepdim=True)
 
 
 def _mean_in_rank_order(parts: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
@@ -445,10 +447,12 @@ def powersgd_allreduce(inputs: list[list[torch.Tensor]], state: dict, rank: int,
     that has 2+ dimensions, min_numel elements and R(n + m) * 2 <= n m:
 
         M_r = x_r + e_r;  P = mean_r(M_r Q);  P = QR(P).Q;  Q' = mean_r(M_rᵀ P);
-        out = P Q'ᵀ;  e_r = M_r - out;  Q = Q' (warm start; a zero column keeps the old one)
+        out = P Q'ᵀ;  e_r = M_r - out;  Q = Q' with unit columns (warm start; a zero column
+        keeps the old one)
 
     with means in rank order (``_mean_in_rank_order``). A non-finite value in any rank's
-    compressed tensors makes every compressed output NaN and keeps the residuals and Q.
+    compressed tensors, or in an averaged factor, makes every compressed output NaN and keeps
+    the residuals and Q. A float16 output beyond its range leaves a zero residual there.
     ``state``: {"e": {(r, i): residual n × m}, "q": {i: Q}}, updated in place. Returns each
     tensor's output (None where exact)."""
     world = len(inputs)
@@ -473,9 +477,11 @@ def powersgd_allreduce(inputs: list[list[torch.Tensor]], state: dict, rank: int,
     bad = any(not torch.isfinite(mm).all() for *_, ms in work for mm in ms)
     outs = [None] * len(plans)
     ps = [_mean_in_rank_order([mm @ q for mm in ms], wire).float() for i, n, m, q, ms in work]
+    bad = bad or any(not torch.isfinite(p).all() for p in ps)
     ps = [torch.linalg.qr(p).Q for p in ps]
-    for (i, n, m, q, ms), p in zip(work, ps):
-        qa = _mean_in_rank_order([mm.t() @ p for mm in ms], wire).float()
+    qas = [_mean_in_rank_order([mm.t() @ p for mm in ms], wire).float() for (*_, ms), p in zip(work, ps)]
+    bad = bad or any(not torch.isfinite(qa).all() for qa in qas)
+    for (i, n, m, q, ms), p, qa in zip(work, ps, qas):
         out = p @ qa.t()
         dtype = inputs[0][i].dtype
         if bad:
@@ -485,10 +491,10 @@ def powersgd_allreduce(inputs: list[list[torch.Tensor]], state: dict, rank: int,
         if not bad:
             if error_feedback:
                 for r in range(world):
-                    e[(r, i)] = ms[r] - applied
+                    e[(r, i)] = torch.where(applied.isinf(), 0.0, ms[r] - applied)
             if warm_start:
                 zero = (qa == 0).all(0, keepdim=True)
-                qs[i] = torch.where(zero, q, qa)
+                qs[i] = torch.where(zero, q, qa / qa.norm(dim=0, keepdim=True))
         elif warm_start and i not in qs:
             qs[i] = q
         if error_feedback:  # the engine keeps a residual from the first call on, bad or not

@@ -8,6 +8,7 @@ import gradcomp
 import pytest
 import reference as ref
 import torch
+import torch.distributed as dist
 from ddp_worker import make_model
 from dist_utils import describe, run_ranks
 from gradcomp import codecs
@@ -17,6 +18,13 @@ from gradcomp import codecs
 SHAPES = [[33, 40], [300], [7, 3, 129], [2049, 2], [16, 16], [96, 64]]
 COMPRESSED = [0, 2, 5]
 MIN_NUMEL = 512
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +61,9 @@ def test_spec_grammar_and_config():
     assert "PowerSGD(rank=4" in repr(c.__class__(4))
     for bad, why in [("powersgd", "needs a rank"), ("powersgd:x", "needs a rank"), ("powersgd:0", "rank must be"),
                      ("powersgd:257", "rank must be"), ("powersgd:4:fp8", "unknown option"),
-                     ("powersgd:4:ef=2", "unknown option"), ("powersgd:4:warmup=-1", "unknown option")]:
+                     ("powersgd:4:ef=2", "ef='2' is not 0 or 1"), ("powersgd:4:warm=x", "warm='x' is not 0 or 1"),
+                     ("powersgd:4:warmup=-1", "warmup='-1' is not a number"), ("powersgd:²", "needs a rank"),
+                     ("powersgd:4:fp16:bf16", "sets factor_dtype a second time"), ("powersgd:4:foo=1", "unknown")]:
         with pytest.raises(ValueError, match=why):
             codecs.parse(bad)
     with pytest.raises(ValueError, match="factor_dtype"):
@@ -211,22 +221,66 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path, world, dcp):
                 assert torch.equal(a, b), f"rank {r} step {s} differs after the resume"
 
 
-def test_non_finite_makes_the_step_nan_everywhere_and_keeps_the_state(tmp_path):
-    """An Inf on rank 1 at step 1 in one compressed tensor: every compressed tensor is NaN on
-    every rank at that step (a GradScaler skips it), the exact lane is NaN only where the
-    Inf went, residuals and Q stay as step 0 left them, and step 2 is finite again: the
-    reference's, bit for bit."""
+@pytest.mark.parametrize(("value", "index"), [("inf", 2), ("nan", 5), ("-inf", 1)])
+def test_non_finite_makes_the_step_nan_everywhere_and_keeps_the_state(tmp_path, value, index):
+    """A non-finite value on rank 1 at step 1. In a compressed tensor: every compressed
+    tensor is NaN on every rank at that step (a GradScaler skips it), the exact lane stays
+    finite, residuals and Q stay as step 0 left them, and step 2 is finite again. In an
+    exact tensor: only that tensor's element is non-finite. Bit for bit the reference's."""
     seed, world = 3, 3
-    outs = _run(world, tmp_path, shapes=SHAPES, steps=3, codec="powersgd:2", poison=[[1, 1, 2, "inf"]],
+    outs = _run(world, tmp_path, shapes=SHAPES, steps=3, codec="powersgd:2", poison=[[1, 1, index, value]],
                 state={"min_numel": MIN_NUMEL, "seed": seed})
     for r in range(world):
         for i in COMPRESSED:
-            assert torch.isnan(outs[r]["outputs"][1][i]).all()
+            assert torch.isnan(outs[r]["outputs"][1][i]).all() == (index in COMPRESSED)
+            assert torch.isfinite(outs[r]["outputs"][1][i]).all() == (index not in COMPRESSED)
             assert torch.isfinite(outs[r]["outputs"][2][i]).all()
         for i in set(range(len(SHAPES))) - set(COMPRESSED):
-            assert torch.isfinite(outs[r]["outputs"][1][i]).all()
+            finite = torch.isfinite(outs[r]["outputs"][1][i])
+            assert finite.all() if i != index else finite.sum() == finite.numel() - 1
         assert all(torch.isfinite(t).all() for t in outs[r]["residuals"].values())
+        assert all(torch.isfinite(t).all() for t in outs[r]["factors"].values())
     _check_allreduce(outs, world, 2, 3, seed)
+
+
+def test_16bit_factors_do_not_overflow_under_warm_start(tmp_path):
+    """Gradients of a few hundred with float16 factors and warm start: P = M Q stays at M's
+    scale because Q is kept with unit columns (unnormalized, the second step's P would be
+    at M's square and overflow float16), so every step is finite, and the reference's."""
+    steps, seed, world = 4, 6, 3
+    outs = _run(world, tmp_path, shapes=SHAPES, steps=steps, codec="powersgd:2:fp16", scale=200.0,
+                state={"min_numel": MIN_NUMEL, "seed": seed})
+    for s in range(steps):
+        for i in COMPRESSED:
+            assert torch.isfinite(outs[0]["outputs"][s][i]).all(), f"step {s} tensor {i}"
+    _check_allreduce(outs, world, 2, steps, seed, wire=torch.float16)
+
+
+def test_ranks_must_compute_alike(tmp_path):
+    """PowerSGD's replicas are identical only if every rank's QR and products round alike:
+    ranks with different thread counts are refused at the first call, with the reason."""
+    res = run_ranks("allreduce", 2, tmp_path, shapes=[[64, 64]], steps=1, codec="powersgd:2", expect_error=True,
+                    threads_per_rank={"0": 1, "1": 2}, state={"min_numel": 16})
+    assert res.ok, describe(res)
+    for o in res.outputs:
+        assert "powersgd needs every rank to orthogonalize" in o["error"] and "threads" in o["error"]
+
+
+def test_low_rank_gradients_come_through_exactly(one_rank_group):
+    """Independent of the reference: a gradient of rank <= R is recovered (to rounding) at
+    the first step, the residual is then ~0, and a key must keep its shape."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(48, 3, generator=g), torch.randn(3, 36, generator=g)
+    x = u @ v  # rank 3
+    for rank, ok in ((3, True), (4, True), (2, False)):
+        state = gradcomp.State(f"powersgd:{rank}", min_numel=16, force_compression=True)
+        y = [x.clone(), torch.randn(5, generator=g)]
+        gradcomp.all_reduce(y, state)
+        err = float((y[0] - x).norm() / x.norm())
+        assert (err < 1e-5) == ok, (rank, err)
+        assert (float(state.residuals[0].norm() / x.norm()) < 1e-5) == ok
+    with pytest.raises(ValueError, match=r"had shape \[48, 36\] when first reduced, now \[36, 48\]"):
+        state.engine.ordinals([(0, x.numel(), x.dtype, (36, 48))])
 
 
 # ---------------------------------------------------------------- the DDP hook
@@ -262,8 +316,11 @@ def test_ddp_several_buckets_match_the_reference(tmp_path):
     st = outs[0]["stats"]
     assert st["buckets_compressed"] > steps  # several buckets a step (one of them only biases, at first)
     assert st["params_compressed"] == layers * steps
-    rows = {(r, o) for r in range(world) for o in range(len(shapes)) if (r, o) in state["e"]}
-    assert len(rows) == world * layers
+    for r in range(world):  # the engine's own residuals and Q, keyed by ordinal
+        assert sorted(outs[r]["residuals"]) == sorted(o for (rr, o) in state["e"] if rr == r)
+        for (rr, o), e in state["e"].items():
+            if rr == r:
+                assert torch.equal(outs[r]["residuals"][o], e.reshape(-1)), f"rank {r} parameter {o}"
 
 
 def test_ranks_must_agree_on_the_rank(tmp_path):

@@ -279,7 +279,8 @@ class PowerSGD(Codec):
         factor_dtype: the factors' type on the wire: torch.float32 (default), float16 or
             bfloat16 (half the bytes; the matrix products stay in float32).
         warmup: steps of exact all-reduce before the first compressed one (torch's
-            ``start_powerSGD_iter``); the same as the State's ``start_step``, carried by the spec.
+            ``start_powerSGD_iter``), carried by the spec; the State compresses from step
+            max(start_step, warmup).
 
     Memory on each rank, per compressed n × m parameter: 4 n m bytes of residual (error
     feedback) and 4 m R of Q, plus the factors of the buffer in flight.
@@ -332,19 +333,26 @@ _CODECS = {c.name: c for c in (Int8, Int4, Int2, Sign, Fp16, Bf16, TopK, RandomK
 
 
 def _parse_powersgd(spec, opts: list[str]) -> Codec:
-    if not opts or not opts[0].isdigit():
+    if not opts or not (opts[0].isascii() and opts[0].isdigit()):
         raise _bad_spec(spec, "powersgd needs a rank, e.g. powersgd:4")
     kwargs = {"rank": int(opts[0])}
     for opt in opts[1:]:
         key, eq, value = opt.partition("=")
         if not eq and opt in ("fp32", "fp16", "bf16"):
-            kwargs["factor_dtype"] = opt
-        elif key in ("ef", "warm") and value in ("0", "1"):
-            kwargs["error_feedback" if key == "ef" else "warm_start"] = value == "1"
-        elif key == "warmup" and value.isdigit():
-            kwargs["warmup"] = int(value)
+            name = "factor_dtype"
+        elif key in ("ef", "warm"):
+            if value not in ("0", "1"):
+                raise _bad_spec(spec, f"{key}={value!r} is not 0 or 1")
+            name = "error_feedback" if key == "ef" else "warm_start"
+        elif key == "warmup":
+            if not (value.isascii() and value.isdigit()):
+                raise _bad_spec(spec, f"warmup={value!r} is not a number of steps")
+            name = "warmup"
         else:
             raise _bad_spec(spec, f"unknown option {opt!r} for powersgd")
+        if name in kwargs:
+            raise _bad_spec(spec, f"{opt!r} sets {name} a second time")
+        kwargs[name] = opt if name == "factor_dtype" else int(value) if name == "warmup" else value == "1"
     try:
         return PowerSGD(**kwargs)
     except ValueError as e:

@@ -29,6 +29,18 @@ _FORMAT = "gradcomp.State/2"
 _V1_DEFAULTS = {"intra_node": "exact", "ranks_per_node": None, "chunk_numel": None}  # config keys State/1 lacked
 
 
+def _numerics(device: torch.device) -> str:
+    """What decides the bits of torch's QR and matrix products here (PowerSGD's replicas are
+    identical only where every rank's are the same)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs, tf32 " \
+                f"{torch.backends.cuda.matmul.allow_tf32}"
+    else:
+        where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}"
+
+
 class State:
     """A front end's state: codec, process group, per-key error feedback and statistics.
 
@@ -99,7 +111,7 @@ class State:
             raise ValueError(f"gradcomp: {codec.name} does not run hierarchically (ranks_per_node > 1): its "
                              "payloads are chosen per whole tensor; use a quantizer (int8, int4, int2, sign) or "
                              "fp16/bf16, or the flat exchange")
-        if self.ranks_per_node not in (None, 1) and isinstance(codec, codecs.PowerSGD):
+        if isinstance(self.ranks_per_node, int) and self.ranks_per_node > 1 and isinstance(codec, codecs.PowerSGD):
             raise ValueError("gradcomp: powersgd does not run hierarchically (ranks_per_node): it orthogonalizes "
                              "P = MQ over a whole matrix, which a node's share of the blocks is not; use it flat, "
                              "or a quantizer (int8, int4, int2, sign) or fp16/bf16 node by node")
@@ -258,7 +270,9 @@ class State:
         self.step = int(mine["step"])
         self.stats = {**new_stats(), **mine["stats"]}
         self.engine.store.replace({} if drop else residuals)
-        self.engine.factors.replace(mine.get("factors", {}))  # rank-independent: kept at another world size
+        # Q is the same on every rank: at another world size a rank without an entry starts
+        # from the first draws, so every rank does
+        self.engine.factors.replace({} if drop or mine["world_size"] is None else mine.get("factors", {}))
 
     def _entry_of_this_rank(self, state_dict, on_world_change: str) -> dict:
         """This rank's dict in a state_dict of either format."""
@@ -315,6 +329,7 @@ class State:
             saved_by, self._saved_by = self._saved_by, None
             if self._check_saved_by(saved_by):
                 self.engine.store.clear()
+                self.engine.factors.clear()
 
     def __repr__(self) -> str:
         extra = f", ranks_per_node={self.ranks_per_node!r}" if self.ranks_per_node is not None else ""
@@ -360,14 +375,20 @@ class State:
             except ValueError as e:
                 per_node, problem = None, e
             resolved = -2 if problem is not None else (per_node or 0)
+            numerics = _numerics(device) if isinstance(self.codec, codecs.PowerSGD) else ""
             extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), signature,
-                     resolved)
+                     resolved, hash56(numerics.encode()))
             seed, rows = agree(group, device, self.config(), self.seed, extra)
             if len({r[2] for r in rows}) != 1:
                 raise GradcompError("gradcomp: ranks passed different tensors to all_reduce (keys, sizes or dtypes "
                                     "differ between ranks); every rank must pass the same list or dict")
             if problem is not None:
                 raise problem
+            if len({r[4] for r in rows}) != 1:
+                raise GradcompError("gradcomp: powersgd needs every rank to orthogonalize and multiply its factors "
+                                    "with the same bits, and the ranks differ in torch version, thread count, CPU "
+                                    f"capability or GPU model (this rank: {numerics}); run every rank alike (e.g. "
+                                    "the same OMP_NUM_THREADS)")
             if len({r[3] for r in rows}) != 1:
                 raise GradcompError(f"gradcomp: ranks disagree on ranks_per_node: resolved to {[r[3] for r in rows]} "
                                     "by group rank (0: none); every rank must see the same node size")

@@ -137,6 +137,9 @@ class Engine:
                 raise ValueError(f"gradcomp: {describe_key(key)} had {k.numel} elements of "
                                  f"{str(k.dtype).replace('torch.', '')} when first reduced, now {numel} of "
                                  f"{str(dtype).replace('torch.', '')}: a key's tensor must keep its size and dtype")
+            elif shape and shape[0] is not None and k.shape is not None and tuple(shape[0]) != k.shape:
+                raise ValueError(f"gradcomp: {describe_key(key)} had shape {list(k.shape)} when first reduced, now "
+                                 f"{list(shape[0])}: a key's tensor must keep its shape")
             out.append(k.ordinal)
         return tuple(out)
 

@@ -25,16 +25,25 @@ import time
 import torch
 
 from ..collectives import exact_mean_, run_to_end
-from .exchanges import Exchange
+from .exchanges import Exchange, to_device
 
 
 def initial_q(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
     """The m × R start of a key's power iteration, the same on every rank: standard normal
     draws from a CPU generator seeded by (seed, key ordinal) — and the step, without warm
-    start."""
+    start — each column scaled to unit length."""
     words = f"{seed}:{ordinal}:{'' if step is None else step}".encode()
     g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1)
-    return torch.randn(m, rank, generator=g, dtype=torch.float32)
+    q = torch.randn(m, rank, generator=g, dtype=torch.float32)
+    return q / q.norm(dim=0, keepdim=True)
+
+
+def unit_columns(q: torch.Tensor) -> torch.Tensor:
+    """``q`` with each column divided by its length (a zero column stays zero). QR(M Q D) has
+    the Q factor of QR(M Q) for any positive diagonal D, so this changes no output; it keeps
+    P = M Q at the scale of M instead of M's square (which 16-bit factors would overflow)."""
+    norm = q.norm(dim=0, keepdim=True)
+    return q / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 class LowRankExchange(Exchange):
@@ -68,7 +77,6 @@ class LowRankExchange(Exchange):
         yield
         sent = run_to_end(mean)
         t0 = time.perf_counter()
-        bad = p_flat[-1] > 0
         qs_new, pqs, off = [], [], 0
         for _, n, _, mat, _, _ in mats:
             p = p_flat[off : off + n * R].view(n, R).to(torch.float32, copy=True)
@@ -80,23 +88,27 @@ class LowRankExchange(Exchange):
         codec_s += time.perf_counter() - t0
         sent += run_to_end(exact_mean_(q_flat, world, call.group))
         t0 = time.perf_counter()
-        scale = torch.where(bad, torch.tensor(float("nan"), device=dev), torch.tensor(1.0, device=dev))
+        # the flag, or a factor that overflowed on the way (the averages are the same bits on
+        # every rank, so is this decision): the step is NaN, and leaves no trace
+        bad = (p_flat[-1] > 0) | ~torch.isfinite(p_flat).all() | ~torch.isfinite(q_flat).all()
         off = 0
         for (s, n, m, mat, r, q), pq in zip(mats, pqs):
             qa = q_flat[off : off + m * R].view(m, R).to(torch.float32, copy=True)
             off += m * R
-            out = pq.mul_(scale) @ qa.t()  # NaN everywhere after a non-finite step; times 1 is exact
+            out = pq.masked_fill_(bad, float("nan")) @ qa.t()  # NaN everywhere after a bad step
             g = buf[s.offset : s.offset + s.numel].view(n, m)
             g.copy_(out)
             if r is not None:
                 applied = out if g.dtype == torch.float32 else g.to(torch.float32)
-                # a skipped (non-finite) step keeps the residual it found
-                torch.where(bad, r, mat.sub_(applied), out=r)
+                diff = mat.sub_(applied)
+                if g.dtype == torch.float16:  # an output beyond float16's range: not carried as -inf
+                    diff.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                torch.where(bad, r, diff, out=r)  # a bad step keeps the residual it found
             if c.warm_start:
-                # the next step starts from this Q, but never from a NaN one or a zero column
-                # (a zero gradient's Q is zero, and the power iteration would stay at zero)
+                # the next step starts from this Q (unit columns), but never from a bad step's
+                # or a zero column (a zero gradient's Q is zero: the iteration would stay there)
                 keep = bad | (qa.abs().amax(0, keepdim=True) == 0)
-                q.copy_(torch.where(keep, q, qa))
+                q.copy_(torch.where(keep, q, unit_columns(qa)))
         codec_s += time.perf_counter() - t0
         return 0, sent, codec_s if dev.type == "cpu" else 0.0
 
@@ -104,7 +116,7 @@ class LowRankExchange(Exchange):
     def _start(engine, s, m: int, R: int, step: int, dev: torch.device) -> torch.Tensor:
         """The key's Q: the stored one (warm start; drawn at the first step), or a fresh draw."""
         if not engine.codec.warm_start:
-            return initial_q(engine.seed or 0, s.ordinal, step, m, R).to(dev)
+            return to_device(initial_q(engine.seed or 0, s.ordinal, step, m, R), dev)
         if s.key not in engine.factors:
-            engine.factors.put(s.key, initial_q(engine.seed or 0, s.ordinal, None, m, R).reshape(-1).to(dev))
+            engine.factors.put(s.key, to_device(initial_q(engine.seed or 0, s.ordinal, None, m, R).reshape(-1), dev))
         return engine.factors.get(s.key, m * R, dev, torch.float32).view(m, R)

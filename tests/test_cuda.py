@@ -146,6 +146,15 @@ def _extreme_inputs():
     return numels, [x, -x.flip(0)]
 
 
+def _model_and_twin(dev, d_in: int, hidden: int, d_out: int):
+    """A two-layer MLP on ``dev`` and a twin with the same weights (its local gradients are the
+    reference's input)."""
+    model, twin = (torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, d_out)).to(dev) for _ in range(2))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
 def _hook_that_never_syncs(st, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """gradcomp's hook, where any host sync raises once the first bucket has checked the
     configuration (a one-time sync): building a layout's tables (step 0, and step 1 after
@@ -167,9 +176,7 @@ def test_nccl_hook_world_size_one_forced(nccl_world1):
 
     torch.manual_seed(0)
     dev = torch.device("cuda", 0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).to(dev)
-    twin = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 64)).to(dev)
-    twin.load_state_dict(model.state_dict())
+    model, twin = _model_and_twin(dev, 512, 512, 64)
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
     state = gradcomp.State("int8", force_compression=True, min_numel=1000)
 
@@ -545,9 +552,7 @@ def test_nccl_powersgd_hook_matches_the_reference_without_host_sync(nccl_world1)
 
     torch.manual_seed(0)
     dev = torch.device("cuda", 0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 128)).to(dev)
-    twin = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 128)).to(dev)
-    twin.load_state_dict(model.state_dict())
+    model, twin = _model_and_twin(dev, 256, 512, 128)
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.3)
     state = gradcomp.State("powersgd:4", force_compression=True, seed=5)
     ddp.register_comm_hook(state, _hook_that_never_syncs)

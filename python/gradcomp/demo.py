@@ -263,18 +263,27 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
     }
 
 
-def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
-    """Trains every method on this rank; rank 0 returns the results, the others None."""
+def init_rank(args, rank: int, world: int, local_rank: int):
+    """This rank's (device, backend), its threads (the ranks share this machine's cores) and
+    its process group."""
     import torch
     import torch.distributed as dist
 
     device, backend = _pick_device(args, world, local_rank)
     if device.type == "cpu":
-        # the ranks share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     else:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world)
+    return device, backend
+
+
+def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
+    """Trains every method on this rank; rank 0 returns the results, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    device, backend = init_rank(args, rank, world, local_rank)
     try:
         data = load_digits_split(args.seed)
         n_train = len(data[1])
@@ -361,9 +370,9 @@ def plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _spawned_rank(rank: int, world: int, port: int, args, result_path: str) -> None:
+def _spawned_rank(run, rank: int, world: int, port: int, args, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    out = run_rank(args, rank, world, rank)
+    out = run(args, rank, world, rank)
     if out is not None:  # a file, not a pipe: a pipe holds 64 KiB, and the parent reads after the join
         with open(result_path, "w") as f:
             json.dump(out, f)
@@ -411,17 +420,27 @@ def main(argv=None) -> int:
             report(out, args)
         return 0
 
+    print(f"gradcomp demo: {args.world} ranks, methods {', '.join(args.methods)}", flush=True)
+    code, out = spawn_ranks("gradcomp demo", args.world, run_rank, args)
+    if out is not None:
+        report(out, args)
+    return code
+
+
+def spawn_ranks(prog: str, world: int, run, args) -> tuple[int, dict | None]:
+    """Runs ``run(args, rank, world, local_rank)`` (a module-level function) in ``world``
+    spawned processes on this machine; returns (exit code, what rank 0's returned, or None
+    when a rank failed or the user interrupted)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
-    world = args.world
-    print(f"gradcomp demo: {world} ranks, methods {', '.join(args.methods)}", flush=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="gradcomp-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prog.replace(" ", "-") + "-") as tmp:
         result_path = os.path.join(tmp, "rank0.json")
-        procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, result_path)) for r in range(world)]
+        procs = [ctx.Process(target=_spawned_rank, args=(run, r, world, port, args, result_path))
+                 for r in range(world)]
         for proc in procs:
             proc.start()
         try:
@@ -431,13 +450,11 @@ def main(argv=None) -> int:
                 proc.terminate()
             for proc in procs:
                 proc.join()
-            print("gradcomp demo: interrupted", file=sys.stderr)
-            return 130
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130, None
         if any(proc.exitcode != 0 for proc in procs) or not os.path.exists(result_path):
             codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
-            print(f"gradcomp demo: a rank failed ({codes})", file=sys.stderr)
-            return 1
+            print(f"{prog}: a rank failed ({codes})", file=sys.stderr)
+            return 1, None
         with open(result_path) as f:
-            out = json.load(f)
-    report(out, args)
-    return 0
+            return 0, json.load(f)

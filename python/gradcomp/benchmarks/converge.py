@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..demo import _free_port, _join, _missing_packages, _pick_device, _under_torchrun, load_digits_split, make_model
+from ..demo import _missing_packages, _under_torchrun, init_rank, load_digits_split, make_model, spawn_ranks
 from .methods import DEFAULT_METHODS, is_node_method, parse_methods
 
 TASKS = ("lm", "mlp")
@@ -467,13 +467,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
 
     import gradcomp
 
-    device, backend = _pick_device(args, world, local_rank)
-    if device.type == "cpu":
-        # the ranks share this machine's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
-    else:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    device, backend = init_rank(args, rank, world, local_rank)
     try:
         runs, tasks_meta = [], {}
         for name in args.tasks:
@@ -595,6 +589,8 @@ def plot(out: dict, path: str) -> None:
     tasks = list(meta["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(meta["methods"]) > len(colors):  # no two methods of one plot in the same colour
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     ratios = {(r["task"], r["method"]): r["ratio"] for r in out.get("summary", [])}
     for ax, task in zip(axes[0], tasks):
         for i, method in enumerate(meta["methods"]):
@@ -623,14 +619,6 @@ def plot(out: dict, path: str) -> None:
 # ---- launch -----------------------------------------------------------------------------
 
 
-def _spawned_rank(rank: int, world: int, port: int, args, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    out = run_rank(args, rank, world, rank)
-    if out is not None:  # a file, not a pipe: a pipe holds 64 KiB, and the parent reads after the join
-        with open(result_path, "w") as f:
-            json.dump(out, f)
-
-
 def _needed_packages(args) -> list[str]:
     needed = {"sklearn"} if "mlp" in args.tasks else set()
     needed |= {"matplotlib"} if args.plot else set()
@@ -655,33 +643,8 @@ def main(argv=None) -> int:
             report(out, args)
         return 0
 
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    world = args.world
-    print(f"gradcomp bench converge: {world} ranks, {what}", flush=True)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="gradcomp-converge-") as tmp:
-        result_path = os.path.join(tmp, "rank0.json")
-        procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, result_path)) for r in range(world)]
-        for proc in procs:
-            proc.start()
-        try:
-            _join(procs)
-        except KeyboardInterrupt:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join()
-            print("gradcomp bench converge: interrupted", file=sys.stderr)
-            return 130
-        if any(proc.exitcode != 0 for proc in procs) or not os.path.exists(result_path):
-            codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
-            print(f"gradcomp bench converge: a rank failed ({codes})", file=sys.stderr)
-            return 1
-        with open(result_path) as f:
-            out = json.load(f)
-    report(out, args)
-    return 0
+    print(f"gradcomp bench converge: {args.world} ranks, {what}", flush=True)
+    code, out = spawn_ranks("gradcomp bench converge", args.world, run_rank, args)
+    if out is not None:
+        report(out, args)
+    return code

@@ -396,8 +396,9 @@ def test_bench_net_removes_its_namespaces_when_interrupted(tmp_path, sig):
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # reaped and its pipes closed: a leaked Popen fails a later test's teardown
             proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, out + err
     assert "interrupted; namespaces removed" in err
     assert _namespaces_of(proc.pid) == []

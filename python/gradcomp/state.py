@@ -16,6 +16,7 @@ from . import codecs
 from .collectives import run_to_end
 from .engine import Call, Engine, GlooWorker, GradcompError, Topology, agree, new_stats, run_on_side_stream
 from .engine.core import hash56
+from .engine.exchanges import hierarchy_refusal
 from .engine.topology import check_contiguous_nodes, check_ranks_per_node, resolve_ranks_per_node
 
 __all__ = ["State", "GradcompError"]
@@ -107,14 +108,8 @@ class State:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
             raise ValueError(f"gradcomp: seed must be None or an int in [0, 2**63), got {seed!r}")
         self.ranks_per_node = check_ranks_per_node(ranks_per_node)
-        if isinstance(self.ranks_per_node, int) and self.ranks_per_node > 1 and isinstance(codec, codecs.Sparsifier):
-            raise ValueError(f"gradcomp: {codec.name} does not run hierarchically (ranks_per_node > 1): its "
-                             "payloads are chosen per whole tensor; use a quantizer (int8, int4, int2, sign) or "
-                             "fp16/bf16, or the flat exchange")
-        if isinstance(self.ranks_per_node, int) and self.ranks_per_node > 1 and isinstance(codec, codecs.PowerSGD):
-            raise ValueError("gradcomp: powersgd does not run hierarchically (ranks_per_node): it orthogonalizes "
-                             "P = MQ over a whole matrix, which a node's share of the blocks is not; use it flat, "
-                             "or a quantizer (int8, int4, int2, sign) or fp16/bf16 node by node")
+        if isinstance(self.ranks_per_node, int) and self.ranks_per_node > 1 and hierarchy_refusal(codec):
+            raise ValueError(hierarchy_refusal(codec))
         self.engine = Engine(codec, min_numel=min_numel, seed=seed, intra_node=intra_node, chunk_numel=chunk_numel)
         self.process_group = process_group
         self.start_step = start_step

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .. import codecs
 from ..collectives import all_gather_single, exact_mean_, ring_allreduce_bytes, run_to_end
 from ..layout import num_blocks
-from .exchanges import Plan, Span, family_of, to_device
+from .exchanges import Plan, Span, family_of, hierarchy_refusal, to_device
 from .store import ResidualStore, describe_key
 from .topology import Topology
 
@@ -177,9 +177,8 @@ class Engine:
             offset += k.numel
         if offset != buf.numel():
             raise GradcompError(f"gradcomp: {what} holds {buf.numel()} elements but its pieces {offset}")
-        if topo.per_node > 1 and not self.family.supports_hierarchy:
-            raise GradcompError(f"gradcomp: {self.codec.name} does not run hierarchically (ranks_per_node > 1); "
-                                "use a quantizer (int8, int4, int2, sign) or a cast codec (fp16, bf16)")
+        if topo.per_node > 1 and hierarchy_refusal(self.codec):  # ranks_per_node="auto" resolved to L > 1
+            raise GradcompError(hierarchy_refusal(self.codec))
         one_node = topo.per_node > 1 and topo.nodes == 1
         if isinstance(self.codec, codecs.Cast):
             cast = buf.dtype in self.codec.dtypes and not one_node

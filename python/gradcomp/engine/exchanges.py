@@ -105,9 +105,10 @@ class Span:
 
 
 class Exchange:
-    """A codec family's exchange; ``supports_hierarchy`` says whether it can run across nodes only."""
+    """A codec family's exchange; ``flat_because``, where set, says why it cannot run across
+    nodes only (hierarchically)."""
 
-    supports_hierarchy = True
+    flat_because: str | None = None
 
     def build(self, engine, plan: Plan, spans: list[Span], buf: torch.Tensor, topo: Topology) -> None:
         raise NotImplementedError
@@ -307,7 +308,7 @@ class QuantExchange(Exchange):
 class TopKExchange(Exchange):
     """Top-k per parameter: fixed-size (index, value) payloads all-gathered, decoded rank by rank."""
 
-    supports_hierarchy = False
+    flat_because = "its payloads are chosen per whole tensor"
 
     def build(self, engine, plan, spans, buf, topo):
         plan.sparse = build_sparse_table(_layout_spans(engine, plan, spans, buf), engine.codec.ratio)
@@ -370,6 +371,15 @@ _FAMILIES = {codecs.Cast: CastExchange(), codecs.BlockQuantizer: QuantExchange()
 from .lowrank import LowRankExchange  # noqa: E402 - it builds on Exchange, above
 
 _FAMILIES[codecs.PowerSGD] = LowRankExchange()
+
+
+def hierarchy_refusal(codec: codecs.Codec) -> str | None:
+    """Why ``codec`` cannot run hierarchically (ranks_per_node > 1), as a message; None if it can."""
+    why = family_of(codec).flat_because
+    if why is None:
+        return None
+    return (f"gradcomp: {codec.name} does not run hierarchically (ranks_per_node > 1): {why}; use a quantizer "
+            "(int8, int4, int2, sign) or fp16/bf16 node by node, or the flat exchange")
 
 
 def family_of(codec: codecs.Codec) -> Exchange:

@@ -11,8 +11,10 @@ For a buffer's compressed parameters M_k (each an n_k × m_k matrix, gradient + 
    next step's start.
 
 Every product and factorization is torch's (matmul and QR are BLAS / LAPACK / cuBLAS /
-cuSOLVER work that a hand-written kernel would not beat); the only element-wise passes over
-the gradient are the residual's add and subtract, each one torch op. Each M_k, P_k and Q_k
+cuSOLVER work that a hand-written kernel would not beat). Besides the products, each
+compressed value is touched by the residual's add (M = g + e), the copy of P Qᵀ into the
+bucket, and the residual's subtract and keep-on-a-bad-step select; each is one torch op.
+Each M_k, P_k and Q_k
 is a fresh contiguous tensor, so a product's bits do not depend on where a parameter sits in
 a bucket.
 """
@@ -34,8 +36,7 @@ def initial_q(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> t
     start — each column scaled to unit length."""
     words = f"{seed}:{ordinal}:{'' if step is None else step}".encode()
     g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(words).digest()[:8], "little") >> 1)
-    q = torch.randn(m, rank, generator=g, dtype=torch.float32)
-    return q / q.norm(dim=0, keepdim=True)
+    return unit_columns(torch.randn(m, rank, generator=g, dtype=torch.float32))
 
 
 def unit_columns(q: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def unit_columns(q: torch.Tensor) -> torch.Tensor:
 class LowRankExchange(Exchange):
     """PowerSGD: two exact averages of small factors a buffer, P then Q."""
 
-    supports_hierarchy = False  # P = MQ is orthogonalized over whole matrices: a node's block slice is not one
+    flat_because = "it orthogonalizes P = MQ over a whole matrix, which a node's share of the blocks is not"
 
     def build(self, engine, plan, spans, buf, topo):
         plan.lowrank = [(s, *engine.codec.matrix(engine.shape_of(s.key))) for s in spans]
@@ -58,18 +59,18 @@ class LowRankExchange(Exchange):
         c, world, dev = engine.codec, call.topo.world, buf.device
         R, wire = c.rank, c.factor_dtype
         t0 = time.perf_counter()
-        mats, sums, ps = [], [], []
+        mats, ps = [], []
         for s, n, m in plan.lowrank:
             g = buf[s.offset : s.offset + s.numel].view(n, m)
             r = engine.residual(s.key, s.numel, dev).view(n, m) if c.error_feedback else None
             mat = torch.add(g, r) if r is not None else g.to(torch.float32, copy=True)
             q = self._start(engine, s, m, R, call.step, dev)
             mats.append((s, n, m, mat, r, q))
-            sums.append(mat.sum())
             ps.append(mat @ q)
         # a non-finite gradient anywhere in the buffer makes every compressed value NaN on every
-        # rank (docs/design.md, "Non-finite values"); a sum is non-finite when an element is
-        flag = (~torch.isfinite(torch.stack(sums).sum())).to(torch.float32).reshape(1)
+        # rank (docs/design.md, "Non-finite values"). A non-finite element of M makes its row of
+        # P = M Q non-finite (inf * 0 is NaN), so the flag reads the n x R factors, not M again
+        flag = (~torch.isfinite(torch.cat([p.reshape(-1) for p in ps])).all()).to(torch.float32).reshape(1)
         p_flat = torch.cat([p.reshape(-1) for p in ps] + [flag]).to(wire)
         mean = exact_mean_(p_flat, world, call.group)
         next(mean)  # the P all-to-all is in flight

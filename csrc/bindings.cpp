@@ -195,4 +195,17 @@ PYBIND11_MODULE(_C, m) {
         [](int64_t pairs, int value_bytes) { return codec::topk_payload_bytes(pairs, value_bytes); });
 
   m.def("shard_bytes", [](int64_t slots, int64_t block, int bits) { return codec::shard_bytes(slots, block, bits); });
+
+  // The format's constants, for Python to use rather than copy (ops.py, layout.py).
+  py::dict constants;
+  constants["row_words"] = codec::kRowWords;
+  constants["sparse_row_words"] = codec::kSparseRowWords;
+  constants["sparse_tile"] = codec::kSparseTile;
+  constants["noise_offset_bits"] = codec::kNoiseOffsetBits;
+  constants["randomk_header"] = codec::kRandomKHeader;
+  constants["shard_header_bytes"] = codec::kHeaderBytes;
+  constants["min_block"] = codec::kMinBlock;
+  constants["max_block"] = codec::kMaxBlock;
+  constants["payload_align"] = codec::kPayloadAlign;
+  m.attr("constants") = constants;
 }

@@ -434,6 +434,12 @@ GC_HD float residual_after(float a, int q, float scale) {
 //   [S · B codes of Bits bits]
 // Sizes depend only on S (block slots per shard), B and Bits: never on the data.
 constexpr int64_t kHeaderBytes = 16;
+// Block sizes: powers of two in [kMinBlock, kMaxBlock]. Payload tensors start on a
+// kPayloadAlign-byte boundary (a shard's size is a multiple of 4, so every shard starts
+// 4-byte aligned).
+constexpr int64_t kMinBlock = 32;
+constexpr int64_t kMaxBlock = 4096;
+constexpr int64_t kPayloadAlign = 16;
 
 GC_HD int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 GC_HD int64_t shard_scales_offset() { return kHeaderBytes; }

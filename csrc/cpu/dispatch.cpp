@@ -31,7 +31,7 @@ void check_args(int bits, int64_t block, int64_t world, int64_t slots, DType res
                 bool stochastic = false) {
   if (!codec::is_valid_bits(bits))
     throw std::invalid_argument("gradcomp: codes are 8, 4, 2 or 1 bits, got " + std::to_string(bits));
-  if (block < 32 || block > kMaxBlock || (block & (block - 1)) != 0)
+  if (block < codec::kMinBlock || block > kMaxBlock || (block & (block - 1)) != 0)
     throw std::invalid_argument("gradcomp: block size must be a power of two in [32, 4096], got " +
                                 std::to_string(block));
   if (world < 1 || slots < 0) throw std::invalid_argument("gradcomp: bad world size or slot count");

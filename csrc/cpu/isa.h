@@ -8,7 +8,7 @@
 
 namespace gradcomp {
 
-constexpr int64_t kMaxBlock = 4096;
+using codec::kMaxBlock;  // the largest block: a kernel's stack arrays hold one
 
 #define GC_DECLARE_CPU_KERNELS(ns)                                                                                 \
   namespace ns {                                                                                                   \

@@ -16,8 +16,8 @@ import torch
 
 from . import ops
 
-ROW_WORDS = 4  # codec.h's kRowWords
-NOISE_OFFSET_BITS = 40  # codec.h's kNoiseOffsetBits
+ROW_WORDS = ops.ROW_WORDS  # codec.h's kRowWords, from the compiled core
+NOISE_OFFSET_BITS = ops.CONSTANTS["noise_offset_bits"]  # codec.h's kNoiseOffsetBits
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ def contiguous_spans(numels: list[int], block: int, residual_addrs: list[int] | 
 
 
 # ---------------------------------------------------------------- sparse codecs
-SPARSE_ROW_WORDS = 8  # codec.h's kSparseRowWords
-SPARSE_TILE = 4096  # codec.h's kSparseTile
+SPARSE_ROW_WORDS = ops.SPARSE_ROW_WORDS  # codec.h's kSparseRowWords
+SPARSE_TILE = ops.SPARSE_TILE  # codec.h's kSparseTile
 MAX_SPARSE_NUMEL = (1 << 31) - 1  # indices travel as int32
 
 

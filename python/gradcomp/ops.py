@@ -35,16 +35,28 @@ from __future__ import annotations
 import torch
 
 from . import _C
+from .library import as_i64
 
+# The format's constants come from the compiled core (codec.h), never copied here.
+CONSTANTS = dict(_C.constants)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
+MIN_BLOCK, MAX_BLOCK = CONSTANTS["min_block"], CONSTANTS["max_block"]
+BLOCK_SIZES = tuple(1 << k for k in range(MIN_BLOCK.bit_length() - 1, MAX_BLOCK.bit_length()))  # 32 .. 4096
 CODE_BITS = (8, 4, 2, 1)  # 1: scaled sign
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
-ROW_WORDS = 4
-PAYLOAD_ALIGN = 16
-_cuda_compiled: bool | None = None
+ROW_WORDS = CONSTANTS["row_words"]
+PAYLOAD_ALIGN = CONSTANTS["payload_align"]
+_op = torch.ops.gradcomp
+# torch.compiler.is_compiling is torch >= 2.3's name; older ones only have dynamo's
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
+# Sizes are pure functions of their int arguments: under torch.compile they are computed
+# once at trace time (the core is not traceable), as constants of the graph.
+_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
+
+
+@_constant
 def shard_bytes(slots: int, block: int, bits: int = 8) -> int:
     """Bytes of one shard holding ``slots`` blocks of ``block`` values at ``bits`` bits."""
     return int(_C.shard_bytes(int(slots), int(block), int(bits)))
@@ -52,7 +64,7 @@ def shard_bytes(slots: int, block: int, bits: int = 8) -> int:
 
 def _check_block(block: int, bits: int) -> None:
     if block not in BLOCK_SIZES:
-        raise ValueError(f"gradcomp: block size must be a power of two in [32, 4096], got {block}")
+        raise ValueError(f"gradcomp: block size must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {block}")
     if bits not in CODE_BITS:
         raise ValueError(f"gradcomp: codes are 8, 4, 2 or 1 (scaled sign) bits, got bits={bits}")
 
@@ -73,32 +85,21 @@ def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=N
         raise ValueError(f"gradcomp: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"gradcomp: {name} must have {numel} elements, got {t.numel()}")
-    if aligned and t.data_ptr() % PAYLOAD_ALIGN:
+    if aligned and not _compiling() and t.data_ptr() % PAYLOAD_ALIGN:
         raise ValueError(f"gradcomp: {name} must start on a {PAYLOAD_ALIGN}-byte boundary "
                          f"(address {t.data_ptr():#x}); pass a fresh tensor, not a view at an odd offset")
+
+
+def _compiling() -> bool:
+    """Under torch.compile tensors are fakes without addresses: the alignment check waits for
+    the real call (torch's own allocations are always aligned)."""
+    return _is_compiling()
 
 
 def _check_bucket(bucket) -> None:
     _check_tensor(bucket, "bucket", dtypes=tuple(DTYPE_CODES))
     if bucket.dim() != 1:
         raise ValueError("gradcomp: bucket must be one-dimensional")
-
-
-def _launch(name: str, device: torch.device, cpu_args: tuple, cuda_args: tuple) -> None:
-    if device.type == "cpu":
-        getattr(_C, name + "_cpu")(*cpu_args, torch.get_num_threads())
-    else:
-        global _cuda_compiled
-        if _cuda_compiled is None:
-            _cuda_compiled = bool(_C.build_info()["cuda_compiled"])
-        if not _cuda_compiled:
-            raise RuntimeError("gradcomp was built without CUDA; CUDA tensors cannot be encoded")
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if torch.cuda.current_device() == device.index:
-            getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
-        else:  # torch's guard restores the caller's device afterwards
-            with torch.cuda.device(device):
-                getattr(_C, name + "_cuda")(*cuda_args, device.index, stream)
 
 
 def _check_table(table, name: str, rows: int, block: int, device, numel: int | None = None,
@@ -149,9 +150,8 @@ def quant_encode(bucket: torch.Tensor, table: torch.Tensor, world: int, slots: i
     if out is None:
         out = torch.empty(world * sb, dtype=torch.uint8, device=bucket.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb, aligned=True)
-    args = (bits, block, DTYPE_CODES[bucket.dtype], res_code, bucket.data_ptr(), table.data_ptr(), world, slots,
-            out.data_ptr(), seed, step, rank, stochastic)
-    _launch("quant_encode", bucket.device, args, args)
+    _op.quant_encode(bucket, table, out, world, slots, block, bits, DTYPE_CODES[bucket.dtype], res_code,
+                     as_i64(seed), as_i64(step), rank, stochastic)
     return out
 
 
@@ -169,9 +169,8 @@ def quant_reduce(recv: torch.Tensor, my_rows: torch.Tensor, world: int, slots: i
     if out is None:
         out = torch.empty(sb, dtype=torch.uint8, device=recv.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=recv.device, numel=sb, aligned=True)
-    args = (bits, block, res_code, recv.data_ptr(), my_rows.data_ptr(), world, slots, out.data_ptr(), seed, step,
-            rank, stochastic)
-    _launch("quant_reduce", recv.device, args, args)
+    _op.quant_reduce(recv, my_rows, out, world, slots, block, bits, res_code, as_i64(seed), as_i64(step), rank,
+                     stochastic)
     return out
 
 
@@ -185,9 +184,7 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
     _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * sb,
                   aligned=True)
     _check_table(table, "table", world * slots, block, bucket.device, bucket.numel(), check_bounds)
-    args = (bits, block, DTYPE_CODES[bucket.dtype], gathered.data_ptr(), table.data_ptr(), world, slots,
-            bucket.data_ptr())
-    _launch("quant_decode", bucket.device, args, args)
+    _op.quant_decode(gathered, table, bucket, world, slots, block, bits, DTYPE_CODES[bucket.dtype])
     return bucket
 
 
@@ -199,10 +196,12 @@ def quant_decode(gathered: torch.Tensor, table: torch.Tensor, world: int, slots:
 #   top-k payload     [topk_payload_bytes(K, value_dtype)] uint8, gathered [W * that]
 #   random-k payload  [4 + K] float32 (summed by all_reduce)
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SPARSE_ROW_WORDS = 8
-RANDOMK_HEADER = 4
+SPARSE_ROW_WORDS = CONSTANTS["sparse_row_words"]
+SPARSE_TILE = CONSTANTS["sparse_tile"]
+RANDOMK_HEADER = CONSTANTS["randomk_header"]
 
 
+@_constant
 def topk_payload_bytes(pairs: int, value_dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one rank's top-k payload of ``pairs`` (index, value) pairs."""
     if value_dtype not in VALUE_DTYPES:
@@ -233,10 +232,8 @@ def _check_sparse_table(table, device, pairs: int, numel: int | None, check_boun
         raise ValueError(f"gradcomp: the table's rows hold {total} pairs, not {pairs}")
 
 
-
-
 def _tiles(table: torch.Tensor) -> int:
-    return int(((table[:, 1] + 4095) // 4096).sum()) if table.shape[0] else 0
+    return int(((table[:, 1] + SPARSE_TILE - 1) // SPARSE_TILE).sum()) if table.shape[0] else 0
 
 
 def topk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, approx: bool = False,
@@ -253,15 +250,12 @@ def topk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, approx
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=bucket.device)
     _check_tensor(out, "out", dtypes=(torch.uint8,), device=bucket.device, numel=nbytes, aligned=True)
-    rows, wire, dtype = table.shape[0], DTYPE_CODES[value_dtype], DTYPE_CODES[bucket.dtype]
     if bucket.device.type == "cpu":
-        _C.topk_encode_cpu(dtype, wire, bool(approx), bucket.data_ptr(), table.data_ptr(), rows, pairs,
-                           out.data_ptr(), torch.get_num_threads())
-    else:
-        tiles = _tiles(table.cpu()) if tiles is None else tiles
-        ws = torch.empty(int(_C.topk_workspace_bytes(rows, tiles)), dtype=torch.uint8, device=bucket.device)
-        _launch("topk_encode", bucket.device, (), (dtype, wire, bool(approx), bucket.data_ptr(), table.data_ptr(),
-                                                   rows, tiles, pairs, out.data_ptr(), ws.data_ptr()))
+        tiles = 0  # the CPU kernel splits its work itself
+    elif tiles is None:
+        tiles = _tiles(table.cpu())
+    _op.topk_encode(bucket, table, out, pairs, bool(approx), DTYPE_CODES[bucket.dtype], DTYPE_CODES[value_dtype],
+                    int(tiles))
     return out
 
 
@@ -278,17 +272,10 @@ def topk_decode(gathered: torch.Tensor, table: torch.Tensor, pairs: int, world: 
     _check_tensor(gathered, "gathered", dtypes=(torch.uint8,), device=bucket.device, numel=world * nbytes,
                   aligned=True)
     _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
-    rows, wire, dtype = table.shape[0], DTYPE_CODES[value_dtype], DTYPE_CODES[bucket.dtype]
-    if bucket.device.type == "cpu":
-        return int(_C.topk_decode_cpu(dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs, world,
-                                      bucket.data_ptr(), torch.get_num_threads()))
-    status = torch.zeros(2, dtype=torch.int32, device=bucket.device)  # [rejected, wrote NaN]
-    scratch = (torch.empty(bucket.numel(), dtype=torch.float32, device=bucket.device)
-               if bucket.dtype != torch.float32 else None)
-    _launch("topk_decode", bucket.device, (), (dtype, wire, gathered.data_ptr(), table.data_ptr(), rows, pairs,
-                                               world, bucket.data_ptr(), scratch.data_ptr() if scratch is not None
-                                               else 0, status.data_ptr()))
-    return status[:1]
+    status = torch.empty(2, dtype=torch.int32, device=bucket.device)  # [rejected, wrote NaN (CUDA)]
+    _op.topk_decode(gathered, table, bucket, status, pairs, world, DTYPE_CODES[bucket.dtype],
+                    DTYPE_CODES[value_dtype])
+    return int(status[0]) if bucket.device.type == "cpu" else status[:1]
 
 
 def randomk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, seed: int, step: int,
@@ -302,9 +289,7 @@ def randomk_encode(bucket: torch.Tensor, table: torch.Tensor, pairs: int, *, see
     if out is None:
         out = torch.empty(RANDOMK_HEADER + pairs, dtype=torch.float32, device=bucket.device)
     _check_tensor(out, "out", dtypes=(torch.float32,), device=bucket.device, numel=RANDOMK_HEADER + pairs)
-    args = (DTYPE_CODES[bucket.dtype], bucket.data_ptr(), table.data_ptr(), table.shape[0], pairs, seed, step,
-            out.data_ptr())
-    _launch("randomk_encode", bucket.device, args, args)
+    _op.randomk_encode(bucket, table, out, pairs, DTYPE_CODES[bucket.dtype], as_i64(seed), as_i64(step))
     return out
 
 
@@ -319,7 +304,5 @@ def randomk_decode(reduced: torch.Tensor, table: torch.Tensor, world: int, bucke
     pairs = reduced.numel() - RANDOMK_HEADER
     _check_tensor(reduced, "reduced", dtypes=(torch.float32,), device=bucket.device)
     _check_sparse_table(table, bucket.device, pairs, bucket.numel(), check_bounds)
-    args = (DTYPE_CODES[bucket.dtype], reduced.data_ptr(), table.data_ptr(), table.shape[0], world, seed, step,
-            bucket.data_ptr())
-    _launch("randomk_decode", bucket.device, args, args)
+    _op.randomk_decode(reduced, table, bucket, world, DTYPE_CODES[bucket.dtype], as_i64(seed), as_i64(step))
     return bucket

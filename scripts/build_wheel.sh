@@ -118,8 +118,10 @@ EOF
 step "tests against the installed wheel: pytest ${PYTEST_ARGS:-(the whole suite)}"
 start=$(date +%s)
 set -f  # PYTEST_ARGS is split into words, but a node id like test_x[a-b] is not a glob
+# As an activated venv runs them: its bin first on PATH, so the tests' subprocesses find the
+# venv's console scripts (torchrun --no-python gradcomp) and not another environment's.
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests}
+PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV" "$VENV/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests}
 set +f
 echo "   tests took $(( $(date +%s) - start )) s"
 step "done: $WHEEL"

@@ -1,4 +1,5 @@
-"""Torch-facing wrappers of the compiled core: validate, allocate outputs, dispatch.
+"""Torch-facing wrappers of the compiled core: validate, allocate outputs, dispatch through
+the torch operators ``torch.ops.gradcomp.*`` (library.py registers them).
 
 The core (``gradcomp._C``) takes raw pointers and sizes. Every function here checks dtype,
 device, contiguity and sizes first, allocates every output with torch (so the caching

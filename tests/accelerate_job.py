@@ -1,5 +1,5 @@
 """Accelerate training on CPU processes launched by torchrun, with gradcomp registered on
-the model accelerator.prepare returned (the README's recipe); run by
+the model accelerator.prepare returned (the recipe of docs/getting-started/accelerate.md); run by
 tests/test_integrations.py.
 
 Usage: torchrun --nproc_per_node 2 accelerate_job.py OUT_DIR

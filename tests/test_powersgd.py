@@ -127,7 +127,7 @@ def _check_allreduce(outs, world, rank, steps, seed, **kw):
     return state
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(3, marks=pytest.mark.slow), 4])
 def test_all_reduce_matches_the_reference_bit_for_bit(tmp_path, world):
     steps, seed = 3, 11
     outs = _run(world, tmp_path, shapes=SHAPES, steps=steps, codec="powersgd:2", seed=world,

@@ -1,7 +1,7 @@
 """The release path end to end (slow, run by hand: ``python -m pytest -m slow tests/test_wheel.py``):
 scripts/build_wheel.sh builds the wheel with every architecture, repairs it, installs it in
 fresh virtual environments with two torch releases, and runs the whole suite against each,
-away from the source tree. CI runs the script's quick form instead (.ci/run), see README.
+away from the source tree. CI runs the script's quick form instead (.ci/run), see CONTRIBUTING.md.
 GRADCOMP_TEST_WHEEL=path/to/repaired.whl tests that wheel instead of building one;
 GRADCOMP_TEST_TORCH="2.3.1 2.14.1" tests against those torch releases."""
 

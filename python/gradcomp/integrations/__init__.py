@@ -4,5 +4,5 @@
 - ``gradcomp.integrations.lightning``: ``GradcompDDPStrategy``, a Lightning DDP strategy
   that registers gradcomp on CPU and GPU alike (``pip install gradcomp[lightning]``).
 - Accelerate takes only its built-in hook names; register gradcomp on the model
-  ``accelerator.prepare`` returned (see the README's "Accelerate" section).
+  ``accelerator.prepare`` returned (docs/getting-started/accelerate.md).
 """

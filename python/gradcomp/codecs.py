@@ -121,7 +121,7 @@ class Int2(BlockQuantizer):
 
 class Sign(BlockQuantizer):
     """Scaled sign (EF-signSGD, 1-bit Adam): one bit per value, -scale for a < 0 and +scale
-    otherwise, scale = the block's mean |a| (summed exactly, so every backend agrees). Use it
+    otherwise, scale = the block's mean ``|a|`` (summed exactly, so every backend agrees). Use it
     with error feedback: alone, the sign is a biased estimate."""
 
     name = "sign"
@@ -145,7 +145,7 @@ class Cast(Codec):
 
 class Fp16(Cast):
     """Gradients travel as float16 (2 bytes a value; 2x fewer than float32). The wire carries
-    x / W, whose partial sums never exceed the largest |x| of any rank: nothing overflows
+    x / W, whose partial sums never exceed the largest ``|x|`` of any rank: nothing overflows
     while every rank's gradient is within 65504; beyond that a value may become Inf (and
     GradScaler skips the step)."""
 
@@ -184,7 +184,7 @@ class Sparsifier(Codec):
 
 class TopK(Sparsifier):
     """Top-k sparsification with error feedback (DGC, per parameter): each rank sends the k
-    values of largest |gradient + residual| of every compressed parameter as (int32 index,
+    values of largest ``|gradient + residual|`` of every compressed parameter as (int32 index,
     value) pairs; the payloads are all-gathered and summed rank by rank. Ties go to the
     lowest index; a NaN or Inf counts as larger than every finite value, and the bucket is
     then non-finite on every rank.

@@ -1,4 +1,4 @@
-"""gradcomp for FSDP2 (``torch.distributed.fsdp.fully_shard``) and HSDP.
+"""gradcomp for FSDP2 (``torch.distributed.fsdp.fully_shard``) and HSDP::
 
     fully_shard(block, mesh=mesh) for each block; fully_shard(model, mesh=mesh)
     state = gradcomp.fsdp.register(model, "int8")          # a compressed reduce-scatter

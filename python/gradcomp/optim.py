@@ -1,4 +1,4 @@
-"""AdamW with a frozen variance: what lets low-bit codecs (int2, sign) train under Adam.
+"""AdamW with a frozen variance: what lets low-bit codecs (int2, sign) train under Adam::
 
     opt = gradcomp.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, freeze_step=100)
     state = gradcomp.register(ddp_model, "sign", start_step=100)   # exact until v is frozen

@@ -1,4 +1,4 @@
-"""A Lightning DDP strategy that registers gradcomp's hook, on CPU and GPU alike.
+"""A Lightning DDP strategy that registers gradcomp's hook, on CPU and GPU alike::
 
     from gradcomp.integrations.lightning import GradcompDDPStrategy
     trainer = L.Trainer(strategy=GradcompDDPStrategy("int8"), accelerator="cpu", devices=2)

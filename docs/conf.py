@@ -58,9 +58,10 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# gradcomp.integrations.lightning subclasses Lightning's DDPStrategy; without Lightning installed
+# gradcomp.integrations.lightning and .transformers subclass Lightning's DDPStrategy and Trainer; without them installed
 # the page is still built, against a stand-in.
-autodoc_mock_imports = [m for m in ("lightning", "pytorch_lightning") if importlib.util.find_spec(m) is None]
+autodoc_mock_imports = [m for m in ("lightning", "pytorch_lightning", "transformers")
+                        if importlib.util.find_spec(m) is None]
 
 html_theme = "furo"
 html_title = f"gradcomp {release}"

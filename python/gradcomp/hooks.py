@@ -13,6 +13,8 @@ sequence; on NCCL each bucket is issued from the hook call itself (DDP calls hoo
 order on one thread) on the State's side stream.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -20,6 +22,7 @@ from . import _C, codecs
 from .engine import GlooWorker as _GlooWorker  # noqa: F401 - tests and older code import it from here
 from .engine import GradcompError
 from .engine.runner import _workers  # noqa: F401
+from .per_parameter import ParameterSteps, number_in_bucket_order, reduce_parameter
 from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State  # noqa: F401
 
 __all__ = ["State", "comm_hook", "register", "GradcompError"]
@@ -38,7 +41,13 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
     """The DDP communication hook: averages ``bucket`` over ``state``'s group, compressing
     each parameter that is large enough and of a dtype the codec takes."""
     if isinstance(bucket, tuple):  # DDP's python reducer (compiled autograd) calls hooks per parameter
-        raise RuntimeError(_PYTHON_REDUCER)
+        grad, param = bucket
+        steps = getattr(state, "_parameter_steps", None)
+        if steps is None:
+            raise RuntimeError(_PYTHON_REDUCER)
+        state._claim("ddp")
+        reduce_parameter(state, steps, grad, _ordinal(state, param), param.shape)
+        return None
     state._claim("ddp")
     buf = bucket.buffer()
     step = state.step
@@ -55,10 +64,9 @@ def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[tor
 
 
 _PYTHON_REDUCER = (
-    "gradcomp: DDP was built with torch._dynamo.config.optimize_ddp = 'python_reducer', which calls a comm "
-    "hook once per parameter as hook(state, (grad, param)) under compiled autograd; gradcomp compresses whole "
-    "buckets and does not support it. torch.compile works with DDP's default DDPOptimizer "
-    "(optimize_ddp = True): build the DDP model with that, then register gradcomp.")
+    "gradcomp: DDP's python reducer (torch._dynamo.config.optimize_ddp = 'python_reducer') calls the hook once "
+    "per parameter, and gradcomp tells one step from the next by counting the model's parameters: register it "
+    "with gradcomp.register(ddp_model, ...), or gradcomp.integrations' helpers, not with register_comm_hook.")
 
 
 def _check_cuda_backend(ddp_model, codec: codecs.Codec) -> None:
@@ -74,26 +82,88 @@ def _check_cuda_backend(ddp_model, codec: codecs.Codec) -> None:
                            f"gradcomp's CUDA kernels, but {problem}")
 
 
-def register(ddp_model, codec="int8", **kwargs) -> State:
-    """Registers gradcomp's hook on a DistributedDataParallel model; returns its State.
-
-    The process group is the model's own. ``kwargs`` go to :class:`State`.
-    """
+def _check_registrable(ddp_model) -> None:
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"gradcomp.register needs a torch.nn.parallel.DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
-    if "process_group" in kwargs:
-        raise TypeError("gradcomp.register takes the process group from the DDP model; "
-                        "use State(process_group=...) with register_comm_hook for another group")
-    if getattr(ddp_model, "_use_python_reducer", False):
-        raise RuntimeError(_PYTHON_REDUCER)
     if getattr(ddp_model, "_comm_hooks", None):
         hooks = ", ".join(getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks)
         raise RuntimeError(f"gradcomp.register: this DDP model already has a communication hook ({hooks}); "
                            "DDP takes one per model, so register gradcomp once, on a model without one")
+
+
+def register(ddp_model, codec="int8", **kwargs) -> State:
+    """Registers gradcomp's hook on a DistributedDataParallel model; returns its State.
+
+    The process group is the model's own. ``kwargs`` go to :class:`State`. If that model is
+    then bypassed (its parameters receive gradients while its forward does not run, because
+    another wrapper or the bare module is trained), a ``UserWarning`` says so once.
+    """
+    _check_registrable(ddp_model)
+    if "process_group" in kwargs:
+        raise TypeError("gradcomp.register takes the process group from the DDP model; "
+                        "use State(process_group=...) with register_comm_hook for another group")
     state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
+    return _attach(ddp_model, state)
+
+
+def _attach(ddp_model, state: State) -> State:
+    """Registers a ready ``state`` on ``ddp_model`` (register()'s checks; a State without a
+    process group takes the model's) and watches the model for a bypass."""
+    _check_registrable(ddp_model)
+    group = getattr(ddp_model, "process_group", None)
+    if state.process_group is None:
+        state.process_group = group
+    elif group is not None and state.process_group is not group:
+        raise ValueError("gradcomp: this State has another process group than the DDP model it is registered on")
     _check_cuda_backend(ddp_model, state.codec)
     ddp_model.register_comm_hook(state, comm_hook)
+    if getattr(ddp_model, "_use_python_reducer", False):  # a hook call per parameter (per_parameter.py)
+        state._parameter_steps = ParameterSteps(number_in_bucket_order(state, ddp_model, _ordinal))
+    if state._bypass_watch is not None:
+        state._bypass_watch.remove()
+    state._bypass_watch = _BypassWatch(ddp_model)
     world, _ = state._world_rank()
     state._log_once(world)
     return state
+
+
+BYPASS_AFTER = 3  # gradients on a watched parameter in a row, without a forward of its DDP model
+
+_BYPASSED = (
+    "gradcomp: a parameter of the DistributedDataParallel model gradcomp is registered on received gradients {n} "
+    "times without that model's forward running (with gradients enabled) in between: another wrapper (a second "
+    "DDP, or the bare module) is being trained, so gradcomp's hook never sees these gradients. Nothing of them is "
+    "compressed, and they are averaged, if at all, by whatever that wrapper does. Train the model gradcomp is "
+    "registered on, or register gradcomp on the one being trained.")
+
+
+class _BypassWatch:
+    """Notices that a registered DDP model is bypassed: its forward pre-hook zeroes a count
+    that a post-accumulate-grad hook on one of its parameters increments; the count reaching
+    ``BYPASS_AFTER`` means gradients arrive without this model's forward, so not through its
+    reducer (a DDP whose forward did not run calls no hook). One Python call per forward and
+    per backward, no host sync. Warns once."""
+
+    def __init__(self, ddp_model):
+        self.since_forward = 0
+        self.warned = False
+        params = getattr(ddp_model, "_module_parameters", None) or list(ddp_model.module.parameters())
+        param = next((p for p in params if p.requires_grad), None)
+        self.handles = [] if param is None else [ddp_model.register_forward_pre_hook(self._forward),
+                                                 param.register_post_accumulate_grad_hook(self._grad)]
+
+    def _forward(self, module, args) -> None:
+        if torch.is_grad_enabled():  # a forward under no_grad (evaluation) prepares no backward
+            self.since_forward = 0
+
+    def _grad(self, param) -> None:
+        self.since_forward += 1
+        if self.since_forward >= BYPASS_AFTER and not self.warned:
+            self.warned = True
+            warnings.warn(_BYPASSED.format(n=self.since_forward), UserWarning, stacklevel=2)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -132,6 +132,7 @@ class State:
         self._side_streams: dict = {}
         self._logged = False
         self._all_reduce_signature = None  # all_reduce front end: the keys, sizes and dtypes of the first call
+        self._bypass_watch = None  # DDP front end: hooks.register()'s watch on its model (hooks._BypassWatch)
 
     # ------------------------------------------------------------------ the engine's settings
     codec = property(lambda self: self.engine.codec, doc="The Codec.")

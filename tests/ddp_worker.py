@@ -156,58 +156,37 @@ def scenario_train(rank, world, args):
 
 
 def scenario_order(rank, world, args):
-    """Many buckets, many steps, with a given hook: ours, PyTorch's PowerSGD, or a naive hook
-    that chains its second collective in a future callback."""
+    """Many buckets, many steps of training with gradcomp's int8 hook (counting the buckets
+    it sees). Records each step's averaged gradients and the local ones of a twin with the
+    same weights (the reference's input), a list a step in parameter order; the parameters'
+    ordinals, the final residuals and the stats."""
     width, layers, steps = args.get("width", 64), args.get("layers", 12), args["steps"]
-    model = make_model(layers, width)
+    model, twin = make_model(layers, width), make_model(layers, width)
     ddp = DDP(model, bucket_cap_mb=args.get("bucket_cap_mb", 0.01))
-    hook = args["hook"]
+    state = gradcomp.State("int8")
     seen = set()
-    if hook == "gradcomp":
-        state = gradcomp.State("int8")
 
-        def counting_hook(st, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-            seen.add(bucket.index())
-            return gradcomp.comm_hook(st, bucket)
+    def counting_hook(st, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        seen.add(bucket.index())
+        return gradcomp.comm_hook(st, bucket)
 
-        ddp.register_comm_hook(state, counting_hook)
-    elif hook == "powersgd":
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-
-        ddp.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=1,
-                                                  start_powerSGD_iter=2, min_compression_rate=0.5),
-                               psgd.powerSGD_hook)
-    elif hook == "naive":
-        ddp.register_comm_hook(None, naive_chained_hook)
+    ddp.register_comm_hook(state, counting_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    out = {"grads": [], "local": []}
     for step in range(steps):
         x, y = batch(rank, step, width)
         opt.zero_grad()
         ((ddp(x) - y) ** 2).mean().backward()
+        twin.load_state_dict(model.state_dict())
+        twin.zero_grad()
+        ((twin(x) - y) ** 2).mean().backward()
+        out["grads"].append([p.grad.detach().clone() for p in model.parameters()])
+        out["local"].append([q.grad.detach().clone() for q in twin.parameters()])
         opt.step()
-    return {"steps": steps, "buckets": len(seen)}
-
-
-def naive_chained_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Two-phase exchange whose second collective is launched from the first one's future
-    callback (as PyTorch's PowerSGD hook does): another bucket's first phase can overtake it
-    on one rank and not on another."""
-    buf = bucket.buffer()
-    world = dist.get_world_size()
-    n = buf.numel() // world * world
-    send = buf[:n].clone()
-    recv = torch.empty_like(send)
-    fut = dist.all_to_all_single(recv, send, async_op=True).get_future()
-
-    def phase2(_):
-        part = recv.view(world, -1).sum(0) / world
-        gathered = torch.empty(n, dtype=buf.dtype)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, part, async_op=True).wait()
-        buf[:n] = gathered
-        return buf
-
-    return fut.then(phase2)
+    out.update(steps=steps, buckets=len(seen), stats=dict(state.stats),
+               ordinals=[state._ddp_ordinal_of[id(p)] for p in model.parameters()],
+               residuals={o: r.clone() for o, r in state._residuals.items()})
+    return out
 
 
 def scenario_resume(rank, world, args):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from gradcomp import layout, ops
+from gradcomp import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -358,14 +358,3 @@ class EmulatedCuda:
                                      bucket, 0, stream],
                   inputs=[reduced, table], tables=[(table, 8)])
         return bucket
-
-
-def sparse_table(emu_or_none, offsets, numels, residuals, ratio, ordinals=None):
-    """A sparse table whose residual addresses are the CPU tensors' (``emu_or_none`` None) or
-    their places in the emulator."""
-    ordinals = ordinals or list(range(len(numels)))
-    spans = []
-    for o, n, r, ordn in zip(offsets, numels, residuals, ordinals):
-        addr = 0 if r is None else (r.data_ptr() if emu_or_none is None else emu_or_none.addr(r))
-        spans.append(layout.Span(o, n, 0, addr, ordn))
-    return layout.build_sparse_table(spans, ratio)

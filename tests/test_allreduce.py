@@ -12,8 +12,8 @@ import gradcomp
 import pytest
 import reference as ref
 import torch
-import torch.distributed as dist
 from dist_utils import describe, free_port, run_ranks
+from harness import assert_bits_equal
 
 SHAPES = [[300], [33, 40], [5000], [7, 3, 129], [64], [2, 2049]]  # [300] and [64] are below min_numel
 MIN_NUMEL = 512
@@ -33,19 +33,19 @@ def _check_against_reference(outs, world, per_node, block, bits, steps):
         for i, e in enumerate(expect):
             got = [outs[r]["outputs"][step][i] for r in range(world)]
             for r in range(1, world):
-                assert torch.equal(got[0], got[r]), f"step {step} tensor {i}: rank {r} differs from rank 0"
+                assert_bits_equal(got[0], got[r], f"step {step} tensor {i}: rank {r} differs from rank 0")
             if e is None:  # exact lane
                 mean = sum(x[i].float() for x in inputs) / world
                 tol = 1e-5 if got[0].dtype == torch.float32 else 1e-2
                 torch.testing.assert_close(got[0].float(), mean, rtol=tol, atol=tol)
             else:
                 e = e.to(got[0].dtype)  # the float32 average, rounded once to the tensor's dtype
-                assert torch.equal(got[0].reshape(-1), e), f"step {step} tensor {i} differs from the reference"
+                assert_bits_equal(got[0].reshape(-1), e, f"step {step} tensor {i} differs from the reference")
     for r in range(world):
         assert sorted(outs[r]["residuals"]) == sorted(i for (rr, i) in residuals if rr == r)
         for (rr, i), res in residuals.items():
             if rr == r:
-                assert torch.equal(outs[r]["residuals"][i], res), f"rank {r} tensor {i}: residual differs"
+                assert_bits_equal(outs[r]["residuals"][i], res, f"rank {r} tensor {i}: residual differs")
 
 
 @pytest.mark.parametrize(("world", "per_node"), [(1, 1), (2, 1), (2, 2), (3, 1), (3, 3), (4, 1), (4, 2), (4, 4)])
@@ -111,7 +111,7 @@ def test_float64_tensors_are_averaged_exactly_in_rank_order(tmp_path):
             expect = (xs[0] / 3 + xs[1] / 3) + xs[2] / 3
             for r in range(3):
                 assert outs[r]["outputs"][step][i].dtype == torch.float64
-                assert torch.equal(outs[r]["outputs"][step][i], expect)
+                assert_bits_equal(outs[r]["outputs"][step][i], expect)
 
 
 @pytest.mark.parametrize("codec", ["int4:block=128", "sign:block=32"])
@@ -147,7 +147,7 @@ def test_cast_codec_hierarchical(tmp_path):
             node = [(xs[2 * m][i] / 2 + xs[2 * m + 1][i] / 2) / 2 for m in range(2)]
             expect = (node[0].half() + node[1].half()).float()
             for r in range(4):
-                assert torch.equal(outs[r]["outputs"][step][i], expect)
+                assert_bits_equal(outs[r]["outputs"][step][i], expect)
     assert outs[0]["stats"]["bytes_sent_intra_node"] > 0
 
 
@@ -180,10 +180,10 @@ def test_async_form_and_keys_by_name(tmp_path):
     for r in range(3):
         for s in range(3):
             for a, b in zip(by_list[r]["outputs"][s], by_name[r]["outputs"][s]):
-                assert torch.equal(a, b)
+                assert_bits_equal(a, b, nan_bytes=True)
         assert sorted(by_name[r]["residuals"]) == sorted(names[i] for i in by_list[r]["residuals"])
         for i, res in by_list[r]["residuals"].items():
-            assert torch.equal(by_name[r]["residuals"][names[i]], res)
+            assert_bits_equal(by_name[r]["residuals"][names[i]], res, nan_bytes=True)
 
 
 @pytest.mark.parametrize(("world", "per_node", "dcp"), [(2, 1, False), (3, 1, True), (4, 2, True)])
@@ -203,10 +203,10 @@ def test_checkpoint_round_trip_resumes_bit_for_bit(tmp_path, world, per_node, dc
             assert loaded[k] == saved[k], f"rank {r}: {k} did not round-trip"
         assert saved["residuals"].keys() == loaded["residuals"].keys() and saved["residuals"]
         for key, res in saved["residuals"].items():
-            assert torch.equal(loaded["residuals"][key], res)
+            assert_bits_equal(loaded["residuals"][key], res, nan_bytes=True)
         for s in range(6):
             for a, b in zip(straight[r]["outputs"][s], resumed[r]["outputs"][s]):
-                assert torch.equal(a, b), f"rank {r} step {s} differs after the resume"
+                assert_bits_equal(a, b, f"rank {r} step {s} differs after the resume", nan_bytes=True)
 
 
 def test_ranks_per_node_errors(tmp_path):
@@ -258,20 +258,13 @@ def test_ranks_per_node_auto_under_torchrun(tmp_path):
     for r, o in enumerate(outs):
         assert o["per_node"] == 2 and o["node"] == r // 2 and o["local"] == r % 2
         for a, b in zip(o["auto"], outs[0]["auto"]):
-            assert torch.equal(a, b)
+            assert_bits_equal(a, b, nan_bytes=True)
         for a, b in zip(o["auto"], o["explicit"]):
-            assert torch.equal(a, b)
+            assert_bits_equal(a, b, nan_bytes=True)
     assert outs[0]["stats"]["bytes_sent_intra_node"] > 0
 
 
-# ---------------------------------------------------------------- errors, in one process
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
+# ---------------------------------------------------------------- errors, in one process (conftest's one_rank_group)
 def test_errors_are_clear(one_rank_group):
     state = gradcomp.State("int8")
     xs = [torch.randn(2000), torch.randn(3, 5)]

@@ -232,33 +232,41 @@ def test_info_shows_compiled_code_cuda_version_and_openmp_runtime(tmp_path):
     assert f"CPU threads: {runtime}" in out if runtime else "CPU threads: the calling thread only" in out
 
 
-def test_register_of_a_gpu_model_fails_at_once_when_the_cuda_backend_cannot_run():
-    """The check register() makes before touching DDP, on a stand-in whose parameters say
-    they are on a GPU (this machine may have none)."""
-    from gradcomp.hooks import _check_cuda_backend
+def test_register_of_a_gpu_model_fails_at_once_when_the_cuda_backend_cannot_run(one_rank_group, monkeypatch):
+    """gradcomp.register of a DDP model with a parameter on a GPU, where gradcomp's CUDA
+    backend cannot run (built without CUDA, no driver or one too old for the build: any CPU
+    machine): it raises at registration with the reason and the fix, before it registers a
+    hook (the model then takes fp16's). fp16 and bf16 are torch casts: they register wherever
+    the model is, as every codec does for a CPU model. This machine may have no GPU: the
+    models are real DDP models on one Gloo rank, and the GPU one's ``parameters()`` (all that
+    register asks of where the model is) also yields a tensor that says it is on a GPU."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    class OnGpu:
-        is_cuda = True
+    class OnGpu(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
 
-    class Model:
-        def __init__(self, params):
-            self.params = params
+    def gpu_model():
+        ddp = DDP(torch.nn.Linear(4, 4))
+        params = [*ddp.module.parameters(), torch.zeros(1).as_subclass(OnGpu)]
+        monkeypatch.setattr(ddp, "parameters", lambda recurse=True: iter(params))
+        assert any(p.is_cuda for p in ddp.parameters())
+        return ddp
 
-        def parameters(self):
-            return iter(self.params)
-
-    gpu_model = Model([torch.zeros(1), OnGpu()])
-    for codec in ("int8", "sign", "topk:0.01", "fp16", "bf16"):
-        _check_cuda_backend(Model([torch.zeros(1)]), codecs.parse(codec))  # a CPU model: nothing to check
-    # fp16/bf16 are torch casts: they need no gradcomp kernels, wherever the model is
-    _check_cuda_backend(gpu_model, codecs.parse("fp16"))
-    _check_cuda_backend(gpu_model, codecs.parse("bf16"))
+    codecs_needing_kernels = ("int8", "int4", "sign", "topk:0.01", "randomk:0.01")
+    for codec in (*codecs_needing_kernels, "fp16", "bf16"):  # a CPU model: nothing to check
+        assert gradcomp.register(DDP(torch.nn.Linear(4, 4)), codec).codec == codecs.parse(codec)
+    for codec in ("fp16", "bf16"):  # torch casts: no gradcomp kernels, wherever the model is
+        assert gradcomp.register(gpu_model(), codec).codec == codecs.parse(codec)
     problem = _C.cuda_problem()
-    for codec in ("int8", "int4", "sign", "topk:0.01", "randomk:0.01"):
-        if not problem:
-            _check_cuda_backend(gpu_model, codecs.parse(codec))
+    for codec in codecs_needing_kernels:
+        ddp = gpu_model()
+        if not problem:  # this machine runs the CUDA backend: registration goes through
+            assert gradcomp.register(ddp, codec).codec == codecs.parse(codec)
             continue
         with pytest.raises(RuntimeError) as e:
-            _check_cuda_backend(gpu_model, codecs.parse(codec))
+            gradcomp.register(ddp, codec)
         assert "the model is on a GPU" in str(e.value) and repr(codec.split(":")[0]) in str(e.value)
         assert problem in str(e.value)
+        gradcomp.register(ddp, "fp16")  # the failed registration left the model without a hook

@@ -25,8 +25,22 @@ import re
 
 import pytest
 import torch
-from emulator import CSRC, EmulatedCuda, Emulator, EmulatorCrash, build, sparse_table
+from emulator import CSRC, EmulatedCuda, Emulator, EmulatorCrash, build
 from gradcomp import layout, ops
+from harness import (
+    SparseBucket,
+    assert_same_runs,
+    corrupter,
+    exchange,
+    exchange_results,
+    extreme_inputs,
+    gen,
+    make_residuals,
+    randomk_run,
+    tied_buckets,
+    topk_exchange,
+    wide_inputs,
+)
 
 pytestmark = [
     pytest.mark.emulated,
@@ -47,104 +61,33 @@ def emu():
 
 
 def _gen(*salt) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((SEED, *salt)) & (2**62 - 1))
+    return gen(SEED, *salt)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _assert_same(cpu: dict, emulated: dict, what) -> None:
     """Equal bytes (NaN payloads included: both backends write the canonical quiet NaN)."""
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
-
-
-def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    ua, ub = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
-    if ua.numel() != ub.numel():
-        return f"sizes {ua.numel()} and {ub.numel()}"
-    i = int((ua != ub).nonzero()[0, 0])
-    return f"byte {i} of {ua.numel()}: cpu {int(ua[i]):#04x}, emulated {int(ub[i]):#04x}"
-
-
-def _assert_same(cpu: dict, emu: dict, what) -> None:
-    assert cpu.keys() == emu.keys()
-    for key in cpu:
-        assert len(cpu[key]) == len(emu[key]), key
-        for w, (a, b) in enumerate(zip(cpu[key], emu[key])):
-            if isinstance(a, list):
-                assert len(a) == len(b), (key, w)
-            pairs = zip(a, b) if isinstance(a, list) else [(a, b)]
-            for j, (x, y) in enumerate(pairs):
-                assert _same(x, y), f"{key} of rank {w} [{j}] differs ({_first_difference(x, y)}); {what}, seed {SEED}"
+    assert_same_runs(cpu, emulated, f"{what}, seed {SEED}", nan_bytes=True)
 
 
 # ---------------------------------------------------------------- block quantizers
-def _inputs(numels, world, dtype, g):
-    """Per-rank buckets spanning magnitudes 1e-30 .. 1e4."""
-    n = sum(numels)
-    return [(torch.randn(n, generator=g) * torch.logspace(-30, 30, n).clamp(max=1e4)).to(dtype) for _ in range(world)]
-
-
-def _exchange(emu, xs, numels, block, world, *, ef=True, bits=8, residual_dtype=torch.float32, stochastic=False,
-              noise_seed=0, step=0, ordinals=None, res_misalign=0, bucket_misalign=0, payload_misalign=0, g=None):
-    """The three passes for W simulated ranks, on the CPU backend (``emu`` None) or the
-    emulated CUDA one, from the same inputs; returns payloads, slices, residuals and outputs.
-    ``res_misalign``: residuals start that many bytes past an aligned address (no vector
-    access); ``bucket_misalign`` likewise for the bucket (emulated only: the CPU has no such
-    path); ``payload_misalign`` for the emulated payloads (16-byte aligned, as ops requires)."""
-    itemsize = torch.empty(0, dtype=residual_dtype).element_size()
-    res, tables = [], []
-    for w in range(world):
-        gw = torch.Generator().manual_seed(int(g.initial_seed()) + w)
-        rr = []
-        for n in numels:
-            r = (torch.randn(n, generator=gw) * 0.01).to(residual_dtype) if ef else None
-            if r is not None and emu is None:  # misaligned as asked on the CPU too (the same values)
-                pad = torch.empty(n + 8, dtype=residual_dtype)
-                r = pad[res_misalign // itemsize :][:n].copy_(r)
-            rr.append(r)
-        res.append(rr)
-        if ef:
-            addrs = [emu.place(r, res_misalign) if emu is not None else r.data_ptr() for r in rr]
-        else:
-            addrs = None
-        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs, ordinals), block, world,
-                                         residual_itemsize=itemsize))
-    slots, sb = tables[0].slots, tables[0].shard_bytes(bits)
-    kw = dict(bits=bits, residual_dtype=residual_dtype, stochastic=stochastic, seed=noise_seed, step=step)
-    if emu is None:
-        def out(n):
-            return torch.full((n,), POISON_CPU, dtype=torch.uint8)
-        sends = [ops.quant_encode(xs[w], tables[w].table, world, slots, block, rank=w, out=out(world * sb), **kw)
-                 for w in range(world)]
-    else:
-        sends = [emu.quant_encode(xs[w], tables[w].table, world, slots, block, rank=w, bucket_misalign=bucket_misalign,
-                                  payload_misalign=payload_misalign, **kw) for w in range(world)]
-    res_encode = [[r.clone() for r in rr] if ef else [] for rr in res]
-    recvs = [torch.cat([sends[s][w * sb:(w + 1) * sb] for s in range(world)]) for w in range(world)]
-    if emu is None:
-        slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w, out=out(sb),
-                                   **kw) for w in range(world)]
-    else:
-        slices = [emu.quant_reduce(recvs[w], tables[w].rows_of(w).clone(), world, slots, block, rank=w,
-                                   payload_misalign=payload_misalign, **kw) for w in range(world)]
-    gathered = torch.cat(slices)
-    if emu is None:
-        outs = [ops.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits)
-                for w in range(world)]
-    else:
-        outs = [emu.quant_decode(gathered, tables[w].table, world, slots, block, xs[w].clone(), bits=bits,
-                                 bucket_misalign=bucket_misalign, payload_misalign=payload_misalign)
-                for w in range(world)]
-        emu.clear()
-    return {"send": sends, "res_encode": res_encode, "slices": slices,
-            "res_final": [[r.clone() for r in rr] if ef else [] for rr in res], "out": outs}
-
-
-def _compare(emu, numels, block, world, dtype, salt, xs=None, **kw):
-    g = _gen(*salt)
-    xs = _inputs(numels, world, dtype, g) if xs is None else xs
-    cpu = _exchange(None, xs, numels, block, world, g=g, **kw)
-    emulated = _exchange(emu, xs, numels, block, world, g=g, **kw)
-    _assert_same(cpu, emulated, dict(numels=numels, block=block, world=world, dtype=dtype, **kw))
-    return cpu, emulated
+def _compare(emu, numels, block, world, dtype, salt, xs=None, *, ef=True, residual_dtype=torch.float32,
+             res_misalign=0, **kw):
+    """harness.exchange of W simulated ranks from the same inputs and residuals on the CPU
+    backend (payloads start poisoned) and the emulated CUDA one; every payload, slice,
+    residual and output must be the same bytes. ``res_misalign``: residuals start that many
+    bytes past an aligned address (no vector access), on both; ``kw``: bits, rounding,
+    ordinals, and ``bucket_misalign`` / ``payload_misalign`` (the emulated side only: the CPU
+    has no such path). Returns both runs' results."""
+    xs = wide_inputs(numels, world, dtype, _gen(*salt)) if xs is None else xs
+    runs = []
+    for backend in (None, emu):
+        res = make_residuals(numels, world, _gen(*salt, "residuals"), dtype=residual_dtype,
+                             misalign=res_misalign) if ef else None
+        runs.append(exchange_results(exchange(xs, numels, block, world, res, emu=backend, res_misalign=res_misalign,
+                                              poison=POISON_CPU if backend is None else None, **kw)))
+    _assert_same(*runs, dict(numels=numels, block=block, world=world, dtype=dtype, residual_dtype=residual_dtype,
+                             res_misalign=res_misalign, **kw))
+    return runs
 
 
 def _numels(block):
@@ -175,8 +118,8 @@ def test_stochastic_rounding_matches_cpu(emu, bits, block, world):
     sends = []
     for step in (0, 1):
         _, e = _compare(emu, _numels(block), block, world, torch.float32, ("sr", bits, block, world), bits=bits,
-                        stochastic=True, noise_seed=1234 + SEED % 1000, step=step, ordinals=ordinals)
-        sends.append(e["send"])
+                        rounding={"seed": 1234 + SEED % 1000, "step": step}, ordinals=ordinals)
+        sends.append(e["sends"])
     assert not all(torch.equal(a, b) for a, b in zip(*sends)), f"seed {SEED}"
 
 
@@ -188,7 +131,7 @@ def test_bf16_residuals_match_cpu(emu, bits, stochastic, block, res_misalign):
     access (2 bytes off: every residual row misaligned)."""
     for dtype in (torch.float32, torch.float16):
         _compare(emu, _numels(block), block, 3, dtype, ("bf16res", bits, block, res_misalign, str(dtype)), bits=bits,
-                 residual_dtype=torch.bfloat16, stochastic=stochastic, noise_seed=7, step=3,
+                 residual_dtype=torch.bfloat16, rounding={"seed": 7, "step": 3} if stochastic else None,
                  res_misalign=res_misalign)
 
 
@@ -222,31 +165,20 @@ def test_non_finite_matches_cpu_and_poisons_every_output(emu, bits, residual_dty
     xs = [torch.randn(sum(numels), generator=g) for _ in range(world)]
     xs[1][int(torch.randint(0, sum(numels), (1,), generator=g))] = bad
     _, e = _compare(emu, numels, 64, world, torch.float32, ("nf",), xs=xs, bits=bits, residual_dtype=residual_dtype)
-    assert all(torch.isnan(o).all() for o in e["out"]), f"seed {SEED}"
-    assert all(torch.isfinite(r.float()).all() for rr in e["res_final"] for r in rr), f"seed {SEED}"
-
-
-def _extreme_inputs():
-    """Subnormals (the scale underflows: codes 0, the residual keeps them), an all-zero block,
-    normal values, FLT_MAX (the scale steps one ulp down)."""
-    fmax = torch.finfo(torch.float32).max
-    x = torch.cat([torch.randn(256, generator=_gen("x1")) * 1e-40, torch.zeros(256),
-                   torch.randn(256, generator=_gen("x2")), torch.randn(300, generator=_gen("x3"))])
-    x[600] = fmax
-    x[601] = -fmax / 3
-    return [256, 256, 256, 300], [x, -x.flip(0)]
+    assert all(torch.isnan(o).all() for o in e["outs"]), f"seed {SEED}"
+    assert all(torch.isfinite(r.float()).all() for rr in e["res_red"] for r in rr), f"seed {SEED}"
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
 def test_extreme_magnitudes_match_cpu(emu, bits):
-    numels, xs = _extreme_inputs()
+    numels, xs = extreme_inputs(_gen("extreme"))
     for dtype in DTYPES:
         xd = [v.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype) for v in xs]
         for residual_dtype in (torch.float32, torch.bfloat16):
             for stochastic in (False, True) if bits != 1 else (False,):
                 _, e = _compare(emu, numels, 256, 2, dtype, ("extreme",), xs=xd, bits=bits,
-                                residual_dtype=residual_dtype, stochastic=stochastic, noise_seed=99)
-                assert all(torch.isfinite(r.float()).all() for rr in e["res_final"] for r in rr)
+                                residual_dtype=residual_dtype, rounding={"seed": 99, "step": 0} if stochastic else None)
+                assert all(torch.isfinite(r.float()).all() for rr in e["res_red"] for r in rr)
 
 
 @pytest.mark.parametrize("bits", [8, 2])
@@ -258,10 +190,10 @@ def test_without_error_feedback_matches_cpu(emu, bits):
 def test_more_ranks_than_a_warp_has_lanes_match_cpu(emu, bits):
     """W = 37: the flag loops stride over ranks by 32 lanes, headers by a block's threads."""
     g = _gen("w37", bits)
-    xs = _inputs([700, 64, 3], 37, torch.float32, g)
+    xs = wide_inputs([700, 64, 3], 37, torch.float32, g)
     xs[36][5] = float("nan")
     _, e = _compare(emu, [700, 64, 3], 32, 37, torch.float32, ("w37", bits), xs=xs, bits=bits)
-    assert all(torch.isnan(o).all() for o in e["out"])
+    assert all(torch.isnan(o).all() for o in e["outs"])
     _compare(emu, [700, 64, 3], 32, 37, torch.bfloat16, ("w37b", bits), bits=bits)
 
 
@@ -328,70 +260,18 @@ def test_sparse_entry_points_reject_bad_counts(emu):
 
 
 # ---------------------------------------------------------------- top-k and random-k
-class _Sparse:
-    """A bucket of parameters separated by gaps no row names (they stand for exactly reduced
-    parameters: a decode must never touch them), with float32 residuals."""
-
-    def __init__(self, numels, dtype, g, ef=True, gap=7, scale=10.0):
-        self.numels = numels
-        self.offsets, off = [], 0
-        for n in numels:
-            off += gap
-            self.offsets.append(off)
-            off += n
-        self.x = (torch.randn(off + gap, generator=g) * scale).to(dtype)
-        self.residuals = [torch.randn(n, generator=g) * 0.1 * scale if ef else None for n in numels]
-
-    def param(self, i):
-        return self.x[self.offsets[i]:self.offsets[i] + self.numels[i]]
-
-    def table(self, emu, ratio):
-        if emu is not None:
-            for r in self.residuals:
-                if r is not None:
-                    emu.place(r)
-        return sparse_table(emu, self.offsets, self.numels, self.residuals, ratio)
-
-
 SPARSE_NUMELS = [1, 100, 4096, 4097, 9000]
 
 
-def _topk_run(emu, dtype, wire, approx, ef, world, salt, corrupt=None, nan_at=None, ratio=0.01, decoders=None):
-    """W ranks' top-k exchange from the same inputs on either backend; ``decoders``: the
-    ranks that decode (all by default)."""
-    buckets = []
-    for w in range(world):
-        b = _Sparse(SPARSE_NUMELS, dtype, _gen("topk", *salt, w), ef=ef)
-        b.param(3)[:] = 1.5  # every value tied, across two tiles
-        if nan_at is not None and w == world - 1:
-            b.param(4)[nan_at] = float("nan")
-        buckets.append(b)
-    tables = [b.table(emu, ratio) for b in buckets]
-    pairs, tiles = tables[0].pairs, tables[0].tiles
-    if emu is None:
-        payloads = [ops.topk_encode(b.x, t.table, pairs, approx=approx, value_dtype=wire,
-                                    out=torch.full((ops.topk_payload_bytes(pairs, wire),), POISON_CPU,
-                                                   dtype=torch.uint8)) for b, t in zip(buckets, tables)]
-    else:
-        payloads = [emu.topk_encode(b.x, t.table, pairs, approx=approx, value_dtype=wire, tiles=tiles)
-                    for b, t in zip(buckets, tables)]
-    gathered = torch.cat(payloads)
-    if corrupt is not None:
-        corrupt(gathered, tables[0])
-    outs, rejected = [], []
-    for w, (b, t) in enumerate(zip(buckets, tables)):
-        if decoders is not None and w not in decoders:
-            continue
-        out = b.x.clone()
-        if emu is None:
-            rejected.append(ops.topk_decode(gathered, t.table, pairs, world, out, value_dtype=wire))
-        else:
-            rejected.append(emu.topk_decode(gathered, t.table, pairs, world, out, value_dtype=wire)[0])
-        outs.append(out)
-    if emu is not None:
-        emu.clear()
-    return {"payloads": payloads, "outs": outs, "residuals": [[r for r in b.residuals if r is not None]
-                                                              for b in buckets]}, rejected, buckets
+def _topk_run(emu, dtype, wire, approx, ef, world, salt, *, ratio=0.01, nan_at=None, **kw):
+    """harness.topk_exchange of W ranks' tied buckets, from the same inputs on either backend
+    (the CPU's payloads start poisoned); ``kw``: corrupt, decoders. Returns (results, rejected
+    counts, the buckets)."""
+    buckets = tied_buckets(SPARSE_NUMELS, dtype, world, lambda w: _gen("topk", *salt, w), ef=ef, ratio=ratio,
+                           nan_at=nan_at)
+    results, rejected = topk_exchange(buckets, wire, approx, emu=emu, poison=POISON_CPU if emu is None else None,
+                                      **kw)
+    return results, rejected, buckets
 
 
 @pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
@@ -412,12 +292,10 @@ def test_topk_many_tiles_matches_cpu(emu):
     for approx in (False, True):
         results = []
         for backend in (None, emu):
-            b = _Sparse([70_001, 5], torch.float32, _gen("tiles", approx))
-            t = b.table(backend, 0.01)
-            if backend is None:
-                payload = ops.topk_encode(b.x, t.table, t.pairs, approx=approx)
-            else:
-                payload = backend.topk_encode(b.x, t.table, t.pairs, approx=approx)
+            b = SparseBucket([70_001, 5], torch.float32, _gen("tiles", approx), scale=10.0)
+            t = b.refresh(backend)
+            payload = (ops if backend is None else backend).topk_encode(b.x, t.table, t.pairs, approx=approx)
+            if backend is not None:
                 backend.clear()
             results.append({"payload": [payload], "res": [[r.clone() for r in b.residuals]]})
         _assert_same(results[0], results[1], approx)
@@ -432,21 +310,18 @@ def test_topk_approx_fallback_matches_cpu(emu):
     s = min(max(n // 100, 4096), n)
     share = -(-k * s // n)
     kappa = min(share + share // 2 + 1, s)
-    g = _gen("fallback")
     results = []
     for backend in (None, emu):
-        b = _Sparse([n], torch.float32, g, ef=False)
+        b = SparseBucket([n], torch.float32, _gen("fallback"), ef=False)
         x = torch.randn(n, generator=_gen("fallback-x")) * 1e-3
         sampled = torch.arange(s) * n // s
         x[sampled] = 1.0 + torch.rand(s, generator=_gen("fallback-s"))
         b.param(0).copy_(x)
         t0 = torch.sort(x[sampled].abs(), descending=True).values[kappa - 1]
         assert int((x.abs() >= t0).sum()) < k  # the case under test: the fallback cut
-        t = b.table(backend, ratio)
-        if backend is None:
-            payload = ops.topk_encode(b.x, t.table, t.pairs, approx=True)
-        else:
-            payload = backend.topk_encode(b.x, t.table, t.pairs, approx=True)
+        t = b.refresh(backend)
+        payload = (ops if backend is None else backend).topk_encode(b.x, t.table, t.pairs, approx=True)
+        if backend is not None:
             backend.clear()
         results.append({"payload": [payload]})
     _assert_same(results[0], results[1], "fallback")
@@ -476,45 +351,22 @@ def test_topk_non_finite_and_no_error_feedback_match_cpu(emu, approx):
 def test_topk_rejects_corrupted_payloads_like_cpu(emu, corruption):
     """The decode's validation: a rank's index list that leaves its parameter or is not
     strictly increasing is counted and poisons the decode, the same on both backends."""
-    def corrupt(gathered, table):
-        nbytes = gathered.numel() // 2
-        idx = gathered[nbytes + 16: nbytes + 16 + 4 * table.pairs].view(torch.int32)
-        first = int(table.table[4, 4])
-        if corruption == "out_of_range":
-            idx[first] = 9000
-        elif corruption == "negative":
-            idx[first + 1] = -5
-        elif corruption == "duplicate":
-            idx[first + 2] = idx[first + 1]
-        else:
-            gathered[nbytes:] = torch.randint(0, 256, (nbytes,), generator=_gen("bytes"), dtype=torch.uint8)
-
-    cpu, cpu_rej, _ = _topk_run(None, torch.float32, torch.float32, False, True, 2, ("c",), corrupt=corrupt)
-    emulated, emu_rej, _ = _topk_run(emu, torch.float32, torch.float32, False, True, 2, ("c",), corrupt=corrupt)
+    cpu, cpu_rej, _ = _topk_run(None, torch.float32, torch.float32, False, True, 2, ("c",),
+                                corrupt=corrupter(corruption, _gen("bytes")))
+    emulated, emu_rej, _ = _topk_run(emu, torch.float32, torch.float32, False, True, 2, ("c",),
+                                     corrupt=corrupter(corruption, _gen("bytes")))
     assert cpu_rej[0] >= 1 and emu_rej == cpu_rej, (cpu_rej, emu_rej, SEED)
-    for a, b in zip(cpu["outs"], emulated["outs"]):
-        assert _same(a, b) and torch.isnan(b[7:8]).all()
+    _assert_same({"outs": cpu["outs"]}, {"outs": emulated["outs"]}, corruption)
+    assert all(torch.isnan(b[7:8]).all() for b in emulated["outs"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_randomk_matches_cpu(emu, dtype):
     results = []
     for backend in (None, emu):
-        b = _Sparse([1, 1000, 9001], dtype, _gen("randomk", str(dtype)), scale=1.0)
+        b = SparseBucket([1, 1000, 9001], dtype, _gen("randomk", str(dtype)))
         b.param(1)[17] = float("inf")
-        t = b.table(backend, 0.01)
-        enc = ops.randomk_encode if backend is None else backend.randomk_encode
-        dec = ops.randomk_decode if backend is None else backend.randomk_decode
-        payload = enc(b.x, t.table, t.pairs, seed=11, step=4)
-        res = [r.clone() for r in b.residuals]
-        out = b.x.clone()
-        dec(payload.clone().mul_(2), t.table, 2, out, seed=11, step=4)
-        payload[0] = 0  # decode the finite path as well
-        out2 = b.x.clone()
-        dec(payload, t.table, 3, out2, seed=11, step=4)
-        results.append({"payload": [payload], "res": [res], "out": [out], "out2": [out2]})
-        if backend is not None:
-            backend.clear()
+        results.append(randomk_run(b, emu=backend))  # the flagged decode, then the finite path
     _assert_same(results[0], results[1], dtype)
 
 

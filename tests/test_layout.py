@@ -8,7 +8,8 @@ import zlib
 
 import pytest
 import torch
-from gradcomp import layout
+from gradcomp import codecs, layout
+from gradcomp.engine import Engine, Topology
 
 BLOCKS = [32, 256, 4096]
 WORLDS = [1, 2, 3, 4, 7]
@@ -145,39 +146,53 @@ def test_bad_world_size():
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("block", [32, 256])
 def test_relayout_keeps_owners(world, block):
-    """docs/design.md, "Per-parameter decisions": a parameter's block j goes to the same rank whatever bucket it lies in
-    and wherever in it. One model, laid out in one bucket, then again in shuffled buckets."""
+    """docs/design.md, "Per-parameter decisions": keys are numbered in the order first seen and
+    take model-wide block numbers in that order; block j of a key whose first block is g goes
+    to rank (g + j) mod W, and its noise word is the key's ordinal << 40 | j · block, whatever
+    buffer the key lies in and wherever in it. The engine (what the DDP hook and all_reduce
+    run) first sees a model's parameters in a shuffled order, as one buffer, then plans them
+    again in reverse order and in three buffers of another order: every layout's tables must
+    give each block the owner and noise word computed here from the sizes and the
+    first-seen order alone."""
     r = rng("relayout", world, block)
     numels = random_numels(r, block, 14)
-    model = layout.contiguous_spans(numels, block)  # first_block = model-wide block index
+    seen = list(range(len(numels)))
+    r.shuffle(seen)
+    want, g = {}, 0  # (parameter, block j) -> (owner, noise word), from the rules
+    for ordinal, p in enumerate(seen):
+        nb = layout.num_blocks(numels[p], block)
+        for j in range(nb):
+            want[(p, j)] = ((g + j) % world, (ordinal << 40) + j * block)
+        g += nb
+    engine = Engine(codecs.parse(f"int8:block={block}"), min_numel=1, seed=0)
 
-    def owners(spans_by_param: dict) -> dict:
-        """(parameter, block j) → (owner rank, noise word), read back from a table's rows."""
+    def owners(buckets) -> dict:
+        """(parameter, block j) -> (owner, noise word), read back from the engine's tables of
+        ``buckets`` (lists of parameters, in buffer order)."""
         out = {}
-        spans = list(spans_by_param.items())
-        bt = layout.build_table([s for _, s in spans], block, world)
-        offset_to = {}
-        for p, s in spans:
-            for j in range(layout.num_blocks(s.numel, block)):
-                offset_to[s.offset + j * block] = (p, j)
-        for row, (off, ln, _, word) in enumerate(bt.table.tolist()):
-            if ln:
-                out[offset_to[off]] = (row // bt.slots, word)
+        for i, bucket in enumerate(buckets):
+            ordinals = engine.ordinals([(f"param{p}", numels[p], torch.float32) for p in bucket])
+            at, off = {}, 0
+            for p in bucket:
+                for j in range(layout.num_blocks(numels[p], block)):
+                    at[off + j * block] = (p, j)
+                off += numels[p]
+            plan = engine.plan(ordinals, torch.zeros(off), Topology.of(world, 0, None), f"bucket {i}")
+            if plan.table is None:  # nothing to compress in it
+                assert not any(numels[p] for p in bucket)
+                continue
+            bt = plan.table
+            for row, (o, ln, _, word) in enumerate(bt.table.tolist()):
+                if ln:
+                    assert (p_j := at[o]) not in out, f"block {p_j} laid out twice"
+                    out[p_j] = (row // bt.slots, word)
         return out
 
-    one_bucket = owners(dict(enumerate(model)))
-    # re-layout: parameters in reverse and shuffled order, split over 3 buckets, new offsets
+    assert owners([seen]) == want  # the first layout: keys numbered here
+    assert engine.ordinals([(f"param{p}", numels[p], torch.float32) for p in range(len(numels))]) == tuple(
+        seen.index(p) for p in range(len(numels)))
+    assert owners([seen[::-1]]) == want
     order = list(range(len(numels)))
     r.shuffle(order)
-    relaid = {}
-    for bucket in (order[:5], order[5:9], order[9:]):
-        spans, off = {}, 0
-        for p in bucket:
-            spans[p] = layout.Span(off, numels[p], model[p].first_block, 0, p)
-            off += numels[p]
-        relaid.update(owners(spans))
-    assert relaid == one_bucket
-    assert set(one_bucket) == {(p, j) for p, n in enumerate(numels) for j in range(layout.num_blocks(n, block))}
-    for (p, j), (o, word) in one_bucket.items():
-        assert o == (model[p].first_block + j) % world
-        assert word == (p << 40) + j * block  # the draws follow the parameter, not the bucket
+    assert owners([order[:5], order[5:9], order[9:]]) == want
+    assert set(want) == {(p, j) for p, n in enumerate(numels) for j in range(layout.num_blocks(n, block))}

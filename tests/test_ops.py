@@ -1,21 +1,29 @@
 """The three int8 passes (ops.quant_encode / quant_reduce / quant_decode) on CPU, held bit for
 bit to the pure-torch reference (tests/reference.py).
 
-The main tool is a W-rank compressed all-reduce simulated in one process: every rank builds
-its block table (same layout, its own residual addresses), encodes its bucket, receives
-shard ``w`` of every rank's payload, reduces its slots, and all ranks decode the
-concatenation of the W reduced slices.
+The main tool is a W-rank compressed all-reduce simulated in one process (harness.exchange):
+every rank builds its block table (same layout, its own residual addresses), encodes its
+bucket, receives shard ``w`` of every rank's payload, reduces its slots, and all ranks decode
+the concatenation of the W reduced slices.
 """
 
 from __future__ import annotations
 
 import types
-import zlib
 
 import pytest
 import torch
 from gradcomp import layout, ops
-from reference import block_quantize, compressed_allreduce, compressed_mean, pack_codes, unpack_codes
+from harness import assert_bits_equal, bits_equal, bits_of, clone_residuals, exchange, gen, make_residuals
+from reference import (
+    block_quantize,
+    compressed_allreduce,
+    compressed_mean,
+    encode_ef,
+    noise,
+    pack_codes,
+    unpack_codes,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKS = [32, 256, 4096]
@@ -26,27 +34,6 @@ HEADER = 16
 
 
 # ------------------------------------------------------------------------------ helpers
-def gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parametrization: fresh data per case, reproducible."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
-
-
-def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Bit-exact equality; NaNs compare by position only (their payload may differ)."""
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    gn, wn = got.isnan(), want.isnan()
-    bad = (gn != wn) | (~gn & ~wn & (_bits(got) != _bits(want)))
-    if bad.any():
-        i = int(bad.nonzero()[0, 0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {i}: "
-                             f"got {got[i].item()!r}, want {want[i].item()!r}")
-
-
 def split_shard(shard: torch.Tensor, slots: int, block: int, bits: int = 8):
     """A [SB] uint8 shard → (flag word, the 12 other header bytes, scales [S], scale padding
     bytes, codes: [S, B] int8 for 8 bits, else the packed [S, B·bits/8] uint8)."""
@@ -70,53 +57,58 @@ def param_slices(numels, block, world):
     return out
 
 
-def exchange(xs, numels, block, world, residuals=None, bits=8, rounding=None):
-    """Simulated compressed all-reduce. xs[w]: rank w's bucket; residuals[w]: rank w's list of
-    per-parameter residuals, all float32 or all bfloat16 (updated in place), or None for no
-    error feedback; rounding: None (to nearest) or {"seed", "step"} for stochastic rounding
-    (parameter ordinals are their indices in ``numels``)."""
-    tables = []
-    res_dtype = residuals[0][0].dtype if residuals is not None and residuals[0] else torch.float32
-    for w in range(world):
-        addrs = [r.data_ptr() for r in residuals[w]] if residuals is not None else None
-        tables.append(layout.build_table(layout.contiguous_spans(numels, block, addrs), block, world,
-                                         res_dtype.itemsize))
-    for t in tables[1:]:  # every rank lays the bucket out the same way
-        assert torch.equal(t.table[:, :2], tables[0].table[:, :2])
-    S, sb = tables[0].slots, tables[0].shard_bytes(bits)
-
-    def snap():
-        return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
-
-    kw = [{"residual_dtype": res_dtype, "stochastic": rounding is not None, "rank": w,
-           **(rounding or {})} for w in range(world)]
-    sends = [ops.quant_encode(xs[w], tables[w].table, world, S, block, bits=bits, **kw[w]) for w in range(world)]
-    res_enc = snap()
-    recvs = [torch.cat([sends[src][w * sb : (w + 1) * sb] for src in range(world)]) for w in range(world)]
-    slices = [ops.quant_reduce(recvs[w], tables[w].rows_of(w), world, S, block, bits=bits, **kw[w])
-              for w in range(world)]
-    res_red = snap()
-    gathered = torch.cat(slices)
-    outs = [ops.quant_decode(gathered, tables[w].table, world, S, block, torch.full_like(xs[w], 1234.0), bits=bits)
-            for w in range(world)]
-    return types.SimpleNamespace(tables=tables, slots=S, sb=sb, sends=sends, recvs=recvs, slices=slices,
-                                 gathered=gathered, outs=outs, res_enc=res_enc, res_red=res_red)
-
-
 def row_index(table: torch.Tensor) -> dict:
     """Element offset of a block → its table row (padding rows excluded)."""
     return {int(o): i for i, (o, ln) in enumerate(table[:, :2].tolist()) if ln > 0}
 
 
+def by_blocks(xs, residuals, block, owners, bits=8, rounding=None):
+    """One parameter's compressed all-reduce assembled block by block, in pure torch, from the
+    reference's codec pieces (encode_ef, block_quantize, noise) and the rules of docs/design.md:
+    each rank encodes its gradient plus residual, the owner of block j sums the W decoded
+    blocks in rank order, multiplies by fl(1/W), re-encodes (drawing its own stage-2 noise)
+    and adds W times that error to its residual unless the block is non-finite; a non-finite
+    block makes the whole output NaN. Returns (output [n] float32, each rank's residual after
+    the reduce, the reduced blocks' non-finite flags [nb]). It is written apart from
+    reference.compressed_allreduce, which assembles the same pieces over whole parameters, so
+    that a slip in either assembly shows as a difference between the two."""
+    world, n, nb = len(xs), xs[0].numel(), owners.numel()
+    inv_w = torch.tensor(1.0) / torch.tensor(float(world))
+    draws = [[None] * world, [None] * world]
+    if rounding is not None:
+        key = (rounding["seed"], rounding["step"])
+        draws = [[noise(*key, r, stage, rounding["ordinal"], nb, block) for r in range(world)] for stage in (1, 2)]
+    stage1 = [encode_ef(x, r, block, bits, d) for x, r, d in zip(xs, residuals, draws[0])]
+    res = [s[2].clone() if s[2] is not None else None for s in stage1]
+    out = torch.empty(n)
+    flags = []
+    for j in range(nb):
+        lo, hi = j * block, min(n, (j + 1) * block)
+        total = torch.zeros(hi - lo)
+        for scales, codes, _, _ in stage1:  # rank order
+            total = total + codes[j, : hi - lo].float() * scales[j]
+        mean = total * inv_w
+        o = int(owners[j])
+        d = draws[1][o][j : j + 1] if rounding is not None else None
+        scales, codes, _, bad = block_quantize(mean, block, bits, d)
+        sent = codes[0, : hi - lo].float() * scales[0]
+        out[lo:hi] = sent
+        flags.append(bool(bad[0]))
+        if res[o] is not None and not bad[0]:
+            res[o][lo:hi] = (res[o][lo:hi].float() + torch.tensor(float(world)) * (mean - sent)).to(res[o].dtype)
+    if any(flags):
+        out.fill_(float("nan"))
+    return out, res, torch.tensor(flags, dtype=torch.bool)
+
+
 def check_against_reference(ex, xs, residuals_before, numels, block, world, dtype, bits=8, rounding=None):
     """Everything bit for bit: payloads, slices, residuals after each pass, decoded output.
 
-    The output and residuals are reference.compressed_mean's. Two bucket-level facts it does
-    not model are taken from the per-block reference pieces instead: the non-finite flag
-    covers the whole bucket (a non-finite block in any parameter makes every compressed
-    element NaN), and in a parameter with a non-finite reduced block the other blocks keep
-    their normal residual update (compressed_mean computes their error from the NaN-filled
-    output and would make those residuals NaN, against docs/design.md, "Non-finite values")."""
+    The pieces (stage-1 and reduced scales and codes, the residuals after encode) are
+    reference.compressed_allreduce's; its output and residuals after the reduce are first
+    checked against ``by_blocks``, assembled independently. One bucket-level fact the
+    reference's per-parameter model lacks is added here: the non-finite flag covers the whole
+    bucket (a non-finite block in any parameter makes every compressed element NaN)."""
     rows = row_index(ex.tables[0].table)
     S = ex.slots
     for w in range(world):  # every rank decodes the same bits
@@ -135,18 +127,21 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
         res_p = [rr[p] for rr in residuals_before] if residuals_before is not None else [None] * world
         rnd = None if rounding is None else {**rounding, "ordinal": p}
         orc = compressed_allreduce(xs_p, res_p, block, owners, bits, rnd)
-        mean, new_res = compressed_mean(xs_p, res_p, block, owners, bits, rnd)
-        if not orc.nonfinite2.any():
-            assert all(torch.equal(a, b) for a, b in zip(orc.res_after, new_res) if a is not None)
-        expected[p] = (orc, mean)
-    flagged = any(bool(orc.nonfinite2.any()) for orc, _ in expected.values())
+        out_b, res_b, flags_b = by_blocks(xs_p, res_p, block, owners, bits, rnd)
+        assert torch.equal(orc.nonfinite2, flags_b), f"param {p}: reduced blocks' non-finite flags"
+        assert_bits_equal(orc.out, out_b, f"param {p}: the reference's output against by_blocks")
+        if residuals_before is not None:
+            for w in range(world):
+                assert_bits_equal(orc.res_after[w], res_b[w], f"param {p}: the reference's rank {w} residual "
+                                  "against by_blocks")
+        expected[p] = orc
+    flagged = any(bool(orc.nonfinite2.any()) for orc in expected.values())
     for o in range(world):
-        want_flag = any(bool(orc.nonfinite2[owners == o].any()) for p, (_, _, owners) in params
-                        for orc in (expected[p][0],))
+        want_flag = any(bool(expected[p].nonfinite2[owners == o].any()) for p, (_, _, owners) in params)
         assert slice_parts[o][0] == int(want_flag), f"flag of rank {o}'s reduced slice"
     for p, (off, n, owners) in params:
-        orc, mean = expected[p]
-        want_out = torch.full_like(mean, float("nan")) if flagged else mean
+        orc = expected[p]
+        want_out = torch.full_like(orc.out, float("nan")) if flagged else orc.out
         for w in range(world):
             assert_bits_equal(ex.outs[w][off : off + n], want_out.to(dtype), f"param {p} output on rank {w}")
             if residuals_before is not None:
@@ -167,12 +162,22 @@ def check_against_reference(ex, xs, residuals_before, numels, block, world, dtyp
             assert torch.equal(codes[s], wire(orc.codes2[j])), f"param {p} block {j} reduced codes"
 
 
-def rand_residuals(numels, world, g, scale=0.01):
-    return [[torch.randn(n, generator=g) * scale for n in numels] for _ in range(world)]
-
-
-def clone_res(residuals):
-    return None if residuals is None else [[r.clone() for r in rr] for rr in residuals]
+def test_bit_comparison_tells_signed_zeros_and_nans_apart():
+    """harness.bits_equal, which every bit-for-bit claim here rests on: -0.0 is not +0.0
+    (torch.equal takes them for equal), NaNs compare by position (and by payload with
+    nan_bytes), dtypes and shapes must match."""
+    for dtype in DTYPES:
+        pos, neg = torch.zeros(3, dtype=dtype), torch.tensor([0.0, -0.0, 0.0], dtype=dtype)
+        assert torch.equal(pos, neg) and not bits_equal(pos, neg) and bits_equal(neg, neg.clone())
+        nan = torch.tensor([1.0, float("nan"), 2.0], dtype=dtype)
+        other_nan = nan.clone()
+        bits_of(other_nan)[1] = bits_of(other_nan)[1] ^ 1  # another NaN payload
+        assert other_nan[1].isnan() and bits_equal(nan, other_nan) and not bits_equal(nan, other_nan, nan_bytes=True)
+        assert not bits_equal(nan, torch.tensor([1.0, 3.0, 2.0], dtype=dtype))
+    assert not bits_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert not bits_equal(torch.zeros(2), torch.zeros(1, 2))
+    with pytest.raises(AssertionError, match="1 of 3 elements differ; first at flat index 1"):
+        assert_bits_equal(torch.zeros(3), torch.tensor([0.0, -0.0, 0.0]), "zeros")
 
 
 # ------------------------------------------------------------------------------ bit-exactness
@@ -189,8 +194,8 @@ def test_matches_reference(world, dtype, block, ef, bits):
     g = gen("reference", world, str(dtype), block, ef, bits)
     xs = [torch.cat([torch.randn(n, generator=g) * m for n, m in zip(numels, mags)]).to(dtype)
           for _ in range(world)]
-    residuals = rand_residuals(numels, world, g) if ef else None
-    before = clone_res(residuals)
+    residuals = make_residuals(numels, world, g) if ef else None
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals, bits)
     check_against_reference(ex, xs, before, numels, block, world, dtype, bits)
     assert torch.isfinite(ex.outs[0]).all()
@@ -205,14 +210,14 @@ def test_stochastic_rounding_matches_reference(world, dtype, block, ef, bits):
     numels = [3 * block + 7, 1, 0, 2 * block - 1, 13]
     g = gen("stochastic", world, str(dtype), block, ef, bits)
     xs = [(torch.randn(sum(numels), generator=g) * 3).to(dtype) for _ in range(world)]
-    residuals = rand_residuals(numels, world, g) if ef else None
-    before = clone_res(residuals)
+    residuals = make_residuals(numels, world, g) if ef else None
+    before = clone_residuals(residuals)
     seed = int(torch.randint(0, 1 << 62, (1,), generator=g)) * 2 + 1
     rounding = {"seed": seed, "step": 1 << 40 | 17}
     ex = exchange(xs, numels, block, world, residuals, bits, rounding)
     check_against_reference(ex, xs, before, numels, block, world, dtype, bits, rounding)
     # the draws matter: rounding to nearest gives other codes
-    near = exchange(xs, numels, block, world, clone_res(before), bits)
+    near = exchange(xs, numels, block, world, clone_residuals(before), bits)
     assert not torch.equal(near.sends[0], ex.sends[0])
 
 
@@ -225,8 +230,8 @@ def test_bf16_residuals_match_reference(world, dtype, stochastic, bits):
     numels = [3 * block + 7, 1, 2 * block - 1, 13]
     g = gen("bf16-residual", world, str(dtype), stochastic, bits)
     xs = [(torch.randn(sum(numels), generator=g) * 2).to(dtype) for _ in range(world)]
-    residuals = [[r.to(torch.bfloat16) for r in rr] for rr in rand_residuals(numels, world, g, scale=0.1)]
-    before = clone_res(residuals)
+    residuals = [[r.to(torch.bfloat16) for r in rr] for rr in make_residuals(numels, world, g, scale=0.1)]
+    before = clone_residuals(residuals)
     rounding = {"seed": 12345, "step": 3} if stochastic else None
     ex = exchange(xs, numels, block, world, residuals, bits, rounding)
     check_against_reference(ex, xs, before, numels, block, world, dtype, bits, rounding)
@@ -328,7 +333,7 @@ def test_empty_parameter_list(world):
     bucket = torch.randn(5, generator=gen("empty-bucket", world))
     keep = bucket.clone()
     ops.quant_decode(torch.zeros(world * HEADER, dtype=torch.uint8), table.table, world, 0, block, bucket)
-    assert torch.equal(bucket, keep)
+    assert_bits_equal(bucket, keep, "bucket after an empty table's decode")
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -337,8 +342,8 @@ def test_single_element_parameter(world, dtype):
     block = 32
     g = gen("one", world, str(dtype))
     xs = [(torch.randn(1, generator=g) * 5).to(dtype) for _ in range(world)]
-    residuals = rand_residuals([1], world, g)
-    before = clone_res(residuals)
+    residuals = make_residuals([1], world, g)
+    before = clone_residuals(residuals)
     ex = exchange(xs, [1], block, world, residuals)
     assert ex.slots == 1
     check_against_reference(ex, xs, before, [1], block, world, dtype)
@@ -356,15 +361,15 @@ def test_all_zeros(world, dtype, ef):
     numels = [100, 1, 64]
     xs = [torch.zeros(165, dtype=dtype) for _ in range(world)]
     residuals = [[torch.zeros(n) for n in numels] for _ in range(world)] if ef else None
-    before = clone_res(residuals)
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals)
     check_against_reference(ex, xs, before, numels, block, world, dtype)
     for w in range(world):
         assert not ex.sends[w].any(), "zeros must encode to an all-zero payload"
         assert not ex.slices[w].any()
-        assert not _bits(ex.outs[w]).any(), "output must be exactly +0"
+        assert not bits_of(ex.outs[w]).any(), "output must be exactly +0"
         if ef:
-            assert all(not _bits(r).any() for r in ex.res_red[w])
+            assert all(not bits_of(r).any() for r in ex.res_red[w])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -380,7 +385,7 @@ def test_huge_magnitudes(world, dtype):
         x[::97] = 1e38 * torch.sign(torch.randn(x[::97].shape, generator=g))
         xs.append(x.to(dtype))
     residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
-    before = clone_res(residuals)
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals)
     check_against_reference(ex, xs, before, numels, block, world, dtype)
     assert torch.isfinite(ex.outs[0]).all(), "finite huge inputs overflowed"
@@ -400,7 +405,7 @@ def test_huge_four_ranks_matches_reference(dtype):
     g = gen("huge4", str(dtype))
     xs = [((torch.rand(705, generator=g) * 2 - 1) * 1e38).to(dtype) for _ in range(world)]
     residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
-    before = clone_res(residuals)
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals)
     check_against_reference(ex, xs, before, numels, block, world, dtype)
 
@@ -430,13 +435,13 @@ def test_tiny_and_subnormal_magnitudes(world, dtype):
     xs = [torch.cat([torch.randn(n, generator=g).clamp(-1, 1) * m for n, m in zip(numels, mags)]).to(dtype)
           for _ in range(world)]
     residuals = [[torch.zeros(n) for n in numels] for _ in range(world)]
-    before = clone_res(residuals)
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals)
     check_against_reference(ex, xs, before, numels, block, world, dtype)
     for p, (off, n, _) in enumerate(param_slices(numels, block, world)):
         if mags[p] > 1e-38:
             continue
-        assert not _bits(ex.outs[0][off : off + n]).any(), f"param {p}: underflowed blocks must decode to +0"
+        assert not bits_of(ex.outs[0][off : off + n]).any(), f"param {p}: underflowed blocks must decode to +0"
         for w in range(world):  # nothing was sent: the residual holds the whole value
             a = xs[w][off : off + n].float() + before[w][p]
             assert_bits_equal(ex.res_enc[w][p], a, f"param {p} residual of rank {w} after encode")
@@ -474,13 +479,13 @@ def test_nonfinite_flags_whole_bucket(world, dtype, kind, ef):
     bad_elem = bad_block * block + block // 2  # finite value after it (fmaxf would drop the NaN)
     if kind == "-nan":  # a NaN with the sign bit set, written as bits
         neg_nan = {torch.float32: -0x400000, torch.float16: -0x200, torch.bfloat16: -0x40}[dtype]
-        _bits(xs[bad_rank])[bad_elem] = neg_nan
-        assert xs[bad_rank][bad_elem].isnan() and _bits(xs[bad_rank])[bad_elem] < 0
+        bits_of(xs[bad_rank])[bad_elem] = neg_nan
+        assert xs[bad_rank][bad_elem].isnan() and bits_of(xs[bad_rank])[bad_elem] < 0
     else:
         xs[bad_rank][bad_elem] = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf")}[kind]
     xs[bad_rank][bad_elem + 3] = 50.0
-    residuals = rand_residuals(numels, world, g) if ef else None
-    before = clone_res(residuals)
+    residuals = make_residuals(numels, world, g) if ef else None
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals)
     S, sb = ex.slots, ex.sb
     owner = bad_block % world
@@ -538,7 +543,7 @@ def test_nonfinite_outside_the_table_is_ignored():
     out = torch.randn(170, generator=g)
     keep = out.clone()
     ops.quant_decode(gathered, table.table, world, S, block, out)
-    assert torch.equal(out[gaps], keep[gaps]), "decode wrote outside the table"
+    assert_bits_equal(out[gaps], keep[gaps], "decode wrote outside the table")
     for off, n in ((3, 100), (110, 50)):
         owners = torch.tensor([0, 1, 0, 1]) if off == 3 else torch.tensor([0, 1])
         mean, _ = compressed_mean([x[off : off + n] for x in xs], [None] * world, block, owners)
@@ -569,7 +574,7 @@ def test_payload_size_depends_on_sizes_only(world):
     ]
     sizes = set()
     for xs in datasets:
-        ex = exchange(xs, numels, block, world, rand_residuals(numels, world, g))
+        ex = exchange(xs, numels, block, world, make_residuals(numels, world, g))
         sizes.add((tuple(s.numel() for s in ex.sends), tuple(s.numel() for s in ex.slices)))
     assert len(sizes) == 1
     ((send_sizes, slice_sizes),) = sizes
@@ -600,7 +605,7 @@ def test_unused_bytes_and_padding_slots_are_zero(block, nonfinite):
         assert flag == int(nonfinite and o == 0)
         assert not rest.any() and not scale_pad.any() and scale_pad.numel() == 8
         if o > 0:
-            assert _bits(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of shard {o}"
+            assert bits_of(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of shard {o}"
     _, _, _, _, codes0 = split_shard(send[:sb], S, block)
     assert not codes0[1, block - 3 :].any(), "codes past the end of the short last block"
     for w in range(world):
@@ -611,7 +616,7 @@ def test_unused_bytes_and_padding_slots_are_zero(block, nonfinite):
         assert flag == int(nonfinite and w == 0)
         assert not rest.any() and not scale_pad.any()
         if w > 0:
-            assert _bits(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of slice {w}"
+            assert bits_of(scales[1]).item() == 0 and not codes[1].any(), f"padding slot of slice {w}"
         else:
             assert not codes[1, block - 3 :].any()
 
@@ -622,13 +627,13 @@ def test_results_do_not_depend_on_thread_count():
     g = gen("threads")
     xs = [torch.randn(5077, generator=g) for _ in range(world)]
     xs[1][4000] = float("nan")
-    res0 = rand_residuals(numels, world, g)
+    res0 = make_residuals(numels, world, g)
     threads = torch.get_num_threads()
     results = []
     try:
         for t in (1, 2, 4):
             torch.set_num_threads(t)
-            res = clone_res(res0)
+            res = clone_residuals(res0)
             ex = exchange(xs, numels, block, world, res)
             results.append((ex.sends, ex.slices, res))
     finally:
@@ -636,7 +641,7 @@ def test_results_do_not_depend_on_thread_count():
     for sends, slices, res in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(sends, results[0][0]))
         assert all(torch.equal(a, b) for a, b in zip(slices, results[0][1]))
-        assert all(torch.equal(a, b) for ra, rb in zip(res, results[0][2]) for a, b in zip(ra, rb))
+        assert all(bits_equal(a, b) for ra, rb in zip(res, results[0][2]) for a, b in zip(ra, rb))
 
 
 # ------------------------------------------------------------------------------ errors
@@ -853,13 +858,13 @@ def test_cpu_instruction_sets_give_the_same_bytes(dtype, bits, stochastic, rdtyp
     world, block, numels = 3, 256, [1000, 1, 256, 4097, 30_000]
     g = gen("isa", str(dtype), bits, stochastic, str(rdtype))
     xs = [(torch.randn(sum(numels), generator=g) * 10).to(dtype) for _ in range(world)]
-    res0 = [[r.to(rdtype) for r in rr] for rr in rand_residuals(numels, world, g, scale=0.5)]
+    res0 = [[r.to(rdtype) for r in rr] for rr in make_residuals(numels, world, g, scale=0.5)]
     rounding = {"seed": 77, "step": 5} if stochastic else None
     runs = []
     try:
         for isa in isas:
             assert _C.set_cpu_isa(isa) and _C.cpu_isa() == isa
-            residuals = clone_res(res0)
+            residuals = clone_residuals(res0)
             ex = exchange(xs, numels, block, world, residuals, bits, rounding)
             runs.append((ex, residuals))
     finally:
@@ -867,8 +872,8 @@ def test_cpu_instruction_sets_give_the_same_bytes(dtype, bits, stochastic, rdtyp
     for ex, residuals in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(ex.sends, runs[0][0].sends))
         assert all(torch.equal(a, b) for a, b in zip(ex.slices, runs[0][0].slices))
-        assert all(torch.equal(a, b) for a, b in zip(ex.outs, runs[0][0].outs))
-        assert all(torch.equal(a, b) for ra, rb in zip(residuals, runs[0][1]) for a, b in zip(ra, rb))
+        assert all(bits_equal(a, b) for a, b in zip(ex.outs, runs[0][0].outs))
+        assert all(bits_equal(a, b) for ra, rb in zip(residuals, runs[0][1]) for a, b in zip(ra, rb))
     assert not _C.set_cpu_isa("sse9")
 
 
@@ -895,8 +900,8 @@ def test_low_bit_every_length_and_offset(bits, world):
     g = gen("lengths", bits, world)
     n = sum(numels)
     xs = [torch.randn(n, generator=g) for _ in range(world)]
-    residuals = rand_residuals(numels, world, g)
-    before = clone_res(residuals)
+    residuals = make_residuals(numels, world, g)
+    before = clone_residuals(residuals)
     ex = exchange(xs, numels, block, world, residuals, bits)
     check_against_reference(ex, xs, before, numels, block, world, torch.float32, bits)
 

@@ -8,23 +8,16 @@ import gradcomp
 import pytest
 import reference as ref
 import torch
-import torch.distributed as dist
 from ddp_worker import make_model
 from dist_utils import describe, run_ranks
 from gradcomp import codecs
+from harness import assert_bits_equal
 
 # [33, 40] and [7, 3, 129] are compressed at rank 2; [300] is a vector, [2049, 2] a matrix whose
 # factors would not be 2x smaller, [16, 16] below min_numel: those three are averaged exactly
 SHAPES = [[33, 40], [300], [7, 3, 129], [2049, 2], [16, 16], [96, 64]]
 COMPRESSED = [0, 2, 5]
 MIN_NUMEL = 512
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)
@@ -93,11 +86,6 @@ def test_hierarchy_and_fsdp_are_refused_clearly():
 # ---------------------------------------------------------------- all_reduce against the reference
 
 
-def _same(a: torch.Tensor, b: torch.Tensor, msg: str) -> None:
-    """The same values, NaN where the other has NaN (bit for bit otherwise: -0.0 == 0.0)."""
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=msg)
-
-
 def _check_allreduce(outs, world, rank, steps, seed, **kw):
     """Every rank's outputs, residuals and Q against the reference, step by step."""
     state = {}
@@ -107,23 +95,23 @@ def _check_allreduce(outs, world, rank, steps, seed, **kw):
         for i, e in enumerate(expect):
             got = [outs[r]["outputs"][step][i] for r in range(world)]
             for r in range(1, world):
-                _same(got[r], got[0], f"step {step} tensor {i}: rank {r} differs from rank 0")
+                assert_bits_equal(got[r], got[0], f"step {step} tensor {i}: rank {r} differs from rank 0")
             if e is None:
                 mean = sum(x[i].float() for x in inputs) / world
                 torch.testing.assert_close(got[0].float(), mean, rtol=1e-2, atol=1e-2, equal_nan=True)
             else:
-                _same(got[0].reshape(-1), e, f"step {step} tensor {i} differs from the reference")
+                assert_bits_equal(got[0].reshape(-1), e, f"step {step} tensor {i} differs from the reference")
     for r in range(world):
         if kw.get("error_feedback", True):
             assert sorted(outs[r]["residuals"]) == COMPRESSED
             for i in COMPRESSED:
-                assert torch.equal(outs[r]["residuals"][i], state["e"][(r, i)].reshape(-1)), f"rank {r} {i}"
+                assert_bits_equal(outs[r]["residuals"][i], state["e"][(r, i)].reshape(-1), f"rank {r} {i}")
         else:
             assert not outs[r]["residuals"]
         if kw.get("warm_start", True):
             assert sorted(outs[r]["factors"]) == COMPRESSED
             for i in COMPRESSED:
-                assert torch.equal(outs[r]["factors"][i], state["q"][i].reshape(-1))
+                assert_bits_equal(outs[r]["factors"][i], state["q"][i].reshape(-1))
     return state
 
 
@@ -179,7 +167,7 @@ def test_warmup_reduces_exactly_first(tmp_path):
     state = {}
     expect = ref.powersgd_allreduce([outs[r]["inputs"][2] for r in range(2)], state, 2, MIN_NUMEL, 4, 2)
     for i in COMPRESSED:
-        assert torch.equal(outs[0]["outputs"][2][i].reshape(-1), expect[i])
+        assert_bits_equal(outs[0]["outputs"][2][i].reshape(-1), expect[i])
     assert outs[0]["stats"]["buckets_fallback"] == 2 and outs[0]["stats"]["buckets_compressed"] == 1
 
 
@@ -215,10 +203,10 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path, world, dcp):
         for what in ("residuals", "factors"):
             assert sorted(saved[what]) == COMPRESSED and saved[what].keys() == loaded[what].keys()
             for k, t in saved[what].items():
-                assert torch.equal(loaded[what][k], t)
+                assert_bits_equal(loaded[what][k], t, nan_bytes=True)
         for s in range(5):
             for a, b in zip(straight[r]["outputs"][s], resumed[r]["outputs"][s]):
-                assert torch.equal(a, b), f"rank {r} step {s} differs after the resume"
+                assert_bits_equal(a, b, f"rank {r} step {s} differs after the resume", nan_bytes=True)
 
 
 @pytest.mark.parametrize(("value", "index"), [("inf", 2), ("nan", 5), ("-inf", 1)])
@@ -307,12 +295,12 @@ def test_ddp_several_buckets_match_the_reference(tmp_path):
         expect = ref.powersgd_allreduce(inputs, state, 2, gradcomp.hooks.DEFAULT_MIN_NUMEL, seed, s)
         got = outs[0]["grads"][s].split(sizes)
         for r in range(1, world):
-            assert torch.equal(outs[r]["grads"][s], outs[0]["grads"][s])
+            assert_bits_equal(outs[r]["grads"][s], outs[0]["grads"][s])
         for o, j in enumerate(by_ordinal):
             if expect[o] is None:
                 torch.testing.assert_close(got[j], outs[0]["exact"][s].split(sizes)[j], rtol=1e-5, atol=1e-6)
             else:
-                assert torch.equal(got[j].reshape(-1), expect[o]), f"step {s} parameter {j}"
+                assert_bits_equal(got[j].reshape(-1), expect[o], f"step {s} parameter {j}")
     st = outs[0]["stats"]
     assert st["buckets_compressed"] > steps  # several buckets a step (one of them only biases, at first)
     assert st["params_compressed"] == layers * steps
@@ -320,7 +308,7 @@ def test_ddp_several_buckets_match_the_reference(tmp_path):
         assert sorted(outs[r]["residuals"]) == sorted(o for (rr, o) in state["e"] if rr == r)
         for (rr, o), e in state["e"].items():
             if rr == r:
-                assert torch.equal(outs[r]["residuals"][o], e.reshape(-1)), f"rank {r} parameter {o}"
+                assert_bits_equal(outs[r]["residuals"][o], e.reshape(-1), f"rank {r} parameter {o}")
 
 
 def test_ranks_must_agree_on_the_rank(tmp_path):

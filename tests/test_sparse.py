@@ -9,61 +9,17 @@ decodes the same concatenation.
 
 from __future__ import annotations
 
-import zlib
-
 import gradcomp
 import pytest
 import reference as ref
 import torch
 from gradcomp import codecs, layout, ops
+from harness import SparseBucket as Bucket
+from harness import assert_bits_equal, bits_equal, check_sparse_hook_at_world_one, gen
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 WIRES = [torch.float32, torch.float16, torch.bfloat16]
 HEADER = 16
-
-
-def gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-exact, NaNs by position."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    an, bn = a.isnan(), b.isnan()
-    return bool(torch.equal(an, bn) and torch.equal(a[~an], b[~bn]))
-
-
-class Bucket:
-    """A bucket of parameters separated by gaps of elements no sparse row names (they stand
-    for exactly reduced parameters and must never be touched by a decode)."""
-
-    def __init__(self, numels, dtype, g, ef=True, ratio=0.01, gap=7, scale=1.0, ordinals=None):
-        self.numels, self.dtype, self.ratio = numels, dtype, ratio
-        self.offsets, off = [], 0
-        for n in numels:
-            off += gap
-            self.offsets.append(off)
-            off += n
-        self.numel = off + gap
-        self.x = (torch.randn(self.numel, generator=g) * scale).to(dtype)
-        self.residuals = [torch.randn(n, generator=g) * 0.1 * scale if ef else None for n in numels]
-        self.ordinals = ordinals or list(range(len(numels)))
-        self.refresh()
-
-    def refresh(self):
-        spans = [layout.Span(o, n, 0, r.data_ptr() if r is not None else 0, ordn)
-                 for o, n, r, ordn in zip(self.offsets, self.numels, self.residuals, self.ordinals)]
-        self.table = layout.build_sparse_table(spans, self.ratio)
-
-    def param(self, i) -> torch.Tensor:
-        return self.x[self.offsets[i] : self.offsets[i] + self.numels[i]]
-
-    def gap_mask(self) -> torch.Tensor:
-        m = torch.ones(self.numel, dtype=torch.bool)
-        for o, n in zip(self.offsets, self.numels):
-            m[o : o + n] = False
-        return m
 
 
 def split_payload(payload: torch.Tensor, table: layout.SparseTable, wire: torch.dtype):
@@ -100,7 +56,7 @@ def test_exact_topk_selects_torch_topk_set(n, ratio):
     want = torch.topk(x.abs(), k).indices.sort().values
     assert flag == 0
     assert torch.equal(idx.long(), want)
-    assert torch.equal(vals, x[want])
+    assert_bits_equal(vals, x[want])
 
 
 @pytest.mark.parametrize("approx", [False, True], ids=["exact", "approx"])
@@ -123,9 +79,9 @@ def test_topk_encode_matches_reference(approx, dtype, wire, ef):
                                               layout.pairs_for(n, 0.01), approx, wire)
         assert not bad
         assert torch.equal(rows[i][0], idx), f"row {i}: indices"
-        assert bits_equal(rows[i][1], vals), f"row {i}: values"
+        assert_bits_equal(rows[i][1], vals, f"row {i}: values")
         if ef:
-            assert bits_equal(b.residuals[i], res), f"row {i}: residual"
+            assert_bits_equal(b.residuals[i], res, f"row {i}: residual")
 
 
 def test_ties_go_to_the_lowest_indices():
@@ -168,7 +124,7 @@ def test_non_finite_values_are_selected_first_flagged_and_leave_no_residual(appr
     want_idx, want_vals, want_res, bad = ref.topk_encode(x_before[b.offsets[0] : b.offsets[0] + 50_000],
                                                          res_before[0], 50, approx)
     assert bad and torch.equal(idx, want_idx) and bits_equal(vals, want_vals)
-    assert bits_equal(b.residuals[0], want_res)
+    assert_bits_equal(b.residuals[0], want_res)
 
 
 def test_approx_recall():
@@ -225,8 +181,17 @@ def test_topk_exchange_matches_reference_and_replicas_agree(world, dtype, wire):
     buckets, outs, want = simulate(world, dtype, wire, False, gen(world, dtype, wire))
     gaps = buckets[0].gap_mask()
     for r, out in enumerate(outs):
-        assert bits_equal(out[~gaps], want[~gaps]), f"rank {r}"
+        assert_bits_equal(out[~gaps], want[~gaps], f"rank {r}")
         assert torch.equal(out[gaps], buckets[r].x[gaps]), f"rank {r} wrote outside the rows"
+
+
+@pytest.mark.parametrize("codec", ["topk:0.01", "topk:0.01:approx:fp16", "randomk:0.01"])
+def test_ddp_sparse_hook_at_world_one_is_the_reference(one_rank_group, codec):
+    """The sparse hooks through DDP on Gloo at W = 1, compression forced: every compressed
+    gradient is, step by step, the reference's k values of the local gradient plus the
+    residual, bit for bit (harness.check_sparse_hook_at_world_one, the check tests/test_cuda.py
+    makes on NCCL)."""
+    check_sparse_hook_at_world_one(codec, torch.device("cpu"), steps=3)
 
 
 def test_topk_decode_non_finite_flag_makes_every_row_nan():
@@ -320,11 +285,11 @@ def test_randomk_matches_reference(dtype, ef):
         if ef:
             a = a + res_before[i]
         first = int(b.table.table[i, 4])
-        assert bits_equal(payload[4 + first : 4 + first + k], a[idx]), f"row {i}"
+        assert_bits_equal(payload[4 + first : 4 + first + k], a[idx], f"row {i}")
         if ef:
             want = a.clone()
             want[idx] = 0
-            assert bits_equal(b.residuals[i], want)
+            assert_bits_equal(b.residuals[i], want)
     # decode: every rank sums the same values; value / W at the drawn indices, 0 elsewhere
     out = b.x.clone()
     ops.randomk_decode(payload * 3, b.table.table, 3, out, seed=seed, step=step)
@@ -336,7 +301,7 @@ def test_randomk_matches_reference(dtype, ef):
         first = int(b.table.table[i, 4])
         want = torch.zeros(n)
         want[idx] = (payload[4 + first : 4 + first + k] * 3) * (torch.tensor(1.0) / torch.tensor(3.0))
-        assert bits_equal(out[b.offsets[i] : b.offsets[i] + n], want.to(dtype))
+        assert_bits_equal(out[b.offsets[i] : b.offsets[i] + n], want.to(dtype))
 
 
 def test_randomk_indices_are_shared_and_keyed():

@@ -11,16 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import describe, run_ranks
+from harness import assert_bits_equal, rel_err
 
 
 def _run(scenario, world, tmp_path, timeout=180, **args):
     res = run_ranks(scenario, world, tmp_path, timeout=timeout, **args)
     assert res.ok, describe(res)
     return res.outputs
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 # ---------------------------------------------------------------------------- resume
@@ -39,8 +36,9 @@ def test_resume_is_bit_identical(tmp_path, codec):
     resumed = _run("resume", 2, tmp_path / "second", codec=codec, start=8, stop=16, load=True, ckpt=str(ckpt))
     for r in range(2):
         for s in range(8, 16):
-            assert torch.equal(straight[r]["grads"][s], resumed[r]["grads"][s]), f"rank {r} step {s} differs"
-        assert torch.equal(straight[r]["params"], resumed[r]["params"])
+            assert_bits_equal(straight[r]["grads"][s], resumed[r]["grads"][s], f"rank {r} step {s} differs",
+                              nan_bytes=True)
+        assert_bits_equal(straight[r]["params"], resumed[r]["params"], nan_bytes=True)
         assert resumed[r]["step"] == straight[r]["step"] == 16
         assert resumed[r]["seed"] == straight[r]["seed"] == first[0]["seed"]
         # buckets differ (the resumed run's first iteration has one big bucket), parameters not
@@ -95,7 +93,7 @@ def test_state_dict_is_weights_only_and_round_trips(tmp_path):
     assert fresh.step == 7 and fresh.seed == 12345 and fresh.stats["bytes_sent"] == 99.0
     assert fresh._residuals.keys() == {0, 3}
     for o in (0, 3):
-        assert torch.equal(fresh._residuals[o], state._residuals[o])
+        assert_bits_equal(fresh._residuals[o], state._residuals[o], nan_bytes=True)
         assert fresh._residuals[o].data_ptr() != state._residuals[o].data_ptr()
     with pytest.raises(ValueError, match="min_numel: saved 64, here 1024"):
         gradcomp.State("int4:block=128").load_state_dict(sd)
@@ -188,7 +186,7 @@ def test_nonfinite_on_one_rank_skips_the_step_everywhere(tmp_path, codec, world,
                 assert torch.equal(o["grads"][s], outs[0]["grads"][s])
     if codec in ("int8", "fp16", "bf16"):  # the others are further from the exact mean anyway
         for s in range(bad_step + 1, steps):
-            assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.06, s
+            assert rel_err(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.06, s
     if outs[0]["n_residuals"] == 0:
         assert codec in ("fp16", "bf16")
 
@@ -230,7 +228,7 @@ def test_ddp_modes(tmp_path, mode, args):
     outs = _run("train", world, tmp_path, steps=steps, layers=4, **args)
     for s in range(steps):
         assert torch.equal(outs[0]["grads"][s], outs[1]["grads"][s]), f"{mode}: replicas drifted at step {s}"
-        assert _rel(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.03, f"{mode}: step {s}"
+        assert rel_err(outs[0]["grads"][s], outs[0]["exact"][s]) < 0.03, f"{mode}: step {s}"
     st = outs[0]["stats"]
     assert st["steps"] == steps and st["buckets_compressed"] > 0
 
@@ -243,7 +241,7 @@ def test_subgroups_two_ddps_side_by_side(tmp_path):
     for s in range(steps):
         for a, b in ((0, 1), (2, 3)):
             assert torch.equal(outs[a]["grads"][s], outs[b]["grads"][s])
-            assert _rel(outs[a]["grads"][s], outs[a]["exact"][s]) < 0.03
+            assert rel_err(outs[a]["grads"][s], outs[a]["exact"][s]) < 0.03
         assert not torch.equal(outs[0]["grads"][s], outs[2]["grads"][s])
     assert all(o["stats"]["buckets_compressed"] > 0 for o in outs)
 
@@ -257,14 +255,7 @@ def test_config_mismatch_in_start_step_fails_on_every_rank(tmp_path):
         assert "ranks disagree on the State configuration" in log
 
 
-# ---------------------------------------------------------------------------- registration
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
+# ---------------------------------------------------------------------------- registration (conftest's one_rank_group)
 def test_registration_errors_and_log(one_rank_group, caplog):
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(64, 64))
     with caplog.at_level(logging.INFO, logger="gradcomp"):
@@ -313,10 +304,11 @@ def test_dcp_checkpoint_round_trips_every_field_and_resumes_bit_for_bit(tmp_path
             assert loaded[k] == saved[k], f"rank {r}: {k} did not round-trip"
         assert loaded["residuals"].keys() == saved["residuals"].keys()
         for o, res in saved["residuals"].items():
-            assert torch.equal(loaded["residuals"][o], res), f"rank {r}: residual {o} is not its own"
+            assert_bits_equal(loaded["residuals"][o], res, f"rank {r}: residual {o} is not its own", nan_bytes=True)
         for s in range(8, 16):
-            assert torch.equal(straight[r]["grads"][s], resumed[r]["grads"][s]), f"rank {r} step {s} differs"
-        assert torch.equal(straight[r]["params"], resumed[r]["params"])
+            assert_bits_equal(straight[r]["grads"][s], resumed[r]["grads"][s], f"rank {r} step {s} differs",
+                              nan_bytes=True)
+        assert_bits_equal(straight[r]["params"], resumed[r]["params"], nan_bytes=True)
     # the control: a per-rank dict under plain keys comes back from one rank only
     naive = [first[r]["naive"] for r in range(world)]
     assert any(n["loaded"]["rank"] != n["saved"]["rank"] or n["loaded"]["step"] != n["saved"]["step"] for n in naive)

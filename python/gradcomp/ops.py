@@ -86,15 +86,10 @@ def _check_tensor(t, name: str, *, dtypes=None, device=None, numel=None, shape=N
         raise ValueError(f"gradcomp: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"gradcomp: {name} must have {numel} elements, got {t.numel()}")
-    if aligned and not _compiling() and t.data_ptr() % PAYLOAD_ALIGN:
+    # under torch.compile tensors are fakes without addresses: the check waits for the real call
+    if aligned and not _is_compiling() and t.data_ptr() % PAYLOAD_ALIGN:
         raise ValueError(f"gradcomp: {name} must start on a {PAYLOAD_ALIGN}-byte boundary "
                          f"(address {t.data_ptr():#x}); pass a fresh tensor, not a view at an odd offset")
-
-
-def _compiling() -> bool:
-    """Under torch.compile tensors are fakes without addresses: the alignment check waits for
-    the real call (torch's own allocations are always aligned)."""
-    return _is_compiling()
 
 
 def _check_bucket(bucket) -> None:

@@ -80,8 +80,12 @@ MUTATIONS = [
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
     """Every mutant's executable (or why it could not be made), built two at a time."""
+    # folders made here, not in the pool: tmp_path_factory is not thread-safe (two threads
+    # at its first call can each make a base folder and one then rejects its own path)
+    roots = {m.name: tmp_path_factory.mktemp(m.name.replace(" ", "-")) for m in MUTATIONS}
+
     def make(m):
-        src = tmp_path_factory.mktemp(m.name.replace(" ", "-")) / "csrc"
+        src = roots[m.name] / "csrc"
         shutil.copytree(CSRC, src)
         path = src / m.file
         text = path.read_text()

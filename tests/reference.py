@@ -301,7 +301,7 @@ def randomk_indices(seed: int, step: int, ordinal: int, n: int, k: int) -> torch
 
 # ---------------------------------------------------------------- the engine's all-reduce of keyed tensors
 def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: int, bits: int, min_numel: int,
-                     per_node: int = 1) -> list:
+                     per_node: int = 1, first_blocks: list | None = None, keys: list | None = None) -> list:
     """gradcomp.all_reduce of a list of float32 tensors over W ranks with a block quantizer
     (error feedback, rounding to nearest), flat (per_node 1) or hierarchical, piece by piece.
 
@@ -315,7 +315,11 @@ def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: i
     x / L of the node's ranks in local-rank order (float32); across nodes, the ranks of local
     index l run compressed_allreduce over the blocks they own (in j order, one after another,
     residuals of that length), block g going to node (g // L) mod N; every rank of the node
-    then reads every local rank's result."""
+    then reads every local rank's result.
+
+    first_blocks: the first block of each tensor where they are part of a longer model-wide
+    list (the default numbers them from 0 in list order); keys: the residuals' key of each
+    tensor (default its position)."""
     world = len(inputs)
     L, N = per_node, world // per_node
     first, outs = 0, []
@@ -325,14 +329,15 @@ def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: i
             outs.append(None)
             continue
         nb = -(-n // block)
-        g = first + torch.arange(nb)
+        g = (first if first_blocks is None else first_blocks[i]) + torch.arange(nb)
         first += nb
+        key = i if keys is None else keys[i]
         xs = [inputs[r][i].reshape(-1).float() for r in range(world)]
         if L == 1:
-            res = [residuals.get((r, i), torch.zeros(n)) for r in range(world)]
+            res = [residuals.get((r, key), torch.zeros(n)) for r in range(world)]
             out, after = compressed_mean(xs, res, block, g % world, bits)
             for r in range(world):
-                residuals[(r, i)] = after[r]
+                residuals[(r, key)] = after[r]
             outs.append(out)
             continue
         out = torch.empty(n)
@@ -348,11 +353,11 @@ def engine_allreduce(inputs: list[list[torch.Tensor]], residuals: dict, block: i
                     acc = acc + xs[m * L + k][idx] / L
                 ys.append(acc)
             ranks = [m * L + local for m in range(N)]
-            res = [residuals.get((r, i), torch.zeros(idx.numel())) for r in ranks]
+            res = [residuals.get((r, key), torch.zeros(idx.numel())) for r in ranks]
             o, after = compressed_mean(ys, res, block, (g[owned] // L) % N, bits)
             out[idx] = o
             for r, a in zip(ranks, after):
-                residuals[(r, i)] = a
+                residuals[(r, key)] = a
         outs.append(out)
     return outs
 
@@ -501,3 +506,110 @@ def powersgd_allreduce(inputs: list[list[torch.Tensor]], state: dict, rank: int,
             for r in range(world):
                 e.setdefault((r, i), torch.zeros(n, m))
     return outs
+
+
+# ---------------------------------------------------------------- DiLoCo's outer loop
+def exact_mean(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The engine's exact average: each rank's values divided by W, summed in rank order in float32."""
+    world = len(xs)
+    acc = (xs[0] / world).float()
+    for x in xs[1:]:
+        acc = acc + x / world
+    return acc.to(xs[0].dtype)
+
+
+def diloco_fragments(numels: list[int], F: int) -> list[list[int]]:
+    """DiLoCo's split of the parameters into F contiguous fragments (docs/guides/diloco.md):
+    parameter i, starting at element e_i of T, goes to floor(F e_i / T), kept within one of
+    the previous parameter's fragment and high enough that every later fragment gets one."""
+    n, total = len(numels), sum(numels)
+    frag, start = [], 0
+    for i, k in enumerate(numels):
+        want = F * start // total
+        f = 0 if i == 0 else min(max(want, frag[-1]), frag[-1] + 1)
+        frag.append(max(f, F - (n - i)))
+        start += k
+    return [[i for i in range(n) if frag[i] == p] for p in range(F)]
+
+
+def diloco(models: list, inner_step, steps: int, H: int, fragments: list[list[int]], delay: int,
+           outer_lr: float, outer_momentum: float, nesterov: bool, *, codec: tuple | None, min_numel: int,
+           per_node: int = 1) -> dict:
+    """DiLoCo over W replicas in one process, written from the paper's description with
+    torch.optim.SGD as the outer optimizer.
+
+    models[r]: rank r's model, already holding the initial weights (rank 0's); inner_step(r,
+    s): runs rank r's inner optimizer step s (0-based) on its model. Fragment p is sent after
+    inner step s (1-based) with s % H == (p + 1) H // F % H, and lands ``delay`` steps later
+    (landings of a step first, then sends; with delay 0 at once): a finite average steps
+    the outer SGD on the anchor, and each model's fragment becomes anchor + (its weights now −
+    its weights when sent); a non-finite one leaves the anchor and resets the fragment to it.
+    codec: None (exact average) or (block, bits): the engine's block quantizer with error
+    feedback through engine_allreduce, blocks numbered model-wide.
+
+    Returns {"anchors": [per step: list of anchor tensors], "params": [rank -> list],
+    "residuals": {(rank, i): tensor}, "skipped": [(step, fragment)]}."""
+    world = len(models)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    n = len(params[0])
+    anchor = [p.detach().clone() for p in params[0]]
+    F = len(fragments)
+    outer = [torch.optim.SGD([anchor[i] for i in frag], lr=outer_lr, momentum=outer_momentum, nesterov=nesterov,
+                             foreach=False) for frag in fragments]
+    offsets = [((p + 1) * H // F) % H for p in range(F)]
+    numels = [p.numel() for p in params[0]]
+    firsts, g = [], 0
+    for k in numels:
+        firsts.append(g)
+        if k >= min_numel and codec is not None:
+            g += -(-k // codec[0])
+    residuals: dict = {}
+    pending: dict = {}
+    out = {"anchors": [], "skipped": []}
+
+    def average(frag):
+        xs = [[anchor[i] - params[r][i].detach() for i in frag] for r in range(world)]
+        if codec is None:
+            return [exact_mean([xs[r][k] for r in range(world)]) for k in range(len(frag))]
+        got = engine_allreduce(xs, residuals, codec[0], codec[1], min_numel, per_node,
+                               first_blocks=[firsts[i] for i in frag], keys=list(frag))
+        return [exact_mean([xs[r][k] for r in range(world)]) if e is None else e.view_as(xs[0][k])
+                for k, e in enumerate(got)]
+
+    def land(p, s):
+        _, avg, sent = pending.pop(p)
+        frag = fragments[p]
+        finite = all(bool(torch.isfinite(a).all()) for a in avg)
+        with torch.no_grad():
+            if finite:
+                for i, a in zip(frag, avg):
+                    anchor[i].grad = a
+                outer[p].step()
+                for i in frag:
+                    anchor[i].grad = None
+            else:
+                out["skipped"].append((s, p))
+            for r in range(world):
+                for k, i in enumerate(frag):
+                    q = params[r][i]
+                    q.copy_(anchor[i] + (q - sent[r][k]) if finite and delay > 0 else anchor[i])
+
+    for s in range(1, steps + 1):
+        for r in range(world):
+            inner_step(r, s - 1)
+        if delay > 0:
+            for p in sorted(pending):
+                if pending[p][0] == s:
+                    land(p, s)
+        for p in range(F):
+            if s % H == offsets[p]:
+                sent = [[params[r][i].detach().clone() for i in fragments[p]] for r in range(world)]
+                pending[p] = (s + delay, average(fragments[p]), sent)
+        if delay == 0:
+            for p in sorted(pending):
+                land(p, s)
+        out["anchors"].append([a.detach().clone() for a in anchor])
+    out["params"] = [[p.detach().clone() for p in ps] for ps in params]
+    out["residuals"] = residuals
+    out["n"] = n
+    return out

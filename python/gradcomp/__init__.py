@@ -3,6 +3,7 @@
     import gradcomp
     state = gradcomp.register(ddp_model, "int8")   # block-wise int8 with error feedback
     gradcomp.all_reduce(tensors, gradcomp.State("int8"))   # any tensors, e.g. outer steps
+    diloco = gradcomp.DiLoCo(model, inner_opt, sync_every=100, codec="int4")   # low-communication training
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 from . import _C, fsdp, optim
 from .allreduce import all_reduce
 from .codecs import Bf16, Codec, Fp16, Int2, Int4, Int8, PowerSGD, RandomK, Sign, TopK
+from .diloco import DiLoCo
 from .hooks import GradcompError, State, comm_hook, register
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
-    "Bf16", "Codec", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "PowerSGD", "RandomK", "Sign", "State", "TopK",
-    "all_reduce", "build_info", "comm_hook", "cuda_available", "fsdp", "optim", "register",
+    "Bf16", "Codec", "DiLoCo", "Fp16", "GradcompError", "Int2", "Int4", "Int8", "PowerSGD", "RandomK", "Sign", "State",
+    "TopK", "all_reduce", "build_info", "comm_hook", "cuda_available", "fsdp", "optim", "register",
 ]
 
 

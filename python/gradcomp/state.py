@@ -449,6 +449,6 @@ class State:
         if not self._logged:
             self._logged = True
             logger.info("gradcomp %s: %s over %d ranks (min_numel=%d, start_step=%d%s)",
-                        "all_reduce" if self._front == "all_reduce" else "hook", self.codec, world,
+                        self._front if self._front in ("all_reduce", "diloco") else "hook", self.codec, world,
                         self.min_numel, self.start_step,
                         f", ranks_per_node={self.ranks_per_node}" if self.ranks_per_node is not None else "")

@@ -70,6 +70,23 @@ def test_parse_methods_takes_node_specs():
         parse_methods("node:int8,node:int8")
 
 
+def test_parse_methods_takes_diloco_specs():
+    from gradcomp.benchmarks.methods import is_diloco_method, parse_diloco, parse_methods
+
+    assert parse_methods("allreduce,diloco:int8:H=20,diloco:fp32:H=10:F=2") == [
+        "allreduce", "diloco:int8:H=20", "diloco:fp32:H=10:F=2"]
+    assert is_diloco_method("diloco:int8:H=20") and not is_diloco_method("int8")
+    assert parse_diloco("diloco:int4:block=64:H=50:F=2:delay=3") == {
+        "codec": "int4:block=64", "sync_every": 50, "fragments": 2, "delay": 3}
+    assert parse_diloco("diloco:H=10:fp32") == {"codec": None, "sync_every": 10, "fragments": 1, "delay": None}
+    for bad, why in (("diloco:int8", "needs H="), ("diloco:int8:H=0", "needs H="), ("diloco:H=5", "needs a codec"),
+                     ("diloco:int9:H=5", "takes a gradcomp codec spec or fp32"), ("diloco:int8:H=x", "not a non-neg"),
+                     ("diloco:int8:H=2:H=3", "given twice"), ("diloco:powersgd:2:H=4", "takes no powersgd"),
+                     ("diloco:int8:H=4:F=0", "F= .fragments. must be at least 1")):
+        with pytest.raises(ValueError, match=why):
+            parse_methods(bad)
+
+
 def _fake_ddp(monkeypatch, world=4):
     """Enough of a DDP model for Method to attach a gradcomp method (register is replaced)."""
     from types import SimpleNamespace
@@ -151,7 +168,7 @@ def _demo_results(path):
 
 
 def test_demo_trains_every_kind_of_method_and_reports(tmp_path):
-    methods = "allreduce,torch-fp16,torch-powersgd,int8,topk:0.01"
+    methods = "allreduce,torch-fp16,torch-powersgd,int8,topk:0.01,diloco:int8:H=11"
     r = run([*GRADCOMP, "demo", "--methods", methods, "--epochs", "3", "--json", "d.json", "--plot", "d.png"],
             tmp_path)
     meta, res = _demo_results(tmp_path / "d.json")
@@ -170,6 +187,9 @@ def test_demo_trains_every_kind_of_method_and_reports(tmp_path):
     # (and a tiny exact lane), against the ring all-reduce of fp32: between 3.8x and 4x
     assert 3.8 < res["int8"]["ratio"] < 4.0
     assert res["torch-powersgd"]["ratio"] > 10 and res["topk:0.01"]["ratio"] > 10
+    # DiLoCo: int8's bytes once every 11 steps; its syncs cost time, seen in the mean step
+    assert 11 * 3.8 < res["diloco:int8:H=11"]["ratio"] < 11 * 4.0
+    assert res["diloco:int8:H=11"]["stats"]["buckets_compressed"] == meta["steps"] // 11
     plain = res["allreduce"]
     for m, v in res.items():
         assert len(v["loss_curve"]) == meta["steps"]
@@ -313,7 +333,7 @@ def _namespaces_of(pid: int) -> list[str]:
 @needs_netns
 def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
     cmd = [*GRADCOMP, "bench", "net", "--rate", "200mbit", "--params", "4e5", "--steps", "3", "--warmup", "3",
-           "--methods", "allreduce,int8,torch-fp16", "--out", "n.json"]
+           "--methods", "allreduce,int8,torch-fp16,diloco:int8:H=3", "--out", "n.json"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
@@ -323,7 +343,7 @@ def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
     # tbf really limits the link (a little under the setting: TCP/IP headers ride in the rate)
     assert 0.7 * 200e6 < meta["link_bps_shaped"] < 1.05 * 200e6, meta
     assert meta["link_bps_unshaped"] > 2 * 200e6
-    assert list(methods) == ["allreduce", "int8", "torch-fp16"]
+    assert list(methods) == ["allreduce", "int8", "torch-fp16", "diloco:int8:H=3"]
     # the bytes each method is said to send are what rank 0's interface really sent (plus
     # headers, counted once per GSO packet on veth, and ACKs: well under the tolerance)
     ratios = {name: m["eth0_tx_bytes_per_step"] / m["bytes_per_step"] for name, m in methods.items()}
@@ -331,8 +351,11 @@ def test_bench_net_shapes_the_link_and_times_methods(tmp_path):
     params = meta["parameters"]  # ring at W = 2: 2(W-1)/W of 4 bytes a value
     assert 0.97 * 4 * params < methods["allreduce"]["eth0_tx_bytes_per_step"] < 1.1 * 4 * params
     assert 3.8 < methods["allreduce"]["bytes_per_step"] / methods["int8"]["bytes_per_step"] < 4.0
-    for m in methods.values():
-        assert m["shaped_step_ms"] > 0 and m["unshaped_step_ms"] > 0 and len(m["shaped_steps_ms"]) == 2 * 3
+    # DiLoCo syncs every 3 steps: a third of int8's bytes a step, and one sample a period of 3 steps
+    assert 2.9 < methods["int8"]["bytes_per_step"] / methods["diloco:int8:H=3"]["bytes_per_step"] < 3.1
+    for name, m in methods.items():
+        samples = 1 if name.startswith("diloco:") else 3
+        assert m["shaped_step_ms"] > 0 and m["unshaped_step_ms"] > 0 and len(m["shaped_steps_ms"]) == 2 * samples
         assert len(m["unshaped_round_medians_ms"]) == 2  # two rounds of each link, 3 steps each
     # 1.6 MB a step over 200 Mbit/s is at least 64 ms of wire on top of the compute
     assert methods["allreduce"]["shaped_step_ms"] > methods["allreduce"]["unshaped_step_ms"] + 30

@@ -17,6 +17,11 @@ Methods ``node:<spec>`` (e.g. ``node:int8``) reduce hierarchically, within each 
 Methods ``fsdp`` and ``fsdp:<spec>`` shard the MLP with FSDP2 (each Linear a unit) and
 reduce with FSDP2's own reduce-scatter or gradcomp's (``gradcomp.fsdp.register``).
 
+Methods ``diloco:<codec>:H=<n>`` (e.g. ``diloco:int8:H=20``, ``diloco:fp32:H=10``) train the
+plain MLP with gradcomp.DiLoCo: n steps of each rank's own SGD between compressed outer steps
+(``:F=<f>`` streams f fragments). Its step time is a median like the others': most steps send
+nothing, so the bytes per step (the syncs' bytes over all steps) tell its cost.
+
 Rank 0 shows a tqdm bar per method, then prints a table (final loss on the whole training
 set, test accuracy, bytes it sent per step, the ratio to plain all-reduce's bytes, median
 step time), writes a PNG of the loss curves and, with ``--json``, the numbers.
@@ -70,8 +75,10 @@ def parse_args(argv):
                                 description="DDP training on the digits dataset, once per method, side by side")
     p.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs and "
-                        f"node:<codec spec> (with --ranks-per-node) (default {','.join(DEFAULT_METHODS)})")
+                   help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs, "
+                        "node:<codec spec> (with --ranks-per-node), fsdp[:<codec spec>] and "
+                        "diloco:<codec spec or fp32>:H=<steps>[:F=<fragments>] "
+                        f"(default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks a node, contiguous, for the node:<spec> methods' hierarchical reduction "
                         "(the world must be a multiple of it)")
@@ -197,7 +204,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
     import torch
     import torch.nn as nn
 
-    from .benchmarks.methods import Method, bucket_cap_mb, make_ddp
+    from .benchmarks.methods import DiLoCoMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
 
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)  # the same initial weights on every rank, for every method
@@ -206,12 +213,17 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         cap = None
         ddp = model
         method_ctx = _fsdp_method(method, model, device, args.start_step)
+    elif is_diloco_method(method):  # the plain model: each rank steps alone between syncs
+        cap = None
+        ddp = model
     else:
         cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
         ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
         method_ctx = Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank,
                             ranks_per_node=args.ranks_per_node)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    if is_diloco_method(method):
+        method_ctx = DiLoCoMethod(method, model, opt, ranks_per_node=args.ranks_per_node)
     n = len(y_train)
     steps_per_epoch = n // (args.batch * world)
     losses, step_seconds, test_acc = [], [], []
@@ -228,6 +240,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
                 loss = nn.functional.cross_entropy(ddp(xb), yb)
                 loss.backward()
                 opt.step()
+                m.after_step()  # DiLoCo's outer step every H steps; nothing for the others
                 loss_value = loss.item()  # waits for the device: the step is done
                 step_seconds.append(time.perf_counter() - t0)
                 losses.append(loss_value)
@@ -254,6 +267,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         "test_accuracy_per_epoch": test_acc,
         "bytes_per_step": sent / steps,
         "step_ms": 1e3 * statistics.median(step_seconds[skip:]),
+        "step_ms_mean": 1e3 * statistics.fmean(step_seconds[skip:]),  # DiLoCo's syncs show here, not in the median
         "codec_ms_per_step": 1e3 * codec_s / steps,
         "steps": steps,
         "loss_curve": (curve / world).tolist(),
@@ -324,14 +338,16 @@ def report(out: dict, args) -> None:
           f"({meta['backend']}, {meta['device'].split(':')[0]}), {meta['steps']} steps of {meta['batch_per_rank']} "
           "per rank")
     print(f"{'method':<22} {'final loss':>10} {'test acc':>9} {'bytes sent/step':>16} {'ratio':>8} {'step ms':>8}"
-          f" {'residual MB':>11}")
+          f" {'mean ms':>8} {'residual MB':>11}")
     for method, r in results.items():
         print(f"{method:<22} {r['final_loss']:>10.4f} {r['test_accuracy']:>9.3f} {r['bytes_per_step']:>16,.0f}"
-              f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f} {r.get('residual_bytes', 0) / 1e6:>11.2f}")
-    print("(final loss: cross-entropy on the whole training set at the end; test acc: the held-out 20%; bytes: what "
+              f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f} {r.get('step_ms_mean', r['step_ms']):>8.2f}"
+              f" {r.get('residual_bytes', 0) / 1e6:>11.2f}")
+    print("(final loss: cross-entropy on the whole training set at the end (rank 0's model: for diloco the anchor "
+          "when the steps are a multiple of H); test acc: the held-out 20%; bytes: what "
           "rank 0 put on the wire per step (fsdp: the gradient reduce-scatter only, not the parameter "
-          "all-gathers); ratio: plain all-reduce's bytes over the method's; step: median; residual: rank 0's "
-          "error-feedback memory)")
+          "all-gathers; diloco: its syncs' bytes over every step); ratio: plain all-reduce's bytes over the method's; "
+          "step: median; mean: the mean step, where DiLoCo's syncs show; residual: rank 0's error-feedback memory)")
     if args.plot:
         plot(out, args.plot)
         print(f"loss curves: {args.plot}")

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import codecs
+from .collectives import all_gather_single
 from .engine.core import hash56
 from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State
 
@@ -354,7 +355,7 @@ class DiLoCo:
             mine = torch.tensor([hash56(repr(self.config()).encode()), self.inner_steps], dtype=torch.int64,
                                 device=self.device if self.device.type == "cuda" else "cpu")
             every = torch.empty(world * 2, dtype=torch.int64, device=mine.device)
-            dist.all_gather_into_tensor(every, mine, group=group)
+            all_gather_single(every, mine, group)
             rows = every.view(world, 2).tolist()
             if len({r[0] for r in rows}) != 1:
                 differ = [r for r, row in enumerate(rows) if row[0] != rows[0][0]]

@@ -25,6 +25,12 @@ The held-out loss is measured every ``--eval-every`` steps for the curves, each 
 shard of the held-out set, outside the timed steps; the shards are summed once a run is
 over, after the method is detached (so no evaluation traffic is counted as the method's).
 
+``diloco:<codec>:H=<n>`` methods (gradcomp.DiLoCo) train the plain model with the task's own
+optimizer (AdamW for lm) as the inner one, syncing every n steps; bytes per step are the
+syncs' bytes over all steps. Between syncs each rank evaluates its own local weights, so a
+point of the curve mixes the ranks' models; after a sync (the final point, where n divides
+the steps) every rank holds the anchor.
+
     gradcomp bench converge [--tasks lm,mlp] [--methods allreduce,int8,...] [--world 4]
                             [--seeds 0,1] [--steps N] [--json PATH] [--plot PATH.png]
 """
@@ -404,19 +410,22 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
     the held-out curve and training losses already summed over the ranks."""
     import torch.distributed as dist
 
-    from .methods import Method, bucket_cap_mb, make_ddp
+    from .methods import DiLoCoMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
 
     torch.manual_seed(seed)  # the same initial weights on every rank, for every method
     model = task.model().to(device)
-    cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
-    ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
-    # the baseline is plain AdamW; --freeze-variance changes the compressed methods' optimizer
-    opt, schedule = task.optimizer(ddp.parameters(), None if method == BASELINE else args.freeze_variance)
+    diloco = is_diloco_method(method)
+    cap = None if diloco else bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
+    # DiLoCo trains the plain model: each rank steps alone between its syncs
+    ddp = model if diloco else make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
+    # the baseline is plain AdamW; --freeze-variance changes the per-step compressed methods' optimizer
+    opt, schedule = task.optimizer(ddp.parameters(), None if method == BASELINE or diloco else args.freeze_variance)
     steps = task.steps
     eval_at = sorted({*range(0, steps, args.eval_every), steps})
     heldout, losses, step_seconds = [], [], []
     started = time.perf_counter()
-    with Method(method, ddp, start_step=args.start_step) as m:
+    attach = DiLoCoMethod(method, model, opt) if diloco else Method(method, ddp, start_step=args.start_step)
+    with attach as m:
         for step in range(steps + 1):
             if step in eval_at:  # the model after `step` steps, on the inner module: no collective
                 heldout.append(task.heldout_sum(model))
@@ -430,6 +439,7 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
             opt.step()
             if schedule is not None:
                 schedule.step()
+            m.after_step()  # DiLoCo's outer step every H steps; nothing for the others
             loss_value = loss.item()  # waits for the device: the step is done
             step_seconds.append(time.perf_counter() - t0)
             losses.append(loss_value)
@@ -454,6 +464,7 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
         "train_loss": (train / dist.get_world_size()).tolist(),
         "bytes_per_step": sent / steps,
         "step_ms": 1e3 * statistics.median(step_seconds[skip:]),
+        "step_ms_mean": 1e3 * statistics.fmean(step_seconds[skip:]),
         "codec_ms_per_step": 1e3 * codec_s / steps,
         "wall_s": wall_s,
         "bucket_cap_mb": cap,

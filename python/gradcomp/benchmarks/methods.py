@@ -10,11 +10,17 @@
     "node:<spec>"     a gradcomp codec spec reduced hierarchically, node by node
                       ("node:int8"): registered with ``ranks_per_node=`` the topology's
                       ranks a node (gradcomp.State's keyword; the hierarchy is State's)
+    "diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]"
+                      no per-step exchange: gradcomp.DiLoCo on the plain model, syncing every
+                      n steps with that codec ("fp32": an exact average), in f fragments
+                      ("diloco:int8:H=20", "diloco:fp32:H=10", "diloco:int4:block=64:H=50:F=2")
     anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
 
 ``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
 the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs and
-``make_ddp`` builds the model with it.
+``make_ddp`` builds the model with it. A DiLoCo method trains the plain model instead:
+``DiLoCoMethod(method, model, inner_optimizer)``, whose ``after_step()`` the loop calls after
+every optimizer step (Method's and FSDPMethod's do nothing).
 
 Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nodes) the
 methods are (``parse_fsdp_methods``, ``FSDPMethod``):
@@ -41,6 +47,7 @@ TORCH_POWERSGD = "torch-powersgd"  # and "torch-powersgd:R", R its matrix_approx
 NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each node, then across nodes
 PIPE_PREFIX = "pipe:"  # "pipe:<spec>": gradcomp's codec, buckets cut into pipelined chunks of PIPE_CHUNK_NUMEL
 PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
+DILOCO_PREFIX = "diloco:"  # "diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]": gradcomp.DiLoCo, no per-step exchange
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 FSDP_PLAIN = "plain"  # FSDP2's own exact reduction, the FSDP and HSDP baseline
 FSDP_DEFAULT_METHODS = (FSDP_PLAIN, "int8", "int4")
@@ -52,7 +59,9 @@ def parse_methods(text: str) -> list[str]:
     if not methods:
         raise ValueError("no methods given")
     for m in methods:
-        if m.startswith(PIPE_PREFIX):
+        if is_diloco_method(m):
+            parse_diloco(m)  # raises ValueError naming a bad one
+        elif m.startswith(PIPE_PREFIX):
             try:
                 codecs.parse(codec_spec(m))
             except ValueError as e:
@@ -75,6 +84,46 @@ def parse_methods(text: str) -> list[str]:
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is listed twice: {text}")
     return methods
+
+
+def is_diloco_method(method: str) -> bool:
+    """Whether ``method`` is a ``diloco:...`` method (gradcomp.DiLoCo, no per-step exchange)."""
+    return method.startswith(DILOCO_PREFIX)
+
+
+def parse_diloco(method: str) -> dict:
+    """gradcomp.DiLoCo's keywords of a ``diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]`` method:
+    codec (None for "fp32"), sync_every, fragments, delay (None: DiLoCo's default). A bad
+    one raises ValueError naming it."""
+    options, codec_parts = {}, []
+    for part in method[len(DILOCO_PREFIX):].split(":"):
+        key, eq, value = part.partition("=")
+        if eq and key in ("H", "F", "delay"):
+            if key in options:
+                raise ValueError(f"{method!r}: {key}= is given twice")
+            if not (value.isascii() and value.isdigit()):
+                raise ValueError(f"{method!r}: {key}={value!r} is not a non-negative integer")
+            options[key] = int(value)
+        else:
+            codec_parts.append(part)
+    spec = ":".join(codec_parts)
+    if "H" not in options or options["H"] < 1:
+        raise ValueError(f"{method!r}: a DiLoCo method needs H=<steps between syncs>, at least 1 "
+                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
+    if options.get("F", 1) < 1:
+        raise ValueError(f"{method!r}: F= (fragments) must be at least 1")
+    if not spec:
+        raise ValueError(f"{method!r}: a DiLoCo method needs a codec: a gradcomp codec spec or fp32 "
+                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
+    if spec != "fp32":
+        try:
+            codec = codecs.parse(spec)
+        except ValueError as e:
+            raise ValueError(f"{method!r}: {DILOCO_PREFIX} takes a gradcomp codec spec or fp32: {e}") from e
+        if isinstance(codec, codecs.PowerSGD):
+            raise ValueError(f"{method!r}: DiLoCo takes no powersgd (use a quantizer, a sparsifier or a cast)")
+    return {"codec": None if spec == "fp32" else spec, "sync_every": options["H"],
+            "fragments": options.get("F", 1), "delay": options.get("delay")}
 
 
 def is_node_method(method: str) -> bool:
@@ -182,6 +231,9 @@ class Method:
 
             self.state = register(ddp, name, start_step=start_step)
 
+    def after_step(self) -> None:
+        """After each optimizer step: nothing (DDP's hook has reduced the gradients)."""
+
     def _counting_all_reduce(self, tensor, *args, **kwargs):
         with self._lock:
             self._counted += ring_allreduce_bytes(tensor.numel() * tensor.element_size(), self.world)
@@ -209,6 +261,41 @@ class Method:
     def codec_seconds(self) -> float:
         """gradcomp's codec time so far (CPU); 0 for torch's methods."""
         return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0
+
+
+class DiLoCoMethod:
+    """A ``diloco:...`` method on a plain (not DDP) model: gradcomp.DiLoCo around its inner
+    optimizer, with Method's interface (``bytes_sent(steps)``, ``codec_seconds()``, ``state``);
+    the loop calls ``after_step()`` after each optimizer step. ``ranks_per_node`` makes the
+    sync hierarchical (exact inside a node, the codec across nodes) where it is given."""
+
+    def __init__(self, name: str, model: torch.nn.Module, inner_optimizer, *, ranks_per_node: int | None = None):
+        from .. import DiLoCo
+
+        self.name = name
+        kw = parse_diloco(name)
+        per_node = ranks_per_node if ranks_per_node and ranks_per_node > 1 and kw["codec"] is not None else None
+        self.diloco = DiLoCo(model, inner_optimizer, **kw, ranks_per_node=per_node)
+        self.state = self.diloco.state
+        self.sync_every = self.diloco.sync_every
+
+    def after_step(self) -> None:
+        self.diloco.step()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def bytes_sent(self, steps: int) -> float:
+        return float(self.state.stats["bytes_sent"])
+
+    def codec_seconds(self) -> float:
+        return float(self.state.stats["codec_seconds"])
 
 
 def hierarchy_missing(methods) -> str | None:
@@ -390,6 +477,9 @@ class FSDPMethod:
 
     def close(self) -> None:
         pass
+
+    def after_step(self) -> None:
+        """After each optimizer step: nothing (FSDP's reduction has run in backward)."""
 
     def _gradcomp_sent(self) -> float:
         return float(self.state.stats["bytes_sent"]) if self.state is not None else 0.0

@@ -12,9 +12,13 @@ own ephemeral ports, so traffic between two ranks of one node goes over the name
 loopback (Linux routes local addresses via lo), unshaped, as between the GPUs of a host,
 and only traffic between nodes crosses the shaped links.
 
-Methods: plain all-reduce, torch's fp16 and PowerSGD hooks, gradcomp codec specs, and
+Methods: plain all-reduce, torch's fp16 and PowerSGD hooks, gradcomp codec specs,
 ``node:<spec>`` (e.g. ``node:int8``): gradcomp registered with ``ranks_per_node=L``, which
-reduces within each node, then across nodes (gradcomp.State's keyword).
+reduces within each node, then across nodes (gradcomp.State's keyword), and
+``diloco:<spec>:H=<n>`` (e.g. ``diloco:int8:H=20``, ``diloco:fp32:H=10``): the plain model
+under gradcomp.DiLoCo, a sync every n steps (hierarchical with several ranks a node). A
+DiLoCo method's warm-up and timed steps are rounded up to whole periods of n steps, and
+each period's mean step is one sample of its median: its step time includes its syncs.
 
 ``--fsdp``: the model is sharded with FSDP2 instead (``fully_shard`` on each layer, then the
 root, over a 1-D mesh of the world) and the methods are ``plain`` (FSDP2's own
@@ -718,7 +722,7 @@ def _worker(config_path: str) -> int:
 
     import gradcomp
 
-    from .methods import FSDPMethod, Method, bucket_cap_mb, make_ddp
+    from .methods import DiLoCoMethod, FSDPMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
 
     with open(config_path) as f:
         cfg = json.load(f)
@@ -759,39 +763,51 @@ def _worker(config_path: str) -> int:
         for method in cfg["methods"]:
             torch.manual_seed(0)
             net, _, _ = _model(cfg["params"])
-            if mode == "ddp":
+            diloco = is_diloco_method(method)
+            if diloco:  # the plain model; syncs every H steps
+                trained = net
+            elif mode == "ddp":
                 trained = make_ddp(net, bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
                 attach = Method(method, trained, powersgd_rank=cfg["powersgd_rank"], ranks_per_node=per_node)
             else:
                 trained = _shard(net, mesh, mode)
                 attach = FSDPMethod(method, trained, mode=mode, mesh=mesh)
             opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
+            if diloco:
+                attach = DiLoCoMethod(method, trained, opt, ranks_per_node=per_node)
+            # DiLoCo: whole periods of H steps from a sync on, each period's mean step a sample
+            period = attach.sync_every if diloco else 1
+            warmup = -(-cfg["warmup"] // period) * period
+            n_timed = -(-cfg["steps"] // period) * period
 
-            def step(trained=trained, opt=opt):
+            def step(trained=trained, opt=opt, attach=attach):
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(trained(x), y).backward()
                 opt.step()
+                attach.after_step()
 
             with attach as m:
                 dist.barrier()
-                for _ in range(cfg["warmup"]):
+                for _ in range(warmup):
                     step()
-                sent0, codec0 = m.bytes_sent(cfg["warmup"]), m.codec_seconds()
-                split0 = _split_bytes(m, cfg["warmup"])
+                sent0, codec0 = m.bytes_sent(warmup), m.codec_seconds()
+                split0 = _split_bytes(m, warmup)
                 tx0 = _drained_tx_bytes(reader)
-                times = timed_steps(step, 0, cfg["steps"])
+                times = timed_steps(step, 0, n_timed)
                 tx1 = _drained_tx_bytes(reader)
-                total = cfg["warmup"] + cfg["steps"]
-                node_tx = [b / cfg["steps"] for b in _per_node(tx1[0] - tx0[0] if reader else None, node, nodes)]
-                node_lo = [b / cfg["steps"] for b in _per_node(tx1[1] - tx0[1] if reader else None, node, nodes)]
+                total = warmup + n_timed
+                node_tx = [b / n_timed for b in _per_node(tx1[0] - tx0[0] if reader else None, node, nodes)]
+                node_lo = [b / n_timed for b in _per_node(tx1[1] - tx0[1] if reader else None, node, nodes)]
+                samples = [statistics.fmean(times[i:i + period]) for i in range(0, n_timed, period)]
                 methods[method] = {
-                    "step_ms": statistics.median(times), "steps_ms": times,
-                    "bytes_per_step": (m.bytes_sent(total) - sent0) / cfg["steps"],
+                    "step_ms": statistics.median(samples), "steps_ms": samples,
+                    "timed_steps": n_timed, "period": period,
+                    "bytes_per_step": (m.bytes_sent(total) - sent0) / n_timed,
                     # node 0's eth0 (rank 0's own where a node is one rank)
                     "eth0_tx_bytes_per_step": node_tx[0],
                     "node_tx_bytes_per_step": node_tx,
                     "node_lo_tx_bytes_per_step": node_lo,
-                    "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / cfg["steps"],
+                    "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / n_timed,
                     "stats": dict(m.state.stats) if m.state is not None else None,
                 }
                 if m.state is not None:  # gradcomp's own uncompressed / sent over the run
@@ -799,7 +815,7 @@ def _worker(config_path: str) -> int:
                 if hasattr(m, "allgather_per_step"):  # FSDP2's parameter all-gathers: computed, not counted
                     methods[method]["allgather_bytes_per_step"] = m.allgather_per_step
                 for key, value in _split_bytes(m, total).items():  # gradcomp's own intra / inter-node counts
-                    methods[method][f"{key}_per_step"] = (value - split0[key]) / cfg["steps"]
+                    methods[method][f"{key}_per_step"] = (value - split0[key]) / n_timed
             if rank == 0:
                 r = methods[method]
                 print(f"  {cfg['phase']:>8} {method:<16} {r['step_ms']:8.0f} ms/step  "

@@ -36,6 +36,8 @@ def inner_step(model, opt, seed: int, rank: int, step: int, nan_at=None) -> None
     g = torch.Generator().manual_seed((seed * 7919 + rank) * 100_003 + step)
     x = torch.randn(BATCH, IN, generator=g)
     y = torch.randint(0, OUT, (BATCH,), generator=g)
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     opt.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
@@ -44,8 +46,8 @@ def inner_step(model, opt, seed: int, rank: int, step: int, nan_at=None) -> None
             next(model.parameters())[0, 0] = float("nan")
 
 
-def build(a: dict, rank: int, seed: int | None = None):
-    model = make_model(a["init_seed"] + rank if seed is None else seed)  # rank 0's weights reach every rank
+def build(a: dict, rank: int, seed: int | None = None, device="cpu"):
+    model = make_model(a["init_seed"] + rank if seed is None else seed).to(device)  # rank 0's reach every rank
     opt = make_inner(model)
     d = gradcomp.DiLoCo(model, opt, sync_every=a["H"], codec=a["codec"], fragments=a["fragments"],
                         delay=a.get("delay"), ranks_per_node=a.get("per_node"), min_numel=MIN_NUMEL,

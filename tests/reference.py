@@ -567,13 +567,14 @@ def diloco(models: list, inner_step, steps: int, H: int, fragments: list[list[in
     pending: dict = {}
     out = {"anchors": [], "skipped": []}
 
-    def average(frag):
-        xs = [[anchor[i] - params[r][i].detach() for i in frag] for r in range(world)]
+    def average(frag):  # the exchange on the CPU (the engine's bits on both backends), the result on the models' device
+        device = anchor[0].device
+        xs = [[(anchor[i] - params[r][i].detach()).cpu() for i in frag] for r in range(world)]
         if codec is None:
-            return [exact_mean([xs[r][k] for r in range(world)]) for k in range(len(frag))]
+            return [exact_mean([xs[r][k] for r in range(world)]).to(device) for k in range(len(frag))]
         got = engine_allreduce(xs, residuals, codec[0], codec[1], min_numel, per_node,
                                first_blocks=[firsts[i] for i in frag], keys=list(frag))
-        return [exact_mean([xs[r][k] for r in range(world)]) if e is None else e.view_as(xs[0][k])
+        return [(exact_mean([xs[r][k] for r in range(world)]) if e is None else e.view_as(xs[0][k])).to(device)
                 for k, e in enumerate(got)]
 
     def land(p, s):

@@ -362,6 +362,45 @@ def test_nccl_all_reduce_world_size_one_forced(nccl_world1):
             assert_bits_equal(got, host[i].reshape(-1) if e is None else e, f"tensor {i} step {step}")
 
 
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode")
+@pytest.mark.parametrize(("codec", "F", "delay"), [("int8:block=64", 2, 1), ("int4:block=64", 1, 0)])
+def test_nccl_diloco_world_size_one_forced(nccl_world1, codec, F, delay):
+    """gradcomp.DiLoCo on CUDA (inner steps on the GPU, the sync on the State's side stream):
+    bit for bit the reference DiLoCo run on the same GPU with the reference exchange, and a
+    step that sends without landing makes no host sync (a landing makes one: its finiteness
+    check)."""
+    import diloco_worker as dw
+    import reference as ref
+
+    a = {"H": 4, "codec": codec, "fragments": F, "delay": delay, "init_seed": 0, "seed": 2, "force": True}
+    steps = 13
+    model, opt, d = dw.build(a, 0, device=GPU)
+    sends = [d.sync_steps(p, steps) for p in range(F)]
+    landings = {s + delay for sched in sends for s in sched}
+    # a fragment's first sync builds its tables (the first of all also agrees on the configuration)
+    send_only = {s for sched in sends for s in sched[1:]} - landings
+    assert send_only or delay == 0
+    for s in range(1, steps + 1):
+        dw.inner_step(model, opt, a["seed"], 0, s - 1)
+        torch.cuda.synchronize()
+        checked = s in send_only
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            d.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    twin = dw.make_model(0).to(GPU)
+    twin_opt = dw.make_inner(twin)
+    want = ref.diloco([twin], lambda r, s: dw.inner_step(twin, twin_opt, a["seed"], 0, s), steps, 4,
+                      ref.diloco_fragments([p.numel() for p in twin.parameters()], F), delay, 0.7, 0.9, True,
+                      codec=(64, 8 if codec.startswith("int8") else 4), min_numel=dw.MIN_NUMEL)
+    for i, (t, w) in enumerate(zip(d.anchor.values(), want["anchors"][-1])):
+        assert_bits_equal(t.cpu(), w.cpu(), f"anchor {i}")
+    for i, (p, w) in enumerate(zip(model.parameters(), want["params"][0])):
+        assert_bits_equal(p.detach().cpu(), w.cpu(), f"parameter {i}")
+    assert d.state.stats["buckets_compressed"] > 0 and d.stats["syncs"] > 2
+
+
 @pytest.mark.parametrize("codec", ["int8", "int4:stochastic", "sign"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fsdp_reduce_scatter_on_cuda_is_the_cpu_result(codec, dtype):

@@ -16,7 +16,8 @@ every rank loads. The average runs through gradcomp's compressed all-reduce (the
 under ``gradcomp.all_reduce``): error feedback per parameter and per rank, bit-identical
 results on every rank. With ``fragments=F`` the parameters are cut into F groups synced at
 staggered steps, each sync overlapped with the next inner steps (Streaming DiLoCo, Douillard
-et al. 2025, arXiv:2501.18512). docs/guides/diloco.md says what is sent when, and why.
+et al. 2025, arXiv:2501.18512). docs/guides/diloco.md says what is sent when; docs/design.md,
+"DiLoCo", how it sits on the engine.
 """
 
 from __future__ import annotations

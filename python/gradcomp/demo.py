@@ -40,6 +40,10 @@ import time
 
 from .benchmarks.methods import DEFAULT_METHODS, hierarchy_missing, is_node_method, parse_methods
 
+# the per-step methods, then DiLoCo: int8 pseudo-gradients every 20 steps (20 divides the
+# default 440 steps, so the final model is the anchor)
+DEMO_METHODS = (*DEFAULT_METHODS, "diloco:int8:H=20")
+
 NEEDS = ("gradcomp demo needs tqdm, matplotlib and scikit-learn (for its bundled digits dataset): "
          "pip install 'gradcomp[demo]'")
 
@@ -74,11 +78,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="gradcomp demo",
                                 description="DDP training on the digits dataset, once per method, side by side")
     p.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
                    help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs, "
                         "node:<codec spec> (with --ranks-per-node), fsdp[:<codec spec>] and "
                         "diloco:<codec spec or fp32>:H=<steps>[:F=<fragments>] "
-                        f"(default {','.join(DEFAULT_METHODS)})")
+                        f"(default {','.join(DEMO_METHODS)})")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks a node, contiguous, for the node:<spec> methods' hierarchical reduction "
                         "(the world must be a multiple of it)")

@@ -79,10 +79,14 @@ def test_parse_methods_takes_diloco_specs():
     assert parse_diloco("diloco:int4:block=64:H=50:F=2:delay=3") == {
         "codec": "int4:block=64", "sync_every": 50, "fragments": 2, "delay": 3}
     assert parse_diloco("diloco:H=10:fp32") == {"codec": None, "sync_every": 10, "fragments": 1, "delay": None}
+    assert parse_diloco("diloco:int8:H=10:lr=1:momentum=0:nesterov=0") == {
+        "codec": "int8", "sync_every": 10, "fragments": 1, "delay": None, "outer_lr": 1.0, "outer_momentum": 0.0,
+        "nesterov": False}
     for bad, why in (("diloco:int8", "needs H="), ("diloco:int8:H=0", "needs H="), ("diloco:H=5", "needs a codec"),
                      ("diloco:int9:H=5", "takes a gradcomp codec spec or fp32"), ("diloco:int8:H=x", "not a non-neg"),
                      ("diloco:int8:H=2:H=3", "given twice"), ("diloco:powersgd:2:H=4", "takes no powersgd"),
-                     ("diloco:int8:H=4:F=0", "F= .fragments. must be at least 1")):
+                     ("diloco:int8:H=4:F=0", "F= .fragments. must be at least 1"),
+                     ("diloco:int8:H=4:lr=fast", "lr='fast' is not a number")):
         with pytest.raises(ValueError, match=why):
             parse_methods(bad)
 

@@ -10,7 +10,7 @@
     "node:<spec>"     a gradcomp codec spec reduced hierarchically, node by node
                       ("node:int8"): registered with ``ranks_per_node=`` the topology's
                       ranks a node (gradcomp.State's keyword; the hierarchy is State's)
-    "diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]"
+    "diloco:<codec>:H=<n>[:F=<f>][:delay=<d>][:lr=<x>][:momentum=<x>][:nesterov=0|1]"
                       no per-step exchange: gradcomp.DiLoCo on the plain model, syncing every
                       n steps with that codec ("fp32": an exact average), in f fragments
                       ("diloco:int8:H=20", "diloco:fp32:H=10", "diloco:int4:block=64:H=50:F=2")
@@ -93,14 +93,21 @@ def is_diloco_method(method: str) -> bool:
 
 def parse_diloco(method: str) -> dict:
     """gradcomp.DiLoCo's keywords of a ``diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]`` method:
-    codec (None for "fp32"), sync_every, fragments, delay (None: DiLoCo's default). A bad
-    one raises ValueError naming it."""
+    codec (None for "fp32"), sync_every, fragments, delay (None: DiLoCo's default); and, where
+    given, the outer optimizer's ``lr=<x>``, ``momentum=<x>``, ``nesterov=0|1``. A bad one
+    raises ValueError naming it."""
     options, codec_parts = {}, []
     for part in method[len(DILOCO_PREFIX):].split(":"):
         key, eq, value = part.partition("=")
-        if eq and key in ("H", "F", "delay"):
+        if eq and key in ("H", "F", "delay", "lr", "momentum", "nesterov"):
             if key in options:
                 raise ValueError(f"{method!r}: {key}= is given twice")
+            if key in ("lr", "momentum"):
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"{method!r}: {key}={value!r} is not a number") from None
+                continue
             if not (value.isascii() and value.isdigit()):
                 raise ValueError(f"{method!r}: {key}={value!r} is not a non-negative integer")
             options[key] = int(value)
@@ -122,8 +129,12 @@ def parse_diloco(method: str) -> dict:
             raise ValueError(f"{method!r}: {DILOCO_PREFIX} takes a gradcomp codec spec or fp32: {e}") from e
         if isinstance(codec, codecs.PowerSGD):
             raise ValueError(f"{method!r}: DiLoCo takes no powersgd (use a quantizer, a sparsifier or a cast)")
-    return {"codec": None if spec == "fp32" else spec, "sync_every": options["H"],
-            "fragments": options.get("F", 1), "delay": options.get("delay")}
+    out = {"codec": None if spec == "fp32" else spec, "sync_every": options["H"],
+           "fragments": options.get("F", 1), "delay": options.get("delay")}
+    for key, name in (("lr", "outer_lr"), ("momentum", "outer_momentum"), ("nesterov", "nesterov")):
+        if key in options:  # otherwise DiLoCo's defaults, the paper's
+            out[name] = bool(options[key]) if key == "nesterov" else options[key]
+    return out
 
 
 def is_node_method(method: str) -> bool:

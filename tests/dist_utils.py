@@ -80,3 +80,18 @@ def describe(res: RunResult) -> str:
     tails = "\n".join(f"--- rank {r} (rc={rc}) ---\n{log[-3000:]}" for r, (rc, log) in
                       enumerate(zip(res.returncodes, res.logs)))
     return f"timed_out={res.timed_out}\n{tails}"
+
+
+def run_torchrun_nodes(job: Path, out_dir, nodes: int = 2, per_node: int = 2, timeout: float = 240) -> None:
+    """``job out_dir`` under torchrun as ``nodes`` "nodes" of ``per_node`` ranks on this
+    machine (one torchrun a node, --node-rank n); asserts that every one succeeded."""
+    port = free_port()
+    procs = []
+    for node in range(nodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
+               str(per_node), "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               str(job), str(out_dir)]
+        procs.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)

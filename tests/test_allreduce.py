@@ -3,16 +3,13 @@ reference (tests/reference.py), over real Gloo processes: bit for bit on fresh r
 tensors, error feedback, the async form, keys by name, checkpoints (torch.save and DCP), and
 clear errors."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gradcomp
 import pytest
 import reference as ref
 import torch
-from dist_utils import describe, free_port, run_ranks
+from dist_utils import describe, run_ranks, run_torchrun_nodes
 from harness import assert_bits_equal
 
 SHAPES = [[300], [33, 40], [5000], [7, 3, 129], [64], [2, 2049]]  # [300] and [64] are below min_numel
@@ -243,17 +240,7 @@ def test_ranks_per_node_errors(tmp_path):
 def test_ranks_per_node_auto_under_torchrun(tmp_path):
     """Two torchrun "nodes" of 2 ranks on this machine: "auto" reads LOCAL_WORLD_SIZE, checks
     the nodes, and gives the same numbers as ranks_per_node=2."""
-    port = free_port()
-    job = Path(__file__).with_name("allreduce_job.py")
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), str(job),
-               str(tmp_path)]
-        procs.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_torchrun_nodes(Path(__file__).with_name("allreduce_job.py"), tmp_path)
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     for r, o in enumerate(outs):
         assert o["per_node"] == 2 and o["node"] == r // 2 and o["local"] == r % 2

@@ -6,9 +6,6 @@ broadcast of rank 0's weights; non-finite pseudo-gradients; exact resume (torch.
 DCP); clear errors; under torchrun."""
 
 import contextlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import diloco_worker as dw
@@ -17,7 +14,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn as nn
-from dist_utils import describe, free_port, run_ranks
+from dist_utils import describe, run_ranks, run_torchrun_nodes
 from gradcomp.diloco import split_fragments
 from harness import assert_bits_equal
 
@@ -172,16 +169,7 @@ def test_errors_are_clear_across_ranks(tmp_path):
 def test_under_torchrun_with_ranks_per_node_auto(tmp_path):
     """Two torchrun "nodes" of 2 ranks: "auto" reads LOCAL_WORLD_SIZE and gives the numbers of
     ranks_per_node=2, the same on every rank."""
-    port = free_port()
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), str(WORKER),
-               str(tmp_path)]
-        procs.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_torchrun_nodes(WORKER, tmp_path)
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     for o in outs:
         for s, anchors in enumerate(o["auto"]["anchors"]):

@@ -60,14 +60,23 @@ def all_reduce(tensors, state: State, *, async_op: bool = False):
         fut = torch.futures.Future()
         fut.set_result(tensors)
         return fut if async_op else tensors
-    # the engine numbers keys in the order of the first call, on every rank the same
+    state._log_once(state._world_rank()[0])
+    fut = submit_keyed(state, items, step, f"all_reduce of {len(items)} tensors (step {step})", tensors)
+    if async_op:
+        return fut
+    fut.wait()
+    return tensors
+
+
+def submit_keyed(state: State, items: list, step: int, what: str, value) -> torch.futures.Future:
+    """Averages the (key, tensor) ``items`` in place through ``state``'s engine, asynchronously:
+    the tensors of each dtype as one flat buffer (a copy in, a copy out). Returns a future
+    whose value is ``value``. The engine numbers new keys in the order given (the same on every
+    rank)."""
     ordinals = state.engine.ordinals((k, t.numel(), t.dtype, t.shape) for k, t in items)
     by_dtype: dict = {}
     for (_, t), o in zip(items, ordinals):
         by_dtype.setdefault(t.dtype, []).append((t, o))
-    device = items[0][1].device
-    what = f"all_reduce of {len(items)} tensors (step {step})"
-    state._log_once(state._world_rank()[0])
     bufs: list = []
 
     def pack():  # where the reduction runs: on CUDA on the side stream, after the caller's work
@@ -80,13 +89,9 @@ def all_reduce(tensors, state: State, *, async_op: bool = False):
             for t, _ in group:
                 t.copy_(buf[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-        return tensors
+        return value
 
-    fut = state._submit(pack, device, step, what, last=True, finish=unpack)
-    if async_op:
-        return fut
-    fut.wait()
-    return tensors
+    return state._submit(pack, items[0][1].device, step, what, last=True, finish=unpack)
 
 
 def _items(tensors) -> list:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import codecs
+from .allreduce import submit_keyed
 from .collectives import all_gather_single
 from .engine.core import hash56
 from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State
@@ -271,28 +272,9 @@ class DiLoCo:
         state._check_loaded()
         state.step += 1
         state.stats["steps"] = state.step
-        ordinals = state.engine.ordinals((self._names[i], d.numel(), d.dtype, tuple(d.shape)) for i, d in zip(idx,
-                                                                                                             deltas))
-        by_dtype: dict = {}
-        for d, o in zip(deltas, ordinals):
-            by_dtype.setdefault(d.dtype, []).append((d, o))
-        what = f"DiLoCo sync of fragment {p} (inner step {self.inner_steps})"
         state._log_once(dist.get_world_size(self._group()))
-        bufs: list = []
-
-        def pack():
-            bufs.extend((torch.cat([d.reshape(-1) for d, _ in g]), tuple(o for _, o in g)) for g in by_dtype.values())
-            return bufs
-
-        def unpack():
-            for (buf, _), group in zip(bufs, by_dtype.values()):
-                offset = 0
-                for d, _ in group:
-                    d.copy_(buf[offset:offset + d.numel()].view_as(d))
-                    offset += d.numel()
-            return deltas
-
-        return state._submit(pack, self.device, step, what, last=True, finish=unpack)
+        what = f"DiLoCo sync of fragment {p} (inner step {self.inner_steps})"
+        return submit_keyed(state, [(self._names[i], d) for i, d in zip(idx, deltas)], step, what, deltas)
 
     def _land(self, p: int) -> None:
         _, fut, deltas, sent = self._pending.pop(p)

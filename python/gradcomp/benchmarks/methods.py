@@ -274,7 +274,20 @@ class Method:
         return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0
 
 
-class DiLoCoMethod:
+class _Attached:
+    """A method with nothing to detach: a context manager whose ``close`` does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class DiLoCoMethod(_Attached):
     """A ``diloco:...`` method on a plain (not DDP) model: gradcomp.DiLoCo around its inner
     optimizer, with Method's interface (``bytes_sent(steps)``, ``codec_seconds()``, ``state``);
     the loop calls ``after_step()`` after each optimizer step. ``ranks_per_node`` makes the
@@ -292,15 +305,6 @@ class DiLoCoMethod:
 
     def after_step(self) -> None:
         self.diloco.step()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        pass
 
     def bytes_sent(self, steps: int) -> float:
         return float(self.state.stats["bytes_sent"])
@@ -426,7 +430,7 @@ def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[floa
     return sent, kept
 
 
-class FSDPMethod:
+class FSDPMethod(_Attached):
     """A method attached to an FSDP2 model (``fully_shard`` on its blocks, then its root),
     with Method's interface: ``bytes_sent(steps)``, ``codec_seconds()``, ``split_bytes()``,
     ``state``. Bytes count the gradient reduction only: FSDP's parameter all-gathers are the
@@ -479,15 +483,6 @@ class FSDPMethod:
                 self.state = fsdp.register(model, name, replicate_group=mesh, start_step=start_step)
             else:
                 self.state = fsdp.register(model, name, start_step=start_step)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        pass
 
     def after_step(self) -> None:
         """After each optimizer step: nothing (FSDP's reduction has run in backward)."""

@@ -193,11 +193,16 @@ def test_fragments_split_like_the_reference():
             assert all(got) and [i for f in got for i in f] == list(range(n))
 
 
-@pytest.mark.parametrize(("codec", "F", "delay"), [(None, 1, 0), ("int8:block=64", 3, 1), ("int2:block=64", 2, 0)])
-def test_one_rank_matches_the_reference(one_rank_group, codec, F, delay):
+@pytest.mark.parametrize(("codec", "F", "delay", "outer"), [
+    (None, 1, 0, {}), ("int8:block=64", 3, 1, {}), ("int2:block=64", 2, 0, {}),
+    ("int8:block=64", 2, 1, {"outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}),  # a plain average
+    ("int4:block=64", 1, 0, {"outer_lr": 0.5, "outer_momentum": 0.8, "nesterov": False}),  # heavy ball
+])
+def test_one_rank_matches_the_reference(one_rank_group, codec, F, delay, outer):
     """World size 1, compression forced: the outer step is Lookahead-like, and the codec's
-    error feedback still runs."""
-    a = {"H": 5, "codec": codec, "fragments": F, "delay": delay, "init_seed": 2, "seed": 3, "steps": 17, "force": True}
+    error feedback still runs; the outer optimizer's variants against torch.optim.SGD's."""
+    a = {"H": 5, "codec": codec, "fragments": F, "delay": delay, "init_seed": 2, "seed": 3, "steps": 17, "force": True,
+         **outer}
     with _one_thread():
         model, opt, d = dw.build(a, 0)
         for s in range(a["steps"]):
@@ -245,3 +250,36 @@ def test_constructor_errors(one_rank_group):
     assert named.fragments == [[0, 3], [1, 2, 4, 5]] and named.delay == 1
     with pytest.raises(ValueError, match="not a DiLoCo state_dict"):
         named.load_state_dict({"format": "gradcomp.State/2"})
+
+
+def test_one_rank_resume_without_momentum(one_rank_group):
+    """A plain-average DiLoCo (no momentum buffers) checkpointed mid-sync and resumed in one
+    process follows the straight run bit for bit."""
+    import io
+
+    a = {"H": 4, "codec": "int8:block=64", "fragments": 2, "delay": 1, "init_seed": 1, "seed": 5, "force": True,
+         "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}
+    with _one_thread():
+        model, opt, d = dw.build(a, 0)
+        assert d.momentum == {}
+        for s in range(11):
+            dw.inner_step(model, opt, a["seed"], 0, s)
+            d.step()
+        straight = [p.detach().clone() for p in model.parameters()]
+        model, opt, d = dw.build(a, 0)
+        for s in range(6):  # fragment 0 (offset 2) is in flight after step 6
+            dw.inner_step(model, opt, a["seed"], 0, s)
+            d.step()
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "diloco": d.state_dict()}, blob)
+        blob.seek(0)
+        ckpt = torch.load(blob, weights_only=True)
+        model, opt, d = dw.build(a, 0, seed=77)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        d.load_state_dict(ckpt["diloco"])
+        for s in range(6, 11):
+            dw.inner_step(model, opt, a["seed"], 0, s)
+            d.step()
+    for i, (p, w) in enumerate(zip(model.parameters(), straight)):
+        assert_bits_equal(p.detach(), w, f"parameter {i}")

@@ -86,7 +86,8 @@ class DiLoCo:
         min_numel, seed, timeout, force_compression, chunk_numel, intra_node: the compressed
             all-reduce's State (gradcomp.State's keywords).
 
-    Memory: the anchor and the outer momentum (a copy of the synced parameters each), this
+    Memory: the anchor and the outer momentum (a copy of the synced parameters each; no
+    momentum with ``outer_momentum=0``), this
     rank's residuals (1/L of that under hierarchy), and with ``delay > 0`` the pseudo-
     gradients in flight and the local weights they were taken from.
 
@@ -171,7 +172,9 @@ class DiLoCo:
         self._broadcast_from_rank0()
         with torch.no_grad():
             self.anchor = {n: p.detach().clone() for n, p in zip(self._names, self._params)}
-            self.momentum = {n: torch.zeros_like(p) for n, p in zip(self._names, self._params)}
+            # none without momentum: a copy of the model less
+            self.momentum = {n: torch.zeros_like(p) for n, p in zip(self._names, self._params)} \
+                if self.outer_momentum else {}
         self._momentum_started = [False] * F
         self.inner_steps = 0
         self._pending: dict = {}  # fragment -> (landing step, future or None, deltas, local weights when sent)
@@ -438,7 +441,8 @@ class DiLoCo:
         with torch.no_grad():
             for n in self._names:
                 self.anchor[n].copy_(state_dict["anchor"][n])
-                self.momentum[n].copy_(state_dict["momentum"][n])
+                if n in self.momentum:
+                    self.momentum[n].copy_(state_dict["momentum"][n])
         self._momentum_started = [bool(x) for x in state_dict["momentum_started"].tolist()]
         self.inner_steps = int(state_dict["inner_steps"])
         self._counts = {**self._counts, **{k: int(v) for k, v in state_dict["counts"].items()}}

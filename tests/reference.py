@@ -551,7 +551,6 @@ def diloco(models: list, inner_step, steps: int, H: int, fragments: list[list[in
     "residuals": {(rank, i): tensor}, "skipped": [(step, fragment)]}."""
     world = len(models)
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    n = len(params[0])
     anchor = [p.detach().clone() for p in params[0]]
     F = len(fragments)
     outer = [torch.optim.SGD([anchor[i] for i in frag], lr=outer_lr, momentum=outer_momentum, nesterov=nesterov,
@@ -612,5 +611,4 @@ def diloco(models: list, inner_step, steps: int, H: int, fragments: list[list[in
         out["anchors"].append([a.detach().clone() for a in anchor])
     out["params"] = [[p.detach().clone() for p in ps] for ps in params]
     out["residuals"] = residuals
-    out["n"] = n
     return out

@@ -52,10 +52,7 @@ def all_reduce(tensors, state: State, *, async_op: bool = False):
         state._all_reduce_signature = signature
     elif signature != state._all_reduce_signature:
         raise ValueError("gradcomp.all_reduce: " + _difference(state._all_reduce_signature, signature))
-    step = state.step
-    state._check_loaded()
-    state.step += 1
-    state.stats["steps"] = state.step
+    step = state._take_step()
     if not items:
         fut = torch.futures.Future()
         fut.set_result(tensors)

@@ -160,6 +160,15 @@ class Bf16(Cast):
     wire_dtype = torch.bfloat16
 
 
+class Exact(Cast):
+    """No compression: every tensor takes the engine's exact lane (each rank's values divided
+    by W, summed in rank order in float32, or in the tensor's dtype if wider). Not a spec name:
+    what ``gradcomp.DiLoCo(codec=None)`` runs on."""
+
+    name = "exact"
+    dtypes = ()  # a Cast codec casts the dtypes it takes: none
+
+
 class Sparsifier(Codec):
     """Base of TopK and RandomK: each rank sends, for every compressed parameter of n values,
     exactly k = ceil(ratio · n) of them (at least 1), so payload sizes depend only on the

@@ -35,8 +35,7 @@ import torch.distributed as dist
 
 from . import codecs
 from .allreduce import submit_keyed
-from .collectives import all_gather_single
-from .engine.core import hash56
+from .engine.core import agree
 from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State
 
 __all__ = ["DiLoCo"]
@@ -44,8 +43,7 @@ __all__ = ["DiLoCo"]
 logger = logging.getLogger("gradcomp")
 
 _FORMAT = "gradcomp.DiLoCo/1"
-_NEVER = 1 << 62  # the exact State's start_step: every sync runs the engine's exact lane
-EXACT_CODECS = (None, "fp32", "none")
+EXACT_CODECS = (None, "fp32")
 
 
 class DiLoCo:
@@ -82,7 +80,8 @@ class DiLoCo:
             overlap of one step) with several. Must be below H.
         ranks_per_node: L for hierarchical compression (exact inside a node, compressed
             across nodes): gradcomp.State's keyword, ``"auto"`` reads torchrun's
-            LOCAL_WORLD_SIZE.
+            LOCAL_WORLD_SIZE. The exact average (``codec=None``) is one exchange over the
+            whole group and ignores it.
         min_numel, seed, timeout, force_compression, chunk_numel, intra_node: the compressed
             all-reduce's State (gradcomp.State's keywords).
 
@@ -154,21 +153,16 @@ class DiLoCo:
         F = len(self.fragments)
         self.offsets = [((p + 1) * sync_every // F) % sync_every for p in range(F)]
         self.codec_spec = None if codec in EXACT_CODECS else codec
-        if self.codec_spec is None:
-            self.state = State("int8", process_group, min_numel=min_numel, start_step=_NEVER, timeout=timeout,
-                               seed=seed, force_compression=force_compression)
-        else:
-            self.state = State(codecs.parse(codec), process_group, min_numel=min_numel, timeout=timeout, seed=seed,
-                               ranks_per_node=ranks_per_node, force_compression=force_compression,
-                               chunk_numel=chunk_numel, intra_node=intra_node)
+        exact = self.codec_spec is None
+        self.state = State(codecs.Exact() if exact else codecs.parse(codec), process_group, min_numel=min_numel,
+                           timeout=timeout, seed=seed, ranks_per_node=None if exact else ranks_per_node,
+                           force_compression=force_compression, chunk_numel=chunk_numel, intra_node=intra_node)
         if isinstance(self.state.codec, codecs.PowerSGD):
             raise ValueError("gradcomp.DiLoCo: powersgd is not a codec for pseudo-gradients here (its warm-started "
                              "factors assume one step's gradient); use a quantizer, a sparsifier or a cast codec")
         self.state._claim("diloco")
         # every key, model order, numbered now: a fragment's blocks keep their model-wide numbers
         self.state.engine.ordinals((n, p.numel(), p.dtype, tuple(p.shape)) for n, p in zip(self._names, self._params))
-        self.state._all_reduce_signature = tuple((n, tuple(p.shape), p.dtype) for n, p in zip(self._names,
-                                                                                              self._params))
         self._broadcast_from_rank0()
         with torch.no_grad():
             self.anchor = {n: p.detach().clone() for n, p in zip(self._names, self._params)}
@@ -246,12 +240,11 @@ class DiLoCo:
         outer step, the anchor loaded into the model), then starts the syncs due now."""
         self.inner_steps += 1
         s = self.inner_steps
-        H = self.sync_every
-        for p in sorted(self._pending):
-            if self._pending[p][0] == s and self.delay > 0:
+        if self.delay > 0:  # with no delay a sync lands in the step that sends it, after the send
+            for p in [p for p in sorted(self._pending) if self._pending[p][0] == s]:
                 self._land(p)
         for p, offset in enumerate(self.offsets):
-            if s % H == offset:
+            if s % self.sync_every == offset:
                 self._send(p)
         if self.delay == 0:
             for p in sorted(self._pending):
@@ -271,10 +264,7 @@ class DiLoCo:
     def _reduce(self, p: int, deltas: list) -> torch.futures.Future:
         """The fragment's pseudo-gradients averaged in place by the State's engine (async)."""
         state, idx = self.state, self.fragments[p]
-        step = state.step
-        state._check_loaded()
-        state.step += 1
-        state.stats["steps"] = state.step
+        step = state._take_step()
         state._log_once(dist.get_world_size(self._group()))
         what = f"DiLoCo sync of fragment {p} (inner step {self.inner_steps})"
         return submit_keyed(state, [(self._names[i], d) for i, d in zip(idx, deltas)], step, what, deltas)
@@ -336,20 +326,13 @@ class DiLoCo:
         """At the first sync (and the first after a load): the ranks run the same
         configuration on the same parameters, from the same inner step."""
         group = self._group()
-        world = dist.get_world_size(group)
-        if world > 1:
-            mine = torch.tensor([hash56(repr(self.config()).encode()), self.inner_steps], dtype=torch.int64,
-                                device=self.device if self.device.type == "cuda" else "cpu")
-            every = torch.empty(world * 2, dtype=torch.int64, device=mine.device)
-            all_gather_single(every, mine, group)
-            rows = every.view(world, 2).tolist()
+        if dist.get_world_size(group) > 1:
+            device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            _, rows = agree(group, device, self.config(), 0, (self.inner_steps,),
+                            what="the configuration (DiLoCo's and its State's) or the model's parameters")
             if len({r[0] for r in rows}) != 1:
-                differ = [r for r, row in enumerate(rows) if row[0] != rows[0][0]]
-                raise RuntimeError(f"gradcomp.DiLoCo: ranks disagree on the configuration or the model's parameters "
-                                   f"(ranks {differ} differ from rank 0); this rank runs {self.config()}")
-            if len({r[1] for r in rows}) != 1:
                 raise RuntimeError(f"gradcomp.DiLoCo: ranks are at different inner steps at their first sync "
-                                   f"({[r[1] for r in rows]} by group rank): every rank must load the same "
+                                   f"({[r[0] for r in rows]} by group rank): every rank must load the same "
                                    "checkpoint step, and call step() after every inner step")
         self._agreed = True
 
@@ -358,8 +341,7 @@ class DiLoCo:
         return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "fragments": [[self._names[i] for i in f] for f in self.fragments],
                 "delay": self.delay, "codec": None if self.codec_spec is None else str(self.state.codec),
-                "parameters": [(n, list(a.shape), str(a.dtype)) for n, a in self.anchor.items()]
-                if hasattr(self, "anchor") else None,
+                "parameters": [(n, list(p.shape), str(p.dtype)) for n, p in zip(self._names, self._params)],
                 "state": {k: v for k, v in self.state.config().items() if k != "seed"}}
 
     def sync_steps(self, fragment: int, until: int) -> list[int]:

@@ -352,6 +352,15 @@ class State:
             raise RuntimeError(f"gradcomp: this State already serves {self._front!r}; one State serves one front "
                                f"end (its keys and step counter are that front end's): make another for {front!r}")
 
+    def _take_step(self) -> int:
+        """A front end's call counts one step: returns the step it runs as (checking a
+        state_dict loaded before the process group was up)."""
+        step = self.step
+        self._check_loaded()
+        self.step += 1
+        self.stats["steps"] = self.step
+        return step
+
     def _compressing(self, step: int) -> bool:
         world, _ = self._world_rank()
         return (world > 1 or self.force_compression) and step >= max(self.start_step,
@@ -449,6 +458,6 @@ class State:
         if not self._logged:
             self._logged = True
             logger.info("gradcomp %s: %s over %d ranks (min_numel=%d, start_step=%d%s)",
-                        self._front if self._front in ("all_reduce", "diloco") else "hook", self.codec, world,
+                        {None: "hook", "ddp": "hook"}.get(self._front, self._front), self.codec, world,
                         self.min_numel, self.start_step,
                         f", ranks_per_node={self.ranks_per_node}" if self.ranks_per_node is not None else "")

@@ -297,9 +297,8 @@ class DiLoCoMethod(_Attached):
         from .. import DiLoCo
 
         self.name = name
-        kw = parse_diloco(name)
-        per_node = ranks_per_node if ranks_per_node and ranks_per_node > 1 and kw["codec"] is not None else None
-        self.diloco = DiLoCo(model, inner_optimizer, **kw, ranks_per_node=per_node)
+        self.diloco = DiLoCo(model, inner_optimizer, **parse_diloco(name),
+                             ranks_per_node=ranks_per_node if (ranks_per_node or 1) > 1 else None)
         self.state = self.diloco.state
         self.sync_every = self.diloco.sync_every
 

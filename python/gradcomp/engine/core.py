@@ -300,9 +300,11 @@ def config_hash(config: dict) -> int:
     return hash56(json.dumps(config, sort_keys=True).encode())
 
 
-def agree(group, device: torch.device, config: dict, seed: int | None, extra: tuple[int, ...] = ()) -> list:
+def agree(group, device: torch.device, config: dict, seed: int | None, extra: tuple[int, ...] = (),
+          what: str = "the State configuration") -> list:
     """At the first call: every rank must run the same configuration; returns rank 0's seed
-    (its own, or one it drew) and every rank's ``extra`` integers, [[...] per rank]."""
+    (its own, or one it drew) and every rank's ``extra`` integers, [[...] per rank]. ``what``
+    names the configuration in the error."""
     world = dist.get_world_size(group)
     proposal = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     mine = torch.tensor([config_hash(config), proposal, *extra], dtype=torch.int64, device=device)
@@ -312,6 +314,6 @@ def agree(group, device: torch.device, config: dict, seed: int | None, extra: tu
     hashes = [r[0] for r in rows]
     if len(set(hashes)) != 1:
         differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
-        raise GradcompError(f"gradcomp: ranks disagree on the State configuration (ranks {differ} differ from rank 0); "
+        raise GradcompError(f"gradcomp: ranks disagree on {what} (ranks {differ} differ from rank 0); "
                             f"this rank runs {config}")
     return [rows[0][1], [r[2:] for r in rows]]

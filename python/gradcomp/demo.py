@@ -19,8 +19,8 @@ reduce with FSDP2's own reduce-scatter or gradcomp's (``gradcomp.fsdp.register``
 
 Methods ``diloco:<codec>:H=<n>`` (e.g. ``diloco:int8:H=20``, ``diloco:fp32:H=10``) train the
 plain MLP with gradcomp.DiLoCo: n steps of each rank's own SGD between compressed outer steps
-(``:F=<f>`` streams f fragments). Its step time is a median like the others': most steps send
-nothing, so the bytes per step (the syncs' bytes over all steps) tell its cost.
+(``:F=<f>`` streams f fragments). Most of its steps send nothing: the table's mean step, beside
+the median, shows its syncs, and its bytes per step are the syncs' bytes over all steps.
 
 Rank 0 shows a tqdm bar per method, then prints a table (final loss on the whole training
 set, test accuracy, bytes it sent per step, the ratio to plain all-reduce's bytes, median
@@ -347,8 +347,8 @@ def report(out: dict, args) -> None:
         print(f"{method:<22} {r['final_loss']:>10.4f} {r['test_accuracy']:>9.3f} {r['bytes_per_step']:>16,.0f}"
               f" {r['ratio']:>7.1f}x {r['step_ms']:>8.2f} {r.get('step_ms_mean', r['step_ms']):>8.2f}"
               f" {r.get('residual_bytes', 0) / 1e6:>11.2f}")
-    print("(final loss: cross-entropy on the whole training set at the end (rank 0's model: for diloco the anchor "
-          "when the steps are a multiple of H); test acc: the held-out 20%; bytes: what "
+    print("(final loss: cross-entropy on the whole training set at the end (rank 0's model: for diloco with one "
+          "fragment the anchor when the steps are a multiple of H); test acc: the held-out 20%; bytes: what "
           "rank 0 put on the wire per step (fsdp: the gradient reduce-scatter only, not the parameter "
           "all-gathers; diloco: its syncs' bytes over every step); ratio: plain all-reduce's bytes over the method's; "
           "step: median; mean: the mean step, where DiLoCo's syncs show; residual: rank 0's error-feedback memory)")

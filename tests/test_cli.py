@@ -4,6 +4,7 @@ Each runs as a real subprocess, the way a user runs it."""
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -315,6 +316,91 @@ def test_parse_rate():
     for bad in ("1 gigabit", "fast", "", "-1gbit"):
         with pytest.raises(ValueError, match="rate"):
             parse_rate(bad)
+
+
+_FAKE_RANK = """
+import faulthandler, json, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # as bench net's ranks do
+role, result = sys.argv[1], sys.argv[2]
+
+def stuck_in_teardown():
+    time.sleep(600)
+
+if role == "writes":  # rank 0: the result, whole, then out
+    with open(result + ".part", "w") as f:
+        json.dump({"methods": {"allreduce": {"step_ms": 12.5}}}, f)
+    os.replace(result + ".part", result)
+    sys.exit(0)
+elif role == "fails":
+    sys.exit(3)
+print("ready", file=sys.stderr, flush=True)
+stuck_in_teardown()
+"""
+
+
+def _fake_ranks(folder, *roles):
+    """Processes that play bench net's ranks for its parent's wait, in a new ``folder``:
+    ``writes`` writes the phase's result and exits, ``stuck`` hangs (as in a deadlocked
+    teardown), ``fails`` exits 3."""
+    folder.mkdir()
+    result = str(folder / "shaped0.json")
+    logs = [str(folder / f"rank{r}.log") for r in range(len(roles))]
+    procs = []
+    for role, log in zip(roles, logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-c", _FAKE_RANK, role, result], stdout=f, stderr=f))
+    return procs, logs, result
+
+
+def _wait_ready(logs, n):
+    deadline = time.monotonic() + 30
+    while sum("ready" in pathlib.Path(log).read_text() for log in logs) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_bench_net_ranks_stuck_after_the_result_are_killed_and_the_result_stands(tmp_path, capsys):
+    """A rank that hangs once rank 0 has written the phase's result (Gloo's teardown can)
+    costs the grace period, not the phase's timeout: its stacks reach the warning and the
+    result is returned. Without a result, the timeout's error carries the stacks too; a
+    rank that fails is an error at once."""
+    from gradcomp.benchmarks import net
+
+    procs, logs, result = _fake_ranks(tmp_path / "a", "writes", "stuck")
+    try:
+        _wait_ready(logs[1:], 1)
+        t0 = time.monotonic()
+        out = net._wait_for_ranks(procs, logs, result, "shaped", timeout=120, grace=1.0)
+        assert time.monotonic() - t0 < 20
+        assert out == {"methods": {"allreduce": {"step_ms": 12.5}}}
+        err = capsys.readouterr().err
+        assert "rank(s) 1 had not exited 1 s after the results were written" in err
+        assert "stuck_in_teardown" in err  # rank 1's Python stack, from its faulthandler
+        assert procs[0].poll() == 0 and procs[1].poll() is None  # the caller kills what is left
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    procs, logs, result = _fake_ranks(tmp_path / "b", "stuck", "stuck")
+    try:
+        _wait_ready(logs, 2)
+        with pytest.raises(TimeoutError, match="shaped phase took over 2 s") as e:
+            net._wait_for_ranks(procs, logs, result, "shaped", timeout=2, grace=1.0)
+        assert "stuck_in_teardown" in str(e.value)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    procs, logs, result = _fake_ranks(tmp_path / "c", "stuck", "fails")
+    try:
+        with pytest.raises(RuntimeError, match="shaped phase: rank 1 exited with 3"):
+            net._wait_for_ranks(procs, logs, result, "shaped", timeout=60, grace=1.0)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def _can_make_namespaces() -> bool:

@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
+import gc
 import json
 import os
 import platform
@@ -88,6 +90,10 @@ PREFIX = "gcnet"
 SUBNET = "10.213.77"  # used only inside the namespaces this creates
 PORT = 29500
 RATE_PORT = PORT + 1
+# seconds the ranks get to exit once rank 0 has written a phase's result; past that their
+# Python stacks go to their logs, they are killed and the result stands (Gloo's teardown can
+# hang on its own: pytorch/pytorch#75097)
+EXIT_GRACE_S = 60.0
 UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
          "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 
@@ -410,21 +416,7 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "gradcomp.benchmarks.net", "--worker", config_path]
             procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else log, stderr=log,
                                           start_new_session=True, preexec_fn=_die_with_parent))
-        deadline = time.monotonic() + args.timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"{phase} phase: rank {failed[0]} exited with {codes[failed[0]]}:\n"
-                                   + _tail(logs[failed[0]].name))
-            if None not in codes:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{phase} phase took over {args.timeout:.0f} s; rank 1's log:\n"
-                                   + _tail(logs[min(1, len(logs) - 1)].name))
-            time.sleep(0.2)
-        with open(result_path) as f:
-            return json.load(f)
+        return _wait_for_ranks(procs, [log.name for log in logs], result_path, phase, args.timeout)
     finally:
         for p in procs:  # on failure or Ctrl-C: the ranks run in their own sessions
             if p.poll() is None:
@@ -435,6 +427,53 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             p.wait()
         for log in logs:
             log.close()
+
+
+def _wait_for_ranks(procs: list, log_paths: list[str], result_path: str, phase: str, timeout: float,
+                    grace: float = EXIT_GRACE_S) -> dict:
+    """Waits for a phase's ranks and returns rank 0's result: raises if one fails or the
+    phase outlasts ``timeout`` s; ranks still running ``grace`` s after the result was
+    written (stuck in their teardown) leave their stacks in their logs and the result
+    stands, with a warning (the caller kills them)."""
+    deadline = time.monotonic() + timeout
+    result_since = None  # when rank 0's result appeared
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"{phase} phase: rank {failed[0]} exited with {codes[failed[0]]}:\n"
+                               + _tail(log_paths[failed[0]]))
+        if None not in codes:
+            break
+        if result_since is None and os.path.exists(result_path):
+            result_since = time.monotonic()
+        if result_since is not None and time.monotonic() - result_since > grace:
+            stuck = [r for r, code in enumerate(codes) if code is None]
+            _dump_stacks([procs[r] for r in stuck])
+            print(f"gradcomp bench net: {phase} phase: rank(s) {', '.join(map(str, stuck))} had not exited "
+                  f"{grace:.0f} s after the results were written; they are killed and the results stand. "
+                  f"Rank {stuck[0]}'s log, its stacks last:\n{_tail(log_paths[stuck[0]], 60)}",
+                  file=sys.stderr, flush=True)
+            break
+        if time.monotonic() > deadline:
+            _dump_stacks(procs)
+            raise TimeoutError(f"{phase} phase took over {timeout:.0f} s; rank 1's log, its stacks last:\n"
+                               + _tail(log_paths[min(1, len(log_paths) - 1)], 60))
+        time.sleep(0.2)
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def _dump_stacks(procs) -> None:
+    """Has each rank still running write its threads' Python stacks to its log (the
+    ranks' faulthandler answers SIGUSR1), and gives them a moment to."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+    time.sleep(1.0)
 
 
 def _worker_pythonpath() -> str:
@@ -724,6 +763,7 @@ def _worker(config_path: str) -> int:
 
     from .methods import DiLoCoMethod, FSDPMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the stacks, if the parent finds us stuck
     with open(config_path) as f:
         cfg = json.load(f)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -759,8 +799,11 @@ def _worker(config_path: str) -> int:
 
         dist.barrier()
         compute_ms = statistics.median(timed_steps(compute_only, 2, cfg["steps"]))
-        methods = {}
-        for method in cfg["methods"]:
+
+        def measure(method: str) -> dict:
+            """Times ``method``; its DDP model (and its Reducer) goes with this call while the
+            process group is still registered: a Reducer freed after ``destroy_process_group``
+            frees the group itself, holding the GIL, and that can deadlock Gloo's teardown."""
             torch.manual_seed(0)
             net, _, _ = _model(cfg["params"])
             diloco = is_diloco_method(method)
@@ -799,7 +842,7 @@ def _worker(config_path: str) -> int:
                 node_tx = [b / n_timed for b in _per_node(tx1[0] - tx0[0] if reader else None, node, nodes)]
                 node_lo = [b / n_timed for b in _per_node(tx1[1] - tx0[1] if reader else None, node, nodes)]
                 samples = [statistics.fmean(times[i:i + period]) for i in range(0, n_timed, period)]
-                methods[method] = {
+                result = {
                     "step_ms": statistics.median(samples), "steps_ms": samples,
                     "timed_steps": n_timed, "period": period,
                     "bytes_per_step": (m.bytes_sent(total) - sent0) / n_timed,
@@ -811,22 +854,29 @@ def _worker(config_path: str) -> int:
                     "stats": dict(m.state.stats) if m.state is not None else None,
                 }
                 if m.state is not None:  # gradcomp's own uncompressed / sent over the run
-                    methods[method]["compression_ratio"] = float(m.state.stats["ratio"])
+                    result["compression_ratio"] = float(m.state.stats["ratio"])
                 if hasattr(m, "allgather_per_step"):  # FSDP2's parameter all-gathers: computed, not counted
-                    methods[method]["allgather_bytes_per_step"] = m.allgather_per_step
+                    result["allgather_bytes_per_step"] = m.allgather_per_step
                 for key, value in _split_bytes(m, total).items():  # gradcomp's own intra / inter-node counts
-                    methods[method][f"{key}_per_step"] = (value - split0[key]) / n_timed
+                    result[f"{key}_per_step"] = (value - split0[key]) / n_timed
             if rank == 0:
-                r = methods[method]
+                r = result
                 print(f"  {cfg['phase']:>8} {method:<16} {r['step_ms']:8.0f} ms/step  "
                       f"{r['bytes_per_step'] / 1e6:8.2f} MB sent/step  "
                       f"{statistics.fmean(node_tx) / 1e6:8.2f} MB/step from a node to the others", flush=True)
-        if rank == 0:
-            with open(cfg["result"], "w") as f:
+            return result
+
+        methods = {}
+        for method in cfg["methods"]:
+            methods[method] = measure(method)
+            gc.collect()
+        if rank == 0:  # whole or not at all: the parent takes it as the phase's end
+            with open(cfg["result"] + ".part", "w") as f:
                 json.dump({"mode": mode, "link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,
                            "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
                            "width": width, "threads": threads, "torch": torch.__version__,
                            "gradcomp": gradcomp.build_info()}, f)
+            os.replace(cfg["result"] + ".part", cfg["result"])
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -74,6 +74,9 @@ def main() -> None:
 
     if args.save and rank == 0:
         torch.save(model.module.state_dict(), args.save)
+    # DDP before its process group: a DDP model freed after destroy_process_group frees the
+    # group from its reducer, holding the GIL, which can deadlock Gloo's worker threads at exit
+    del model, optimizer
     dist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def main() -> None:
     torch.save({"grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "step": state.step, "residuals": {k: r.clone() for k, r in state.residuals.items()}, "warnings": caught,
                 "python_reducer": ddp._use_python_reducer, "stats": dict(state.stats)}, out_dir / f"rank{rank}.pt")
+    del ddp, model, opt  # DDP before its group (docs/guides/failures.md, "A hang at exit")
     dist.destroy_process_group()
 
 

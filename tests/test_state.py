@@ -134,6 +134,7 @@ def test_state_dict_loaded_before_the_process_group_is_checked_at_the_first_hook
                 ddp(torch.randn(4, 64)).sum().backward()
                 assert st.step == 3 and st._residuals == {} and st._saved_by is None
     finally:
+        ddp = None  # DDP before its group (docs/guides/failures.md, "A hang at exit")
         dist.destroy_process_group()
 
 

@@ -45,7 +45,8 @@ time per step, which show where a step's time goes.
 
 Needs root (namespaces and tc); it removes its namespaces on the way out, on failure and
 on Ctrl-C too. Namespaces left by a run that was killed outright (SIGKILL) are removed by
-the next run.
+the next run. A rank still running a minute after its phase's results were written (stuck
+in its teardown) is killed, with a warning that shows its Python stacks; the results stand.
 
     gradcomp bench net [--rate 1gbit] [--world 2 | --nodes 2 --ranks-per-node 2]
                        [--methods allreduce,torch-fp16,...,node:int8] [--params 16e6]

@@ -92,8 +92,8 @@ SUBNET = "10.213.77"  # used only inside the namespaces this creates
 PORT = 29500
 RATE_PORT = PORT + 1
 # seconds the ranks get to exit once rank 0 has written a phase's result; past that their
-# Python stacks go to their logs, they are killed and the result stands (Gloo's teardown can
-# hang on its own: pytorch/pytorch#75097)
+# Python stacks go to their logs, they are killed and the result stands (torch's Gloo
+# teardown can deadlock: docs/guides/failures.md, "A hang at exit")
 EXIT_GRACE_S = 60.0
 UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
          "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}

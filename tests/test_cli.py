@@ -2,6 +2,7 @@
 bench net (real network namespaces, where the tests run as root), and the torchrun example.
 Each runs as a real subprocess, the way a user runs it."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -338,18 +339,24 @@ stuck_in_teardown()
 """
 
 
+@contextlib.contextmanager
 def _fake_ranks(folder, *roles):
     """Processes that play bench net's ranks for its parent's wait, in a new ``folder``:
     ``writes`` writes the phase's result and exits, ``stuck`` hangs (as in a deadlocked
-    teardown), ``fails`` exits 3."""
+    teardown), ``fails`` exits 3. Yields (processes, log paths, result path); kills them after."""
     folder.mkdir()
     result = str(folder / "shaped0.json")
     logs = [str(folder / f"rank{r}.log") for r in range(len(roles))]
     procs = []
-    for role, log in zip(roles, logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, "-c", _FAKE_RANK, role, result], stdout=f, stderr=f))
-    return procs, logs, result
+    try:
+        for role, log in zip(roles, logs):
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen([sys.executable, "-c", _FAKE_RANK, role, result], stdout=f, stderr=f))
+        yield procs, logs, result
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def _wait_ready(logs, n):
@@ -366,8 +373,7 @@ def test_bench_net_ranks_stuck_after_the_result_are_killed_and_the_result_stands
     rank that fails is an error at once."""
     from gradcomp.benchmarks import net
 
-    procs, logs, result = _fake_ranks(tmp_path / "a", "writes", "stuck")
-    try:
+    with _fake_ranks(tmp_path / "a", "writes", "stuck") as (procs, logs, result):
         _wait_ready(logs[1:], 1)
         t0 = time.monotonic()
         out = net._wait_for_ranks(procs, logs, result, "shaped", timeout=120, grace=1.0)
@@ -377,30 +383,16 @@ def test_bench_net_ranks_stuck_after_the_result_are_killed_and_the_result_stands
         assert "rank(s) 1 had not exited 1 s after the results were written" in err
         assert "stuck_in_teardown" in err  # rank 1's Python stack, from its faulthandler
         assert procs[0].poll() == 0 and procs[1].poll() is None  # the caller kills what is left
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
-    procs, logs, result = _fake_ranks(tmp_path / "b", "stuck", "stuck")
-    try:
+    with _fake_ranks(tmp_path / "b", "stuck", "stuck") as (procs, logs, result):
         _wait_ready(logs, 2)
         with pytest.raises(TimeoutError, match="shaped phase took over 2 s") as e:
             net._wait_for_ranks(procs, logs, result, "shaped", timeout=2, grace=1.0)
         assert "stuck_in_teardown" in str(e.value)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
-    procs, logs, result = _fake_ranks(tmp_path / "c", "stuck", "fails")
-    try:
+    with _fake_ranks(tmp_path / "c", "stuck", "fails") as (procs, logs, result):
         with pytest.raises(RuntimeError, match="shaped phase: rank 1 exited with 3"):
             net._wait_for_ranks(procs, logs, result, "shaped", timeout=60, grace=1.0)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 def _can_make_namespaces() -> bool:

@@ -861,16 +861,15 @@ def _worker(config_path: str) -> int:
                 for key, value in _split_bytes(m, total).items():  # gradcomp's own intra / inter-node counts
                     result[f"{key}_per_step"] = (value - split0[key]) / n_timed
             if rank == 0:
-                r = result
-                print(f"  {cfg['phase']:>8} {method:<16} {r['step_ms']:8.0f} ms/step  "
-                      f"{r['bytes_per_step'] / 1e6:8.2f} MB sent/step  "
+                print(f"  {cfg['phase']:>8} {method:<16} {result['step_ms']:8.0f} ms/step  "
+                      f"{result['bytes_per_step'] / 1e6:8.2f} MB sent/step  "
                       f"{statistics.fmean(node_tx) / 1e6:8.2f} MB/step from a node to the others", flush=True)
             return result
 
         methods = {}
         for method in cfg["methods"]:
             methods[method] = measure(method)
-            gc.collect()
+            gc.collect()  # a model held by a reference cycle goes now, not after the group
         if rank == 0:  # whole or not at all: the parent takes it as the phase's end
             with open(cfg["result"] + ".part", "w") as f:
                 json.dump({"mode": mode, "link_bps": link_bps, "compute_ms": compute_ms, "methods": methods,

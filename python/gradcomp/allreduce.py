@@ -17,9 +17,25 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .engine.core import hash56
 from .state import State
 
 __all__ = ["all_reduce"]
+
+
+class AllReduceFront:
+    """The all_reduce front end's own bookkeeping on its State (``state.front``): the keys,
+    shapes and dtypes of the first call, which every later call (and every rank) must pass."""
+
+    def __init__(self):
+        self.signature: tuple | None = None
+        self.signature_hash = 0  # what the ranks compare at the first call
+
+    def check(self, signature: tuple) -> None:
+        if self.signature is None:
+            self.signature, self.signature_hash = signature, hash56(repr(signature).encode())
+        elif signature != self.signature:
+            raise ValueError("gradcomp.all_reduce: " + _difference(self.signature, signature))
 
 
 def all_reduce(tensors, state: State, *, async_op: bool = False):
@@ -46,49 +62,20 @@ def all_reduce(tensors, state: State, *, async_op: bool = False):
     if not isinstance(state, State):
         raise TypeError(f"gradcomp.all_reduce: state must be a gradcomp.State, got {type(state).__name__}")
     items = _items(tensors)
-    state._claim("all_reduce")
-    signature = tuple((k, tuple(t.shape), t.dtype) for k, t in items)
-    if state._all_reduce_signature is None:
-        state._all_reduce_signature = signature
-    elif signature != state._all_reduce_signature:
-        raise ValueError("gradcomp.all_reduce: " + _difference(state._all_reduce_signature, signature))
-    step = state._take_step()
+    front = state.claim("all_reduce", AllReduceFront)
+    front.check(tuple((k, tuple(t.shape), t.dtype) for k, t in items))
+    step = state.take_step()
     if not items:
         fut = torch.futures.Future()
         fut.set_result(tensors)
         return fut if async_op else tensors
-    state._log_once(state._world_rank()[0])
-    fut = submit_keyed(state, items, step, f"all_reduce of {len(items)} tensors (step {step})", tensors)
+    state.log_once(state.world_rank()[0])
+    fut = state.reduce_keyed(items, step, f"all_reduce of {len(items)} tensors (step {step})", tensors,
+                             signature=front.signature_hash)
     if async_op:
         return fut
     fut.wait()
     return tensors
-
-
-def submit_keyed(state: State, items: list, step: int, what: str, value) -> torch.futures.Future:
-    """Averages the (key, tensor) ``items`` in place through ``state``'s engine, asynchronously:
-    the tensors of each dtype as one flat buffer (a copy in, a copy out). Returns a future
-    whose value is ``value``. The engine numbers new keys in the order given (the same on every
-    rank)."""
-    ordinals = state.engine.ordinals((k, t.numel(), t.dtype, t.shape) for k, t in items)
-    by_dtype: dict = {}
-    for (_, t), o in zip(items, ordinals):
-        by_dtype.setdefault(t.dtype, []).append((t, o))
-    bufs: list = []
-
-    def pack():  # where the reduction runs: on CUDA on the side stream, after the caller's work
-        bufs.extend((torch.cat([t.reshape(-1) for t, _ in g]), tuple(o for _, o in g)) for g in by_dtype.values())
-        return bufs
-
-    def unpack():
-        for (buf, _), group in zip(bufs, by_dtype.values()):
-            offset = 0
-            for t, _ in group:
-                t.copy_(buf[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-        return value
-
-    return state._submit(pack, items[0][1].device, step, what, last=True, finish=unpack)
 
 
 def _items(tensors) -> list:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from fractions import Fraction
 
-from .ops import BLOCK_SIZES
+import torch
 
 __all__ = ["Codec", "BlockQuantizer", "Cast", "Int8", "Int4", "Int2", "Sign", "Fp16", "Bf16", "Sparsifier", "TopK",
            "RandomK", "PowerSGD", "parse", "VALID_SPECS"]
@@ -18,6 +19,11 @@ VALID_SPECS = ("int8", "int4", "int2", "sign", "<int8|int4|int2|sign>:block=<32.
                "powersgd:<rank>:warm=<0|1>", "powersgd:<rank>:warmup=<steps>")
 
 _RESIDUAL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+# The block sizes the compiled core takes (codec.h's kMinBlock .. kMaxBlock, powers of two).
+# The grammar needs no kernels, so it keeps this copy: ops checks it against the core's
+# constants when it loads, so the two cannot drift apart.
+BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
 
 
 class Codec:
@@ -186,8 +192,6 @@ class Sparsifier(Codec):
 
     def pairs(self, numel: int) -> int:
         """k for a parameter of ``numel`` values."""
-        from .layout import pairs_for
-
         return pairs_for(numel, self.ratio)
 
 
@@ -437,3 +441,12 @@ def parse(spec) -> Codec:
         return _CODECS[name](**kwargs)
     except ValueError as e:
         raise _bad_spec(spec, str(e)) from None
+
+
+def pairs_for(numel: int, ratio) -> int:
+    """k = ceil(ratio · numel), at least 1 and at most numel, with ``ratio`` read as the
+    decimal it was written as (0.01 · 300 is 3, not 4 as float arithmetic would round up)."""
+    if numel <= 0:
+        return 0
+    k = math.ceil(Fraction(repr(float(ratio))) * numel)
+    return min(max(k, 1), numel)

@@ -34,8 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import codecs
-from .allreduce import submit_keyed
-from .engine.core import agree
+from .engine import agree
 from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State
 
 __all__ = ["DiLoCo"]
@@ -99,56 +98,18 @@ class DiLoCo:
                  fragments=1, delay: int | None = None, ranks_per_node=None, min_numel: int = DEFAULT_MIN_NUMEL,
                  seed: int | None = None, timeout: timedelta = DEFAULT_TIMEOUT, force_compression: bool = False,
                  chunk_numel: int | None = None, intra_node: str = "exact"):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"gradcomp.DiLoCo: model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise TypeError("gradcomp.DiLoCo: pass the plain module, not a DistributedDataParallel one: DDP would "
-                            "all-reduce every step's gradients, which is what DiLoCo avoids (use ddp.module)")
-        if not hasattr(inner_optimizer, "param_groups"):
-            raise TypeError("gradcomp.DiLoCo: inner_optimizer must be a torch.optim.Optimizer (something with "
-                            f"param_groups), got {type(inner_optimizer).__name__}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"gradcomp.DiLoCo: sync_every must be a positive int, got {sync_every!r}")
-        for name, value in (("outer_lr", outer_lr), ("outer_momentum", outer_momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ValueError(f"gradcomp.DiLoCo: {name} must be a finite number >= 0, got {value!r}")
-        if outer_lr == 0:
-            raise ValueError("gradcomp.DiLoCo: outer_lr must be above 0 (0 would never move the anchor)")
-        if outer_momentum >= 1:
-            raise ValueError(f"gradcomp.DiLoCo: outer_momentum must be below 1, got {outer_momentum!r}")
-        if nesterov and outer_momentum == 0:
-            raise ValueError("gradcomp.DiLoCo: nesterov=True needs outer_momentum > 0 (as torch.optim.SGD)")
+        _check_arguments(model, inner_optimizer, sync_every, outer_lr, outer_momentum, nesterov)
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.sync_every = sync_every
         self.outer_lr, self.outer_momentum, self.nesterov = float(outer_lr), float(outer_momentum), bool(nesterov)
         self.process_group = process_group
         self._names, self._params = self._trainable()
-        if not self._params:
-            raise ValueError("gradcomp.DiLoCo: the model has no trainable parameters")
-        for n, p in zip(self._names, self._params):
-            if _is_dtensor(p):
-                raise TypeError(f"gradcomp.DiLoCo: parameter {n!r} is a DTensor: DiLoCo takes a model whose every "
-                                "rank holds whole parameters (no FSDP or tensor parallelism)")
-            if not p.is_floating_point():
-                raise TypeError(f"gradcomp.DiLoCo: parameter {n!r} is {p.dtype}; only floating-point parameters "
-                                "are synced")
-        if len({p.device for p in self._params}) > 1:
-            raise ValueError("gradcomp.DiLoCo: the model's parameters are on several devices; DiLoCo syncs one "
-                             "device's model a rank")
+        self._check_parameters_synced()
         self.device = self._params[0].device
         self._check_optimizer()
         self.fragments = self._fragments(fragments)
-        if sync_every < len(self.fragments):
-            raise ValueError(f"gradcomp.DiLoCo: sync_every={sync_every} is below fragments={len(self.fragments)}: "
-                             "each fragment needs its own step of the period")
-        if delay is None:
-            delay = 0 if len(self.fragments) == 1 else 1
-        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < sync_every:
-            raise ValueError(f"gradcomp.DiLoCo: delay must be an int in [0, sync_every={sync_every}), got {delay!r}: "
-                             "a fragment's sync must land before its next one starts")
-        self.delay = delay
+        self.delay = self._delay(delay)
         # the offsets of the fragments' syncs in the period: (p + 1) * H // F mod H
         F = len(self.fragments)
         self.offsets = [((p + 1) * sync_every // F) % sync_every for p in range(F)]
@@ -160,7 +121,7 @@ class DiLoCo:
         if isinstance(self.state.codec, codecs.PowerSGD):
             raise ValueError("gradcomp.DiLoCo: powersgd is not a codec for pseudo-gradients here (its warm-started "
                              "factors assume one step's gradient); use a quantizer, a sparsifier or a cast codec")
-        self.state._claim("diloco")
+        self.state.claim("diloco")
         # every key, model order, numbered now: a fragment's blocks keep their model-wide numbers
         self.state.engine.ordinals((n, p.numel(), p.dtype, tuple(p.shape)) for n, p in zip(self._names, self._params))
         self._broadcast_from_rank0()
@@ -179,6 +140,33 @@ class DiLoCo:
     def _trainable(self) -> tuple[list[str], list[torch.nn.Parameter]]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return [n for n, _ in named], [p for _, p in named]
+
+    def _check_parameters_synced(self) -> None:
+        """The trainable parameters: some, whole (no DTensor), floating point, on one device."""
+        if not self._params:
+            raise ValueError("gradcomp.DiLoCo: the model has no trainable parameters")
+        for n, p in zip(self._names, self._params):
+            if _is_dtensor(p):
+                raise TypeError(f"gradcomp.DiLoCo: parameter {n!r} is a DTensor: DiLoCo takes a model whose every "
+                                "rank holds whole parameters (no FSDP or tensor parallelism)")
+            if not p.is_floating_point():
+                raise TypeError(f"gradcomp.DiLoCo: parameter {n!r} is {p.dtype}; only floating-point parameters "
+                                "are synced")
+        if len({p.device for p in self._params}) > 1:
+            raise ValueError("gradcomp.DiLoCo: the model's parameters are on several devices; DiLoCo syncs one "
+                             "device's model a rank")
+
+    def _delay(self, delay: int | None) -> int:
+        """The inner steps a sync has to land (default: 0 with one fragment, 1 with several)."""
+        if self.sync_every < len(self.fragments):
+            raise ValueError(f"gradcomp.DiLoCo: sync_every={self.sync_every} is below fragments="
+                             f"{len(self.fragments)}: each fragment needs its own step of the period")
+        if delay is None:
+            delay = 0 if len(self.fragments) == 1 else 1
+        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < self.sync_every:
+            raise ValueError(f"gradcomp.DiLoCo: delay must be an int in [0, sync_every={self.sync_every}), got "
+                             f"{delay!r}: a fragment's sync must land before its next one starts")
+        return delay
 
     def _check_optimizer(self) -> None:
         held = {id(p) for g in self.inner_optimizer.param_groups for p in g["params"]}
@@ -264,10 +252,10 @@ class DiLoCo:
     def _reduce(self, p: int, deltas: list) -> torch.futures.Future:
         """The fragment's pseudo-gradients averaged in place by the State's engine (async)."""
         state, idx = self.state, self.fragments[p]
-        step = state._take_step()
-        state._log_once(dist.get_world_size(self._group()))
+        step = state.take_step()
+        state.log_once(dist.get_world_size(self._group()))
         what = f"DiLoCo sync of fragment {p} (inner step {self.inner_steps})"
-        return submit_keyed(state, [(self._names[i], d) for i, d in zip(idx, deltas)], step, what, deltas)
+        return state.reduce_keyed([(self._names[i], d) for i, d in zip(idx, deltas)], step, what, deltas)
 
     def _land(self, p: int) -> None:
         _, fut, deltas, sent = self._pending.pop(p)
@@ -453,6 +441,28 @@ class DiLoCo:
         sent = float(self.state.stats["bytes_sent"])
         return {"inner_steps": self.inner_steps, **self._counts, "bytes_sent": sent,
                 "bytes_sent_per_step": sent / self.inner_steps if self.inner_steps else 0.0}
+
+
+def _check_arguments(model, inner_optimizer, sync_every, outer_lr, outer_momentum, nesterov) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gradcomp.DiLoCo: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError("gradcomp.DiLoCo: pass the plain module, not a DistributedDataParallel one: DDP would "
+                        "all-reduce every step's gradients, which is what DiLoCo avoids (use ddp.module)")
+    if not hasattr(inner_optimizer, "param_groups"):
+        raise TypeError("gradcomp.DiLoCo: inner_optimizer must be a torch.optim.Optimizer (something with "
+                        f"param_groups), got {type(inner_optimizer).__name__}")
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"gradcomp.DiLoCo: sync_every must be a positive int, got {sync_every!r}")
+    for name, value in (("outer_lr", outer_lr), ("outer_momentum", outer_momentum)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"gradcomp.DiLoCo: {name} must be a finite number >= 0, got {value!r}")
+    if outer_lr == 0:
+        raise ValueError("gradcomp.DiLoCo: outer_lr must be above 0 (0 would never move the anchor)")
+    if outer_momentum >= 1:
+        raise ValueError(f"gradcomp.DiLoCo: outer_momentum must be below 1, got {outer_momentum!r}")
+    if nesterov and outer_momentum == 0:
+        raise ValueError("gradcomp.DiLoCo: nesterov=True needs outer_momentum > 0 (as torch.optim.SGD)")
 
 
 def _is_dtensor(t) -> bool:

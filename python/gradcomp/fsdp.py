@@ -19,80 +19,96 @@ the replica count.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 
 from . import codecs
-from .collectives import run_to_end
 from .engine import Call, GradcompError, Topology, agree
+from .engine.collectives import run_to_end
 from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_
 from .state import State
 
 __all__ = ["register", "FSDPState"]
 
-logger = logging.getLogger("gradcomp")
 
 _NOT_OPTIONS = ("ranks_per_node", "intra_node")
 
 
-class FSDPState(State):
-    """The state :func:`register` returns: a :class:`gradcomp.State` (stats, per-rank
-    ``state_dict()`` / ``load_state_dict()``, config agreement at the first reduction) whose
-    front end is an FSDP2 model. ``mode`` is ``"reduce_scatter"`` or ``"hsdp"``.
+def _delegated(name: str) -> property:
+    return property(lambda self: getattr(self.state, name), doc=f"The State's ``{name}``.")
+
+
+class FSDPState:
+    """The state :func:`register` returns: a :class:`gradcomp.State` (``.state``: stats,
+    per-rank ``state_dict()`` / ``load_state_dict()``, config agreement at the first reduction)
+    serving an FSDP2 model, and this front end's own bookkeeping. ``mode`` is
+    ``"reduce_scatter"`` or ``"hsdp"``. The State's settings, statistics and checkpoints are
+    reachable here directly (``stats``, ``step``, ``state_dict()``, ...).
 
     Steps: one step is one backward's reductions. A step begins when a unit reduces for the
     second time since the last began (or for the first time at all), so gradient
     accumulation (``set_requires_gradient_sync(False)``) counts one step per reduction."""
 
     def __init__(self, codec, process_group, *, mode: str, **options):
-        super().__init__(codec, process_group, **options)
+        self.state = State(codec, process_group, **options)
+        # checkpoint entries are the job's ranks: under HSDP a replica group's rank alone would
+        # not say which shard its residuals are of
+        self.state.claim("fsdp", config={"fsdp": mode}, job_ranks=True)
         self.mode = mode
-        self._front = "fsdp"
+        self.units: list = []  # _Unit a registered parameter group, in the model's module order
         self._units_this_step: set = set()
         self._current_step = 0
         self._group_seen = None
-        self._fsdp_units: list = []  # _Unit a registered parameter group, in the model's module order
+
+    codec = _delegated("codec")
+    engine = _delegated("engine")
+    process_group = _delegated("process_group")
+    min_numel = _delegated("min_numel")
+    start_step = _delegated("start_step")
+    force_compression = _delegated("force_compression")
+    timeout = _delegated("timeout")
+    chunk_numel = _delegated("chunk_numel")
+    step = _delegated("step")
+    seed = _delegated("seed")
+    stats = _delegated("stats")
+    residuals = _delegated("residuals")
 
     def config(self) -> dict:
-        return {**super().config(), "fsdp": self.mode}
+        """Everything every rank must agree on: the State's configuration and the mode."""
+        return self.state.config()
+
+    def state_dict(self) -> dict:
+        """This rank's State, as :meth:`gradcomp.State.state_dict` (safe under DCP)."""
+        return self.state.state_dict()
 
     def load_state_dict(self, state_dict: dict, **kwargs) -> None:
-        super().load_state_dict(state_dict, **kwargs)
+        """Restores what :meth:`state_dict` saved, as :meth:`gradcomp.State.load_state_dict`."""
+        self.state.load_state_dict(state_dict, **kwargs)
         self._units_this_step = set()
 
     def __getstate__(self):
         raise TypeError("gradcomp: an FSDPState is not pickled; checkpoint it with state_dict() (per rank, or DCP)")
 
-    def _begin(self, unit: int) -> int:
+    def __repr__(self) -> str:
+        return f"gradcomp.fsdp.FSDPState(mode={self.mode!r}, {self.state!r})"
+
+    def begin(self, unit: int) -> int:
+        """The step a unit's reduction runs as, counting a new one where it begins."""
         if not self._units_this_step or unit in self._units_this_step:
-            self._current_step = self.step
-            self.step += 1
+            self._current_step = self.state.take_step()
             self._units_this_step = {unit}
-            self.stats["steps"] = self.step
         else:
             self._units_this_step.add(unit)
         return self._current_step
 
-    def _world_rank(self) -> tuple[int, int]:
-        """The whole job's world size and this rank's global rank: a checkpoint entry belongs to
-        one rank of the job (under HSDP the replica group's rank alone would not say which shard
-        its residuals are of)."""
-        return dist.get_world_size(), dist.get_rank()
-
-    def _compressing(self, step: int) -> bool:
-        world = dist.get_world_size(self._group())
-        return (world > 1 or self.force_compression) and step >= self.start_step
-
-    def _first_call(self, group, device: torch.device, shard: tuple | None = None) -> None:
+    def first_call(self, group, device: torch.device, shard: tuple | None = None) -> None:
         """The configuration check (once), and that every unit reduces over the same group.
         ``shard``: HSDP's (shard group, its size, this rank's index in it): the node's ranks
         must run one configuration too, and the replica group must join ranks holding the same
         shard, or its all-reduce would average different shards."""
         if self._group_seen is None:
             self._group_seen = group
-            self._check_loaded()
+            self.state.current_step()  # checks a state_dict loaded before the process group was up
             if shard is not None:
                 shard_group, size, index = shard
                 agree(shard_group, device, self.config(), self.seed)
@@ -102,17 +118,11 @@ class FSDPState(State):
                                         "(one rank of each node, of the same index within its node); its ranks hold "
                                         f"shards (shard group size, index) {[tuple(r) for r in rows]}: pass the "
                                         "replicate dimension of the mesh the model was sharded on")
-            self._ready(group, device, None)
-            self._log_once(dist.get_world_size(group))
+            self.state.ready(group, device)
+            self.state.log_once(dist.get_world_size(group), label=f"fsdp ({self.mode})")
         elif group is not self._group_seen:
             raise GradcompError("gradcomp.fsdp: FSDP units reduce over different process groups; one gradcomp "
                                 "state serves units sharded on one mesh")
-
-    def _log_once(self, world: int) -> None:
-        if not self._logged:
-            self._logged = True
-            logger.info("gradcomp fsdp (%s): %s over %d ranks (min_numel=%d, start_step=%d)", self.mode, self.codec,
-                        world, self.min_numel, self.start_step)
 
 
 def _fsdp_api():
@@ -231,11 +241,11 @@ class CompressedReduceScatter:
         if input_tensor.dim() != 1 or output_tensor.dim() != 1 or input_tensor.numel() != world * output_tensor.numel():
             raise GradcompError(f"gradcomp.fsdp: {unit.what()}: a reduce-scatter input of {input_tensor.numel()} and "
                                 f"output of {output_tensor.numel()} elements do not fit {world} ranks")
-        state._first_call(group, input_tensor.device)
+        state.first_call(group, input_tensor.device)
         pieces = unit.pieces(world)
         unit.check_size(output_tensor.numel(), sum(p.chunk for p in pieces), "reduce-scatter output")
-        step = state._begin(unit.index)
-        compress = state._compressing(step)
+        step = state.begin(unit.index)
+        compress = state.state.compressing(step)
         plan = cached_plan(state.engine, unit.index, pieces, world, rank, input_tensor.dtype, input_tensor.device,
                            compress)
         reduce_scatter_(state.engine, plan, input_tensor, output_tensor, group, step)
@@ -258,7 +268,7 @@ class CompressedReplicaAllReduce:
                                 "accumulate with set_requires_gradient_sync(False) instead")
         mesh_info = unit.group.mesh_info
         shard_world, shard_rank = mesh_info.shard_mesh_size, mesh_info.shard_mesh_rank
-        state._first_call(group, reduce_output.device, (mesh_info.shard_process_group, shard_world, shard_rank))
+        state.first_call(group, reduce_output.device, (mesh_info.shard_process_group, shard_world, shard_rank))
         if reduce_output.is_cuda:
             # FSDP keeps this buffer alive for its native HSDP only: without this, a cast or an
             # accumulation after the hook frees it to the allocator while the exchange queued on
@@ -266,7 +276,7 @@ class CompressedReplicaAllReduce:
             reduce_output.record_stream(torch.cuda.current_stream(reduce_output.device))
         pieces = unit.pieces(shard_world)
         unit.check_size(reduce_output.numel(), sum(p.chunk for p in pieces), "reduce-scattered shard")
-        step = state._begin(unit.index)
+        step = state.begin(unit.index)
         entries = []
         for p in pieces:  # the chunk's valid part and its padding are keyed apart
             real = p.real[shard_rank]
@@ -276,7 +286,7 @@ class CompressedReplicaAllReduce:
         ordinals = state.engine.ordinals(entries)
         if unit.topology is None:  # the replica group spans nodes: every byte it sends crosses one
             unit.topology = Topology.of(dist.get_world_size(group), dist.get_rank(group), 1)
-        call = Call(group, unit.topology, step, f"{unit.what()} (step {step})", state._compressing(step))
+        call = Call(group, unit.topology, step, f"{unit.what()} (step {step})", state.state.compressing(step))
         run_to_end(state.engine.exchange(reduce_output, ordinals, call))
 
 
@@ -299,7 +309,35 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
 
     Returns the :class:`FSDPState`: keep it, checkpoint it per rank with ``state_dict()``.
     """
-    FSDPModule = _fsdp_api()
+    spec = _check_options(codec, replicate_group, options)
+    modules, names, groups = _units_of(model)
+    hsdp = replicate_group is not None
+    if hsdp:
+        group = _replicate_of(replicate_group)
+        _require(modules[0], ("set_all_reduce_hook",), "HSDP")
+    else:
+        group = groups[0][1].mesh_info.shard_process_group
+        _require(modules[0], ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
+                              "set_gradient_divide_factor"), "a compressed reduce-scatter")
+    state = FSDPState(spec, group, mode="hsdp" if hsdp else "reduce_scatter", **options)
+    first = 0
+    for index, (module, param_group) in enumerate(groups):
+        unit = _Unit(state, index, module, param_group, names, first)
+        state.units.append(unit)
+        first += len(unit.params)
+        if hasattr(module, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
+            module.set_reduce_scatter_unused_params(True, recurse=False)
+        if hsdp:
+            module.set_all_reduce_hook(CompressedReplicaAllReduce(unit, group))
+        else:
+            module.set_custom_reduce_scatter(CompressedReduceScatter(unit))
+            module.set_force_sum_reduction_for_comms(True)
+            module.set_gradient_divide_factor(1.0)
+    return state
+
+
+def _check_options(codec, replicate_group, options: dict) -> codecs.Codec:
+    """The codec, parsed, once the options are known to suit FSDP."""
     for name in _NOT_OPTIONS:
         if name in options:
             raise ValueError(f"gradcomp.fsdp: {name} is a DDP option; with FSDP the shard mesh is the node: give "
@@ -312,51 +350,37 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
         raise ValueError("gradcomp.fsdp: powersgd needs each parameter's whole gradient matrix (P = MQ is "
                          "orthogonalized over all its rows), which FSDP's reduce-scatter and HSDP's shards never hold; "
                          "use a quantizer (int8, int4, int2, sign) or fp16/bf16, or powersgd with DDP")
-    hsdp = replicate_group is not None
-    if not hsdp and "chunk_numel" in options:
+    if replicate_group is None and "chunk_numel" in options:
         raise ValueError("gradcomp.fsdp: chunk_numel applies to HSDP's replica all-reduce only")
-    units_mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units_mods:
+    return spec
+
+
+def _units_of(model: torch.nn.Module) -> tuple[list, dict, list]:
+    """The FSDP modules of ``model``'s tree, the names of its modules and parameters (by id),
+    and the (module, parameter group) pairs to register, refusing what gradcomp cannot serve."""
+    FSDPModule = _fsdp_api()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
         raise ValueError("gradcomp.fsdp.register: the model holds no FSDPModule; call fully_shard on it (and its "
                          "blocks) first")
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     names.update({id(m): n for n, m in model.named_modules()})
     groups = []
-    for m in units_mods:
-        pgs = m._get_fsdp_state()._fsdp_param_groups
-        if len(pgs) > 1:
-            raise ValueError(f"gradcomp.fsdp: FSDP unit {names.get(id(m), '?')!r} has {len(pgs)} parameter groups "
-                             "(a per-parameter mesh); torch's custom reduce-scatter and all-reduce hooks take one")
-        for pg in pgs:
-            if pg._is_hsdp or type(pg.mesh_info).__name__ in ("DDPMeshInfo", "HSDPMeshInfo"):
+    for module in modules:
+        param_groups = module._get_fsdp_state()._fsdp_param_groups
+        if len(param_groups) > 1:
+            raise ValueError(f"gradcomp.fsdp: FSDP unit {names.get(id(module), '?')!r} has {len(param_groups)} "
+                             "parameter groups (a per-parameter mesh); torch's custom reduce-scatter and all-reduce "
+                             "hooks take one")
+        for param_group in param_groups:
+            if param_group._is_hsdp or type(param_group.mesh_info).__name__ in ("DDPMeshInfo", "HSDPMeshInfo"):
                 raise ValueError("gradcomp.fsdp: this model is sharded with torch's native HSDP (a 2-D mesh): its "
                                  "exact replica all-reduce runs before any hook and cannot be replaced. Shard with "
                                  "fully_shard(mesh=mesh['shard']) and pass replicate_group=mesh")
-            if isinstance(getattr(pg, "_reduce_scatter_comm", None), CompressedReduceScatter) or \
-                    isinstance(getattr(pg, "_all_reduce_hook", None), CompressedReplicaAllReduce):
+            if isinstance(getattr(param_group, "_reduce_scatter_comm", None), CompressedReduceScatter) or \
+                    isinstance(getattr(param_group, "_all_reduce_hook", None), CompressedReplicaAllReduce):
                 raise ValueError("gradcomp.fsdp: this model is already registered with gradcomp")
-            groups.append((m, pg))
+            groups.append((module, param_group))
     if not groups:
         raise ValueError("gradcomp.fsdp.register: the model's FSDP units hold no parameters")
-    if hsdp:
-        group = _replicate_of(replicate_group)
-        _require(units_mods[0], ("set_all_reduce_hook",), "HSDP")
-    else:
-        group = groups[0][1].mesh_info.shard_process_group
-        _require(units_mods[0], ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
-                                 "set_gradient_divide_factor"), "a compressed reduce-scatter")
-    state = FSDPState(spec, group, mode="hsdp" if hsdp else "reduce_scatter", **options)
-    first = 0
-    for index, (m, pg) in enumerate(groups):
-        unit = _Unit(state, index, m, pg, names, first)
-        state._fsdp_units.append(unit)
-        first += len(unit.params)
-        if hasattr(m, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
-            m.set_reduce_scatter_unused_params(True, recurse=False)
-        if hsdp:
-            m.set_all_reduce_hook(CompressedReplicaAllReduce(unit, group))
-        else:
-            m.set_custom_reduce_scatter(CompressedReduceScatter(unit))
-            m.set_force_sum_reduction_for_comms(True)
-            m.set_gradient_divide_factor(1.0)
-    return state
+    return modules, names, groups

@@ -1,5 +1,5 @@
 """The DistributedDataParallel front end: ``comm_hook`` and ``register()``, a thin adapter
-on the engine (buckets -> keys, step counting).
+on the State (buckets -> keys, steps), keeping its own bookkeeping in ``DDPFront``.
 
     state = gradcomp.register(ddp_model, "int8")
     # or, torch style (also what Lightning's DDPStrategy takes):
@@ -19,48 +19,58 @@ import torch
 import torch.distributed as dist
 
 from . import _C, codecs
-from .engine import GlooWorker as _GlooWorker  # noqa: F401 - tests and older code import it from here
 from .engine import GradcompError
-from .engine.runner import _workers  # noqa: F401
 from .per_parameter import ParameterSteps, number_in_bucket_order, reduce_parameter
-from .state import DEFAULT_MIN_NUMEL, DEFAULT_TIMEOUT, State  # noqa: F401
+from .state import State
 
 __all__ = ["State", "comm_hook", "register", "GradcompError"]
 
 
-def _ordinal(state: State, p: torch.Tensor) -> int:
-    """A parameter's key: its model-wide ordinal, in the order parameters are first seen."""
-    o = state._ddp_ordinal_of.get(id(p))
-    if o is None:
-        o = state._ddp_ordinal_of[id(p)] = len(state._ddp_ordinal_of)
-        state._pinned_params.append(p)  # keeps the id valid
-    return o
+class DDPFront:
+    """The DDP front end's own bookkeeping on its State (``state.front``): made at the first
+    claim in a process, never pickled or checkpointed (a fresh process numbers parameters in
+    the same first-seen order again)."""
+
+    def __init__(self):
+        self.ordinal_of: dict[int, int] = {}  # id(parameter) -> its key, the order parameters are first seen in
+        self.pinned: list = []  # the parameters themselves: keeps those ids valid
+        self.bypass_watch: BypassWatch | None = None  # register()'s watch on its model
+        self.parameter_steps: ParameterSteps | None = None  # DDP's python reducer: a hook call per parameter
+
+    def ordinal(self, param: torch.Tensor) -> int:
+        """A parameter's key: its model-wide ordinal, in the order parameters are first seen."""
+        ordinal = self.ordinal_of.get(id(param))
+        if ordinal is None:
+            ordinal = self.ordinal_of[id(param)] = len(self.ordinal_of)
+            self.pinned.append(param)
+        return ordinal
 
 
-def comm_hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+# No return annotation: DDP's register_comm_hook accepts only Future[Tensor] there, and under
+# DDP's python reducer the hook returns None.
+def comm_hook(state: State, bucket: dist.GradBucket):
     """The DDP communication hook: averages ``bucket`` over ``state``'s group, compressing
-    each parameter that is large enough and of a dtype the codec takes."""
+    each parameter that is large enough and of a dtype the codec takes. Returns the bucket's
+    ``torch.futures.Future[torch.Tensor]``; under DDP's python reducer, which calls it with a
+    ``(grad, param)`` pair and ignores what it returns, it averages that gradient in place and
+    returns None."""
+    front = state.claim("ddp", DDPFront)
     if isinstance(bucket, tuple):  # DDP's python reducer (compiled autograd) calls hooks per parameter
         grad, param = bucket
-        steps = getattr(state, "_parameter_steps", None)
-        if steps is None:
+        if front.parameter_steps is None:
             raise RuntimeError(_PYTHON_REDUCER)
-        state._claim("ddp")
-        reduce_parameter(state, steps, grad, _ordinal(state, param), param.shape)
+        reduce_parameter(state, front.parameter_steps, grad, front.ordinal(param), param.shape)
         return None
-    state._claim("ddp")
     buf = bucket.buffer()
-    step = state.step
-    state._check_loaded()
+    step = state.current_step()
     if bucket.is_last():
-        state.step += 1
-        state.stats["steps"] = state.step
+        state.end_step()
     # numbered at every call, compressing or not, so warm-up steps (start_step) number
     # parameters in the same first-iteration order as a run without warm-up
-    ordinals = state.engine.ordinals((_ordinal(state, p), p.numel(), p.dtype, p.shape) for p in bucket.parameters())
+    ordinals = state.engine.ordinals((front.ordinal(p), p.numel(), p.dtype, p.shape) for p in bucket.parameters())
     what = f"bucket {bucket.index()} (step {step}, {buf.numel()} elements of {str(buf.dtype).replace('torch.', '')})"
-    state._log_once(state._world_rank()[0])
-    return state._submit(lambda: [(buf, ordinals)], buf.device, step, what, bucket.is_last())
+    state.log_once(state.world_rank()[0])
+    return state.reduce(lambda: [(buf, ordinals)], buf.device, step, what, last=bucket.is_last())
 
 
 _PYTHON_REDUCER = (
@@ -104,10 +114,10 @@ def register(ddp_model, codec="int8", **kwargs) -> State:
         raise TypeError("gradcomp.register takes the process group from the DDP model; "
                         "use State(process_group=...) with register_comm_hook for another group")
     state = State(codec, process_group=getattr(ddp_model, "process_group", None), **kwargs)
-    return _attach(ddp_model, state)
+    return attach(ddp_model, state)
 
 
-def _attach(ddp_model, state: State) -> State:
+def attach(ddp_model, state: State) -> State:
     """Registers a ready ``state`` on ``ddp_model`` (register()'s checks; a State without a
     process group takes the model's) and watches the model for a bypass."""
     _check_registrable(ddp_model)
@@ -117,14 +127,14 @@ def _attach(ddp_model, state: State) -> State:
     elif group is not None and state.process_group is not group:
         raise ValueError("gradcomp: this State has another process group than the DDP model it is registered on")
     _check_cuda_backend(ddp_model, state.codec)
+    front = state.claim("ddp", DDPFront)
     ddp_model.register_comm_hook(state, comm_hook)
     if getattr(ddp_model, "_use_python_reducer", False):  # a hook call per parameter (per_parameter.py)
-        state._parameter_steps = ParameterSteps(number_in_bucket_order(state, ddp_model, _ordinal))
-    if state._bypass_watch is not None:
-        state._bypass_watch.remove()
-    state._bypass_watch = _BypassWatch(ddp_model)
-    world, _ = state._world_rank()
-    state._log_once(world)
+        front.parameter_steps = ParameterSteps(number_in_bucket_order(state, ddp_model, front.ordinal))
+    if front.bypass_watch is not None:
+        front.bypass_watch.remove()
+    front.bypass_watch = BypassWatch(ddp_model)
+    state.log_once(state.world_rank()[0])
     return state
 
 
@@ -138,7 +148,7 @@ _BYPASSED = (
     "registered on, or register gradcomp on the one being trained.")
 
 
-class _BypassWatch:
+class BypassWatch:
     """Notices that a registered DDP model is bypassed: its forward pre-hook zeroes a count
     that a post-accumulate-grad hook on one of its parameters increments; the count reaching
     ``BYPASS_AFTER`` means gradients arrive without this model's forward, so not through its

@@ -21,7 +21,7 @@ an odd offset may not). The kernels then rely on every shard starting 4-byte ali
 the format guarantees: a shard's size is a multiple of 4 (of 16 unless narrow codes of small
 blocks leave an odd number of words). On CPU the table's offsets
 and lengths are checked against the bucket before a pass (``check_bounds=False`` skips that
-for a table ``gradcomp.layout.build_table`` made, as the hook does every step); a CUDA table
+for a table ``gradcomp.engine.layout.build_table`` made, as the hook does every step); a CUDA table
 is not (that would cost a host sync). Residual addresses are
 trusted on both backends.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
+from . import _C, codecs
 from .library import as_i64
 
 # The format's constants come from the compiled core (codec.h), never copied here.
@@ -43,6 +43,9 @@ CONSTANTS = dict(_C.constants)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_BLOCK, MAX_BLOCK = CONSTANTS["min_block"], CONSTANTS["max_block"]
 BLOCK_SIZES = tuple(1 << k for k in range(MIN_BLOCK.bit_length() - 1, MAX_BLOCK.bit_length()))  # 32 .. 4096
+if BLOCK_SIZES != codecs.BLOCK_SIZES:  # the spec grammar keeps its own copy (it loads no kernels)
+    raise ImportError(f"gradcomp: the compiled core takes blocks {BLOCK_SIZES}, gradcomp.codecs {codecs.BLOCK_SIZES}: "
+                      "the package and its compiled core are from different builds")
 CODE_BITS = (8, 4, 2, 1)  # 1: scaled sign
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
 ROW_WORDS = CONSTANTS["row_words"]

@@ -48,12 +48,13 @@ def number_in_bucket_order(state, ddp_model, ordinal_of) -> int:
     """Numbers the model's parameters as the bucket hook would: in the order of DDP's first
     buckets (its reducer is built in this mode too), so keys, blocks' owners and rounding
     draws are the bucket hook's, whatever order autograd then calls the hooks in. Returns
-    how many parameters require grad (a step's hook calls)."""
+    how many parameters require grad (a step's hook calls). ``ordinal_of(param)`` gives a
+    parameter's key."""
     try:
         params = [p for b in ddp_model.reducer._get_zeros_like_grad_buckets() for p in b.parameters()]
     except (AttributeError, RuntimeError):  # no reducer to ask: the reverse of the model's order
         params = [p for p in reversed(list(ddp_model.module.parameters())) if p.requires_grad]
-    state.engine.ordinals([(ordinal_of(state, p), p.numel(), p.dtype, p.shape) for p in params])
+    state.engine.ordinals([(ordinal_of(p), p.numel(), p.dtype, p.shape) for p in params])
     return len(params)
 
 
@@ -62,23 +63,20 @@ def reduce_parameter(state, steps: ParameterSteps, grad: torch.Tensor, ordinal: 
     """Averages one parameter's gradient ``grad`` in place over ``state``'s group."""
     if ordinal in steps.seen:  # the last step ended with parameters that got no gradient
         steps.seen.clear()
-        state.step += 1
-        state.stats["steps"] = state.step
+        state.end_step()
         if not steps.warned:
             steps.warned = True
             warnings.warn(LATE, stacklevel=2)
-    state._check_loaded()
-    step = state.step
+    step = state.current_step()
     steps.seen.add(ordinal)
     last = len(steps.seen) >= steps.expected
     keys = state.engine.ordinals([(ordinal, grad.numel(), grad.dtype, shape)])
     flat = grad.view(-1) if grad.is_contiguous() else grad.reshape(-1).clone()
     what = f"parameter {ordinal} (step {step}, {flat.numel()} elements of {str(flat.dtype).replace('torch.', '')})"
-    state._log_once(state._world_rank()[0])
-    state._submit(lambda: [(flat, keys)], flat.device, step, what, True).wait()
+    state.log_once(state.world_rank()[0])
+    state.reduce(lambda: [(flat, keys)], flat.device, step, what).wait()
     if flat.data_ptr() != grad.data_ptr():
         grad.copy_(flat.view_as(grad))
     if last:
         steps.seen.clear()
-        state.step += 1
-        state.stats["steps"] = state.step
+        state.end_step()

@@ -1,23 +1,24 @@
-"""State: what the front ends (the DDP hook, ``gradcomp.all_reduce``) share: configuration,
-the engine, the step counter, per-rank checkpoints, and the runtime that issues a State's
-collectives in one fixed order (a Gloo worker thread, or a CUDA side stream)."""
+"""State: what every front end (the DDP hook, ``gradcomp.fsdp``, ``gradcomp.all_reduce``,
+``gradcomp.DiLoCo``) stands on: configuration, the engine, the step counter, per-rank
+checkpoints, and the engine's runtime that issues the State's collectives in one fixed order.
+
+A front end talks to its State through the methods of the section "The front-end contract"
+below, and keeps its own bookkeeping on its own object (docs/design.md, "Adding a front end").
+"""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from . import codecs
-from .collectives import run_to_end
-from .engine import Call, Engine, GlooWorker, GradcompError, Topology, agree, new_stats, run_on_side_stream
-from .engine.core import hash56
+from .engine import Engine, GradcompError, Runtime, Setup, Topology, new_stats
 from .engine.exchanges import hierarchy_refusal
-from .engine.topology import check_contiguous_nodes, check_ranks_per_node, resolve_ranks_per_node
+from .engine.topology import check_ranks_per_node
 
 __all__ = ["State", "GradcompError"]
 
@@ -25,21 +26,7 @@ logger = logging.getLogger("gradcomp")
 
 DEFAULT_MIN_NUMEL = 1024
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-_FORMAT_V1 = "gradcomp.State/1"  # one rank's dict at the top level (read, no longer written)
 _FORMAT = "gradcomp.State/2"
-_V1_DEFAULTS = {"intra_node": "exact", "ranks_per_node": None, "chunk_numel": None}  # config keys State/1 lacked
-
-
-def _numerics(device: torch.device) -> str:
-    """What decides the bits of torch's QR and matrix products here (PowerSGD's replicas are
-    identical only where every rank's are the same)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        where = f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs, tf32 " \
-                f"{torch.backends.cuda.matmul.allow_tf32}"
-    else:
-        where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}"
 
 
 class State:
@@ -91,7 +78,8 @@ class State:
     increasing within their tensor (the bucket was made NaN on every rank instead of writing
     through them; on CUDA counted a few steps late, without a sync).
 
-    One State serves one front end: a DDP model's hook or ``gradcomp.all_reduce`` calls.
+    One State serves one front end: a DDP model's hook, ``gradcomp.all_reduce`` calls, an FSDP
+    model or a DiLoCo.
     """
 
     def __init__(self, codec="int8", process_group=None, *, min_numel: int = DEFAULT_MIN_NUMEL,
@@ -118,21 +106,16 @@ class State:
         self.step = 0
         # (rank, world size, on_world_change) of a state_dict loaded before the process group was up
         self._saved_by: tuple | None = None
-        self._front: str | None = None  # "ddp" or "all_reduce", set by the first call
-        self._init_runtime()
+        self._front_name: str | None = None  # the front end this State serves, set by claim()
+        self._init_front()
 
-    def _init_runtime(self) -> None:
-        self._ddp_ordinal_of: dict[int, int] = {}  # DDP front end: id(parameter) -> key (first-seen ordinal)
-        self._pinned_params: list = []  # keeps those ids valid
-        self._worker = None
-        self._private_group = None
-        self._topo: Topology | None = None
-        self._per_node: int | None = None  # ranks_per_node as resolved at the first call
-        self._checked = False
-        self._side_streams: dict = {}
+    def _init_front(self) -> None:
+        """What a fresh process knows of the front end: its claim, not its bookkeeping."""
+        self.runtime = Runtime()
+        self._front = None  # the front end's own bookkeeping object (claim()'s make)
+        self._front_config: dict = {}  # the front end's entries in config()
+        self._job_ranks = False  # checkpoint entries named by the job's ranks instead of the group's
         self._logged = False
-        self._all_reduce_signature = None  # all_reduce front end: the keys, sizes and dtypes of the first call
-        self._bypass_watch = None  # DDP front end: hooks.register()'s watch on its model (hooks._BypassWatch)
 
     # ------------------------------------------------------------------ the engine's settings
     codec = property(lambda self: self.engine.codec, doc="The Codec.")
@@ -161,7 +144,16 @@ class State:
         """This rank's error-feedback residuals, key -> 1-D tensor (the tensors themselves)."""
         return self.engine.store.as_dict()
 
-    _residuals = residuals
+    @property
+    def front_name(self) -> str | None:
+        """The front end this State serves (``"ddp"``, ``"all_reduce"``, ``"fsdp"``, ``"diloco"``),
+        or None before its first use."""
+        return self._front_name
+
+    @property
+    def front(self):
+        """The front end's own bookkeeping object (what its :meth:`claim` made), or None."""
+        return self._front
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -174,7 +166,7 @@ class State:
             "step": self.step,
             "stats": dict(self.stats), "residuals": self.residuals, "factors": self.engine.factors.as_dict(),
             "saved_by": self._saved_by,
-            "front": self._front,
+            "front": self._front_name,
         }
 
     def __setstate__(self, d):
@@ -190,8 +182,8 @@ class State:
         self.ranks_per_node = d.get("ranks_per_node")
         self.step = d["step"]
         self._saved_by = d.get("saved_by")
-        self._front = d.get("front")
-        self._init_runtime()
+        self._front_name = d.get("front")
+        self._init_front()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -211,7 +203,7 @@ class State:
         rank = world = None
         key = "unranked"
         if dist.is_available() and dist.is_initialized():
-            world, rank = self._world_rank()
+            world, rank = self._checkpoint_world_rank()
             key = f"rank{dist.get_rank()}"
         mine = {
             "rank": rank, "world_size": world, "config": self.config(), "step": self.step, "seed": self.seed,
@@ -243,7 +235,7 @@ class State:
         if on_world_change not in ("error", "reset"):
             raise ValueError(f"gradcomp: on_world_change must be 'error' or 'reset', got {on_world_change!r}")
         mine = self._entry_of_this_rank(state_dict, on_world_change)
-        saved_cfg, here = {**_V1_DEFAULTS, **mine["config"]}, self.config()
+        saved_cfg, here = dict(mine["config"]), self.config()
         saved_cfg.pop("seed", None)
         here.pop("seed")
         if saved_cfg != here:
@@ -271,10 +263,8 @@ class State:
         self.engine.factors.replace({} if drop or mine["world_size"] is None else mine.get("factors", {}))
 
     def _entry_of_this_rank(self, state_dict, on_world_change: str) -> dict:
-        """This rank's dict in a state_dict of either format."""
+        """This rank's dict in a state_dict."""
         fmt = state_dict.get("format") if isinstance(state_dict, dict) else None
-        if fmt == _FORMAT_V1:
-            return state_dict
         if fmt != _FORMAT:
             raise ValueError("gradcomp: not a gradcomp State state_dict (its 'format' entry is missing or not "
                              f"{_FORMAT!r})")
@@ -305,7 +295,7 @@ class State:
     def _check_saved_by(self, saved_by: tuple) -> bool:
         """Checks a loaded state_dict's (rank, world size, on_world_change) against the group;
         returns whether the residuals must be dropped (another world size, "reset")."""
-        (rank, world, on_world_change), (my_world, my_rank) = saved_by, self._world_rank()
+        (rank, world, on_world_change), (my_world, my_rank) = saved_by, self._checkpoint_world_rank()
         if world != my_world:
             if on_world_change == "error":
                 raise ValueError(f"gradcomp: this checkpoint was saved at world size {world}, the group now has "
@@ -319,14 +309,6 @@ class State:
                              "each rank must load its own (residuals are local to their rank)")
         return False
 
-    def _check_loaded(self) -> None:
-        """At the first call: checks a state_dict loaded before the process group was up."""
-        if self._saved_by is not None:
-            saved_by, self._saved_by = self._saved_by, None
-            if self._check_saved_by(saved_by):
-                self.engine.store.clear()
-                self.engine.factors.clear()
-
     def __repr__(self) -> str:
         extra = f", ranks_per_node={self.ranks_per_node!r}" if self.ranks_per_node is not None else ""
         return (f"gradcomp.State(codec={self.codec!r}, min_numel={self.min_numel}, start_step={self.start_step}, "
@@ -336,128 +318,123 @@ class State:
     def config(self) -> dict:
         """Everything every rank must agree on (checked at the first call)."""
         return {**self.engine.config(), "start_step": self.start_step, "force_compression": self.force_compression,
-                "ranks_per_node": self.ranks_per_node, "seed": self.seed}
+                "ranks_per_node": self.ranks_per_node, "seed": self.seed, **self._front_config}
 
-    def _group(self):
+    def _checkpoint_world_rank(self) -> tuple[int, int]:
+        """Whose entry a checkpoint holds: the group's world size and rank, or the job's."""
+        return (dist.get_world_size(), dist.get_rank()) if self._job_ranks else self.world_rank()
+
+    # ------------------------------------------------------------------ the front-end contract
+    # What a front end calls (docs/design.md, "Adding a front end"); everything else of a
+    # State is its own. Front ends never touch its underscore names.
+
+    def claim(self, front: str, make=None, *, config: dict | None = None, job_ranks: bool = False):
+        """Claims this State for the front end named ``front`` (one State serves one front end:
+        its keys and step counter are that front end's) and returns the front end's own
+        bookkeeping object, made by ``make()`` at the first claim in this process (None without
+        ``make``). ``config``: entries the front end adds to :meth:`config`, which the ranks
+        agree on and a checkpoint must match. ``job_ranks``: name checkpoint entries by the
+        job's ranks rather than the group's (a group that is one of several, as HSDP's replica
+        groups, does not say which shard a residual is of)."""
+        if self._front_name is None:
+            self._front_name = front
+        elif self._front_name != front:
+            raise RuntimeError(f"gradcomp: this State already serves {self._front_name!r}; one State serves one "
+                               f"front end (its keys and step counter are that front end's): make another for "
+                               f"{front!r}")
+        if config is not None:
+            self._front_config = dict(config)
+        self._job_ranks = self._job_ranks or job_ranks
+        if self._front is None and make is not None:
+            self._front = make()
+        return self._front
+
+    def group(self):
+        """The process group reduced over (the default group when none was given)."""
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
-    def _world_rank(self) -> tuple[int, int]:
-        group = self._group()
+    def world_rank(self) -> tuple[int, int]:
+        """The group's size and this rank's place in it."""
+        group = self.group()
         return dist.get_world_size(group), dist.get_rank(group)
 
-    def _claim(self, front: str) -> None:
-        if self._front is None:
-            self._front = front
-        elif self._front != front:
-            raise RuntimeError(f"gradcomp: this State already serves {self._front!r}; one State serves one front "
-                               f"end (its keys and step counter are that front end's): make another for {front!r}")
+    def current_step(self) -> int:
+        """The step a front end's call runs as. The first call also checks a state_dict loaded
+        before the process group was up."""
+        if self._saved_by is not None:
+            saved_by, self._saved_by = self._saved_by, None
+            if self._check_saved_by(saved_by):
+                self.engine.store.clear()
+                self.engine.factors.clear()
+        return self.step
 
-    def _take_step(self) -> int:
-        """A front end's call counts one step: returns the step it runs as (checking a
-        state_dict loaded before the process group was up)."""
-        step = self.step
-        self._check_loaded()
+    def end_step(self) -> None:
+        """Counts one step: the front end's step is over."""
         self.step += 1
         self.stats["steps"] = self.step
+
+    def take_step(self) -> int:
+        """A call that is one whole step: returns the step it runs as, and counts it."""
+        step = self.current_step()
+        self.end_step()
         return step
 
-    def _compressing(self, step: int) -> bool:
-        world, _ = self._world_rank()
+    def compressing(self, step: int) -> bool:
+        """Whether ``step`` compresses: past the warm-up, and over more than one rank (or forced)."""
+        world = dist.get_world_size(self.group())
         return (world > 1 or self.force_compression) and step >= max(self.start_step,
                                                                      getattr(self.codec, "warmup", 0))
 
-    # ------------------------------------------------------------------ running reductions
-    def _ready(self, group, device: torch.device, backend: str | None, signature: int = 0):
-        """Once, where the State's collectives run (the Gloo worker, or the CUDA side stream):
-        the configuration check, then the hierarchy's groups. The check comes first and
-        compares the L every rank resolved, so ranks that disagree on the topology (or whose L
-        does not divide the group) fail together instead of waiting for each other in
-        ``new_group``. Returns the topology."""
-        if not self._checked:
-            world = dist.get_world_size(group)
-            try:
-                per_node, problem = resolve_ranks_per_node(self.ranks_per_node, world), None
-            except ValueError as e:
-                per_node, problem = None, e
-            resolved = -2 if problem is not None else (per_node or 0)
-            numerics = _numerics(device) if isinstance(self.codec, codecs.PowerSGD) else ""
-            extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), signature,
-                     resolved, hash56(numerics.encode()))
-            seed, rows = agree(group, device, self.config(), self.seed, extra)
-            if len({r[2] for r in rows}) != 1:
-                raise GradcompError("gradcomp: ranks passed different tensors to all_reduce (keys, sizes or dtypes "
-                                    "differ between ranks); every rank must pass the same list or dict")
-            if problem is not None:
-                raise problem
-            if len({r[4] for r in rows}) != 1:
-                raise GradcompError("gradcomp: powersgd needs every rank to orthogonalize and multiply its factors "
-                                    "with the same bits, and the ranks differ in torch version, thread count, CPU "
-                                    f"capability or GPU model (this rank: {numerics}); run every rank alike (e.g. "
-                                    "the same OMP_NUM_THREADS)")
-            if len({r[3] for r in rows}) != 1:
-                raise GradcompError(f"gradcomp: ranks disagree on ranks_per_node: resolved to {[r[3] for r in rows]} "
-                                    "by group rank (0: none); every rank must see the same node size")
-            if self.ranks_per_node == "auto" and (per_node or 1) > 1:
-                check_contiguous_nodes([(r[0], r[1]) for r in rows], per_node)
-            self.seed = seed
-            self._per_node = per_node
-            self._checked = True
-        if self._topo is None:
-            topo = Topology.of(dist.get_world_size(group), dist.get_rank(group), self._per_node)
-            if topo.per_node > 1:
-                topo.make_groups(dist.get_process_group_ranks(group), backend, self.timeout)
-            self._topo = topo
-        return self._topo
+    def setup(self, signature: int = 0) -> Setup:
+        """What the runtime's first-call agreement needs of this State (``signature``: the front
+        end's hash of what it passes, which every rank must pass alike; 0: none)."""
+        return Setup(self.config, self.ranks_per_node, self.timeout, signature)
 
-    def _submit(self, make, device: torch.device, step: int, what: str, last: bool,
-                finish=None) -> torch.futures.Future:
-        """Reduces the (buffer, ordinals) pairs ``make()`` returns, in order, where the State's
-        collectives run; ``finish()`` then gives the future's value (default: the first buffer)."""
-        group = self._group()
-        compress = self._compressing(step)
+    def ready(self, group, device: torch.device) -> Topology:
+        """The first-call agreement over ``group`` (once), run in the caller's thread and
+        stream, for a front end that issues its collectives itself (FSDP); returns the topology."""
+        return self.runtime.ready(group, device, None, self.engine, self.setup())
 
-        def exchanges(group, topo):
-            pairs = make()
-            for buf, ordinals in pairs:
-                yield from self.engine.exchange(buf, ordinals, Call(group, topo, step, what, compress))
-            return finish() if finish is not None else pairs[0][0]
+    def reduce(self, make, device: torch.device, step: int, what: str, *, last: bool = True, finish=None,
+               signature: int = 0) -> torch.futures.Future:
+        """Averages the (buffer, ordinals) pairs ``make()`` returns, in order and in place,
+        where the State's collectives run (the Gloo worker, or the CUDA side stream); ``what``
+        names them in errors. The future's value is ``finish()`` (default: the first buffer).
+        ``last``: the step's last call (the Gloo worker finishes it at once instead of
+        overlapping it with the next)."""
+        return self.runtime.submit(self.engine, self.group(), self.setup(signature), make, device, step, what,
+                                   self.compressing(step), last, finish)
 
-        if device.type == "cuda":
-            def on_side():
-                topo = self._ready(group, device, None, self._signature_hash())
-                self.engine.poll_rejections()
-                return run_to_end(exchanges(group, topo))
+    def reduce_keyed(self, items: list, step: int, what: str, value, *, signature: int = 0) -> torch.futures.Future:
+        """Averages the (key, tensor) ``items`` in place, asynchronously: the tensors of each
+        dtype as one flat buffer (a copy in, a copy out). Returns a future whose value is
+        ``value``. New keys are numbered in the order given (the same on every rank)."""
+        ordinals = self.engine.ordinals((k, t.numel(), t.dtype, t.shape) for k, t in items)
+        by_dtype: dict = {}
+        for (_, t), o in zip(items, ordinals):
+            by_dtype.setdefault(t.dtype, []).append((t, o))
+        buffers: list = []
 
-            return run_on_side_stream(self._side_streams, device, on_side, what)
+        def pack():  # where the reduction runs: on CUDA on the side stream, after the caller's work
+            buffers.extend((torch.cat([t.reshape(-1) for t, _ in g]), tuple(o for _, o in g))
+                           for g in by_dtype.values())
+            return buffers
 
-        world, _ = self._world_rank()
-        if world == 1 and not compress:  # no collective: no worker thread, no private group
-            fut = torch.futures.Future()
-            fut.set_result(run_to_end(exchanges(group, Topology.of(1, 0, None))))
-            return fut
-        if self._worker is None:
-            self._worker = GlooWorker(self)
+        def unpack():
+            for (buf, _), group in zip(buffers, by_dtype.values()):
+                offset = 0
+                for t, _ in group:
+                    t.copy_(buf[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+            return value
 
-        def job():
-            if self._private_group is None:
-                ranks = dist.get_process_group_ranks(group)
-                self._private_group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout,
-                                                     use_local_synchronization=True)
-            topo = self._ready(self._private_group, torch.device("cpu"), "gloo", self._signature_hash())
-            return exchanges(self._private_group, topo)
+        return self.reduce(pack, items[0][1].device, step, what, finish=unpack, signature=signature)
 
-        fut = torch.futures.Future()
-        self._worker.submit(job, fut, what, step, last)
-        return fut
-
-    def _signature_hash(self) -> int:
-        sig = self._all_reduce_signature
-        return 0 if sig is None else hash56(repr(sig).encode())
-
-    def _log_once(self, world: int) -> None:
+    def log_once(self, world: int, label: str | None = None) -> None:
+        """Logs, once, what this State runs: ``label`` (default: the front end's name) names it."""
         if not self._logged:
             self._logged = True
-            logger.info("gradcomp %s: %s over %d ranks (min_numel=%d, start_step=%d%s)",
-                        {None: "hook", "ddp": "hook"}.get(self._front, self._front), self.codec, world,
+            label = label or {None: "hook", "ddp": "hook"}.get(self._front_name, self._front_name)
+            logger.info("gradcomp %s: %s over %d ranks (min_numel=%d, start_step=%d%s)", label, self.codec, world,
                         self.min_numel, self.start_step,
                         f", ranks_per_node={self.ranks_per_node}" if self.ranks_per_node is not None else "")

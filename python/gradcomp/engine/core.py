@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from .. import codecs
-from ..collectives import all_gather_single, exact_mean_, ring_allreduce_bytes, run_to_end
-from ..layout import num_blocks
-from .exchanges import Plan, Span, family_of, hierarchy_refusal, to_device
+from .collectives import all_gather_single, exact_mean_, ring_allreduce_bytes, run_to_end, to_device
+from .exchanges import family_of, hierarchy_refusal
+from .family import Plan, Span
+from .layout import num_blocks
 from .store import ResidualStore, describe_key
 from .topology import Topology
 
@@ -156,16 +157,30 @@ class Engine:
     def shape_of(self, key) -> tuple | None:
         return self._keys[key].shape
 
+    def first_block(self, key) -> int | None:
+        """The model-wide index of ``key``'s first block; None when it is reduced exactly."""
+        return self._keys[key].first_block
+
     def residual(self, key, numel: int, device: torch.device) -> torch.Tensor:
         return self.store.get(key, numel, device, self.codec.residual_dtype)
 
     # ------------------------------------------------------------------ plans
+    def cached(self, key, build):
+        """The plan cached under ``key`` (any hashable naming a layout), or ``build()``'s, kept:
+        plans hold residual addresses, so one built before the residual store last changed is
+        built again."""
+        cached = self._plans.get(key)
+        if cached is None or cached[0] != self.store.version:
+            plan = build()  # may move residuals loaded from a checkpoint: the version after it counts
+            cached = self._plans[key] = (self.store.version, plan)
+        return cached[1]
+
     def plan(self, ordinals: tuple[int, ...], buf: torch.Tensor, topo: Topology, what: str) -> Plan:
         """How ``buf``, the pieces of ``ordinals`` one after another, is reduced (cached per layout)."""
-        cache_key = (ordinals, buf.dtype, buf.device, topo.world, topo.per_node, topo.rank)
-        cached = self._plans.get(cache_key)
-        if cached is not None and cached[0] == self.store.version:
-            return cached[1]
+        key = (ordinals, buf.dtype, buf.device, topo.world, topo.per_node, topo.rank)
+        return self.cached(key, lambda: self._build_plan(ordinals, buf, topo, what))
+
+    def _build_plan(self, ordinals: tuple[int, ...], buf: torch.Tensor, topo: Topology, what: str) -> Plan:
         by_ordinal = list(self._keys.items())
         spans, fallback, offset = [], [], 0
         for o in ordinals:
@@ -185,16 +200,15 @@ class Engine:
             plan = Plan(self.family if cast else None, None, len(ordinals) if cast else 0,
                         0 if cast else len(ordinals))
             if cast:
-                self.family.build(self, plan, [], buf, topo)
+                plan.detail = self.family.build(self, [], buf, topo)
         elif not spans or one_node:  # nothing compressed, or one node: nothing crosses a slow link
             plan = Plan(None, None, 0, len(ordinals))
         else:
-            fb_index = to_device(torch.cat(fallback), buf.device) if fallback else None
-            plan = Plan(self.family, fb_index, len(spans), len(ordinals) - len(spans))
-            self.family.build(self, plan, spans, buf, topo)
+            fallback_index = to_device(torch.cat(fallback), buf.device) if fallback else None
+            plan = Plan(self.family, fallback_index, len(spans), len(ordinals) - len(spans))
+            plan.detail = self.family.build(self, spans, buf, topo)
         if plan.params_fallback:
             self._log_fallback(plan.params_fallback, buf.numel() - sum(s.numel for s in spans), what)
-        self._plans[cache_key] = (self.store.version, plan)
         return plan
 
     # ------------------------------------------------------------------ the reduction
@@ -215,17 +229,17 @@ class Engine:
             if plan is not None:
                 s["params_fallback"] += plan.params_fallback
         else:
-            lane = fb = None
+            lane = exact_values = None
             if plan.fallback_index is not None:  # exact lane first: the same order on every rank
-                fb = buf.index_select(0, plan.fallback_index)
-                lane = exact_mean_(fb, topo.world, call.group)
-                next(lane)  # fb is not empty: the lane's all-to-all is in flight
-            intra, inter, codec_s = yield from plan.family.run(self, buf, plan, call)
+                exact_values = buf.index_select(0, plan.fallback_index)
+                lane = exact_mean_(exact_values, topo.world, call.group)
+                next(lane)  # not empty: the lane's all-to-all is in flight
+            intra, inter, codec_s = yield from plan.family.run(self, buf, plan.detail, call)
             self._count(intra, inter, topo)
             s["codec_seconds"] += codec_s
             if lane is not None:
                 self._count_exact(run_to_end(lane), topo)
-                buf.index_copy_(0, plan.fallback_index, fb)
+                buf.index_copy_(0, plan.fallback_index, exact_values)
             s["buckets_compressed"] += 1
             s["params_compressed"] += plan.params_compressed
             s["params_fallback"] += plan.params_fallback
@@ -301,7 +315,7 @@ def config_hash(config: dict) -> int:
 
 
 def agree(group, device: torch.device, config: dict, seed: int | None, extra: tuple[int, ...] = (),
-          what: str = "the State configuration") -> list:
+          what: str = "the State configuration") -> tuple[int, list[list[int]]]:
     """At the first call: every rank must run the same configuration; returns rank 0's seed
     (its own, or one it drew) and every rank's ``extra`` integers, [[...] per rank]. ``what``
     names the configuration in the error."""
@@ -316,4 +330,4 @@ def agree(group, device: torch.device, config: dict, seed: int | None, extra: tu
         differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
         raise GradcompError(f"gradcomp: ranks disagree on {what} (ranks {differ} differ from rank 0); "
                             f"this rank runs {config}")
-    return [rows[0][1], [r[2:] for r in rows]]
+    return rows[0][1], [r[2:] for r in rows]

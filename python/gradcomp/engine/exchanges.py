@@ -1,7 +1,7 @@
 """One exchange a codec family: how a flat buffer's compressed parameters are planned and
 reduced, flat or hierarchically (docs/design.md, "The pipeline").
 
-A family's ``build`` fills a plan once per buffer layout; its ``run`` is a generator of two
+A family's ``build`` returns its plan once per buffer layout; its ``run`` is a generator of two
 steps, as in collectives.py: the first ``next()`` encodes and issues the first collective,
 the end finishes and returns (bytes sent inside nodes, bytes sent across nodes, codec
 seconds). Exact lanes (parameters below min_numel, dtypes the codec does not take) are the
@@ -17,16 +17,19 @@ import torch
 import torch.distributed as dist
 
 from .. import codecs
-from ..collectives import (
+from .collectives import (
     all_gather_single,
     pipelined_quantized_allreduce_,
     quantized_allreduce_,
     randomk_allreduce_,
     ring_allreduce_bytes,
     run_to_end,
+    sum_rows,
+    to_device,
     topk_allgather_,
 )
-from ..layout import (
+from .family import Exchange, Span
+from .layout import (
     BlockTable,
     SparseTable,
     build_sparse_table,
@@ -35,17 +38,9 @@ from ..layout import (
     noise_words,
     table_of_blocks,
 )
-from ..layout import Span as LayoutSpan
+from .layout import Span as LayoutSpan
+from .lowrank import LowRankExchange
 from .topology import Topology
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-built tensor on ``device`` without a host sync: a pageable host-to-device copy
-    waits for the stream, a pinned one with non_blocking does not (torch's pinned allocator
-    keeps the staging memory until the copy is done)."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -72,49 +67,6 @@ class _Piece:
     place: int
     tail: int
     tail_offset: int  # element offset of the partial block in the buffer
-
-
-@dataclass
-class Plan:
-    """How one buffer layout is reduced: its compressed part (a family's) and its exact lane."""
-
-    family: object | None  # None: the whole buffer is reduced exactly
-    fallback_index: torch.Tensor | None  # element indices reduced exactly, None when none
-    params_compressed: int
-    params_fallback: int
-    residuals: list = field(default_factory=list)  # the residual tensors whose addresses the table holds
-    table: BlockTable | None = None
-    table_dev: torch.Tensor | None = None
-    my_rows_dev: torch.Tensor | None = None
-    sparse: SparseTable | None = None
-    cast_dtype: torch.dtype | None = None
-    hier: Hier | None = None
-    chunks: list | None = None  # pipelined: (BlockTable, its device table, my rows) a chunk
-    lowrank: list | None = None  # PowerSGD: (span, n, m) a compressed parameter
-
-
-@dataclass(frozen=True)
-class Span:
-    """A compressed parameter inside a buffer."""
-
-    offset: int
-    numel: int
-    first_block: int
-    ordinal: int
-    key: object
-
-
-class Exchange:
-    """A codec family's exchange; ``flat_because``, where set, says why it cannot run across
-    nodes only (hierarchically)."""
-
-    flat_because: str | None = None
-
-    def build(self, engine, plan: Plan, spans: list[Span], buf: torch.Tensor, topo: Topology) -> None:
-        raise NotImplementedError
-
-    def run(self, engine, buf: torch.Tensor, plan: Plan, call):
-        raise NotImplementedError
 
 
 def _views(buf: torch.Tensor, flat: torch.Tensor, piece: _Piece, L: int, B: int, chunk: int):
@@ -156,14 +108,6 @@ def _intra_scatter(buf: torch.Tensor, hier: Hier, topo: Topology, block: int = 0
     return work, recv.view(L, chunk), (L - 1) * chunk * send.element_size()
 
 
-def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Row 0 + row 1 + ... in that order, in float32."""
-    acc = rows[0].to(torch.float32, copy=True)
-    for i in range(1, rows.shape[0]):
-        acc += rows[i]
-    return acc
-
-
 def _intra_gather(buf: torch.Tensor, mine: torch.Tensor, hier: Hier, topo: Topology, block: int = 0) -> int:
     """All-gather of the node's reduced chunks, written back into the buffer; every rank of the
     node reads the same bytes (its own chunk included). Returns bytes sent."""
@@ -182,20 +126,29 @@ def _intra_gather(buf: torch.Tensor, mine: torch.Tensor, hier: Hier, topo: Topol
     return (topo.per_node - 1) * part.numel() * part.element_size()
 
 
+@dataclass
+class CastPlan:
+    """A cast codec's plan: the wire dtype, and the intra-node stage under hierarchy."""
+
+    wire_dtype: torch.dtype
+    hier: Hier | None = None
+
+
 class CastExchange(Exchange):
     """Fp16 / Bf16: the buffer travels in the wire dtype, all-reduced natively."""
 
-    def build(self, engine, plan, spans, buf, topo):
-        plan.cast_dtype = engine.codec.wire_dtype
+    def build(self, engine, spans, buf, topo):
+        plan = CastPlan(engine.codec.wire_dtype)
         if topo.per_node > 1:
             plan.hier = Hier(None, -(-buf.numel() // topo.per_node), engine.intra_lane)
+        return plan
 
     def run(self, engine, buf, plan, call):
         topo = call.topo
         if plan.hier is None:
             # divided in float32 and cast in one pass: partial sums of the W values x/W stay
             # within the largest |x|: no overflow while every rank's gradient fits the wire dtype
-            wire = torch.empty_like(buf, dtype=plan.cast_dtype)
+            wire = torch.empty_like(buf, dtype=plan.wire_dtype)
             torch.div(buf, topo.world, out=wire)
             work = dist.all_reduce(wire, group=call.group, async_op=True)
             yield
@@ -205,20 +158,33 @@ class CastExchange(Exchange):
         work, rows, intra = _intra_scatter(buf, plan.hier, topo)
         yield
         work.wait()
-        wire = _sum_rows(rows).div_(topo.nodes).to(plan.cast_dtype)
+        wire = sum_rows(rows).div_(topo.nodes).to(plan.wire_dtype)
         dist.all_reduce(wire, group=topo.inter)
         inter = ring_allreduce_bytes(wire.numel() * wire.element_size(), topo.nodes)
         intra += _intra_gather(buf, wire.to(torch.float32), plan.hier, topo)
         return intra, inter, 0.0
 
 
+@dataclass
+class QuantPlan:
+    """A quantizer's plan: its block table (on the host and the device, and this rank's rows of
+    it), or pipelined chunks of it, and the intra-node stage under hierarchy."""
+
+    table: BlockTable | None = None
+    table_dev: torch.Tensor | None = None
+    my_rows_dev: torch.Tensor | None = None
+    hier: Hier | None = None
+    chunks: list | None = None  # pipelined: (BlockTable, its device table, my rows) a chunk
+    residuals: list = field(default_factory=list)  # the residual tensors whose addresses the tables hold
+
+
 class QuantExchange(Exchange):
     """Int8 / Int4 / Int2 / Sign: scatter-reduce / all-gather of block-quantized shards."""
 
-    def build(self, engine, plan, spans, buf, topo):
-        c = engine.codec
+    def build(self, engine, spans, buf, topo):
+        c, plan = engine.codec, QuantPlan()
         if topo.per_node == 1:
-            layout = _layout_spans(engine, plan, spans, buf)
+            layout = _layout_spans(engine, plan.residuals, spans, buf)
             chunk = engine.chunk_numel
             if chunk is not None and sum(s.numel for s in spans) > chunk:
                 tables = chunked_tables(layout, c.block_size, topo.world, c.residual_dtype.itemsize, chunk)
@@ -226,56 +192,47 @@ class QuantExchange(Exchange):
                 for t in tables:
                     t_dev = to_device(t.table, buf.device)
                     plan.chunks.append((t, t_dev, t_dev[topo.rank * t.slots : (topo.rank + 1) * t.slots]))
-                return
+                return plan
             plan.table = build_table(layout, c.block_size, topo.world, c.residual_dtype.itemsize)
         else:
             self._build_hier(engine, plan, spans, buf, topo)
         plan.table_dev = to_device(plan.table.table, buf.device)
         rank = topo.rank if topo.per_node == 1 else topo.node
         plan.my_rows_dev = plan.table_dev[rank * plan.table.slots : (rank + 1) * plan.table.slots]
+        return plan
 
-    def _build_hier(self, engine, plan, spans, buf, topo):
+    def _build_hier(self, engine, plan: QuantPlan, spans, buf, topo) -> None:
         """Block j of a parameter whose first block has model-wide index g belongs to local rank
         (g + j) mod L inside every node, and across nodes to node ((g + j) // L) mod N: a function
         of the block's place in the model alone (docs/design.md, "Hierarchy")."""
         c, B, L, N = engine.codec, engine.codec.block_size, topo.per_node, topo.nodes
-        boff, blen, blocal, bnode, bword, bspan = [], [], [], [], [], []
-        for i, s in enumerate(spans):
-            nb = -(-s.numel // B)
-            j = torch.arange(nb, dtype=torch.int64)
-            g = s.first_block + j
-            boff.append(s.offset + j * B)
-            blen.append(torch.clamp(s.numel - j * B, max=B))
-            blocal.append(g % L)
-            bnode.append((g // L) % N)
-            bword.append(noise_words(s.ordinal, s.numel, j * B))
-            bspan.append(torch.full((nb,), i, dtype=torch.int64))
-        boff, blen, blocal, bnode, bword, bspan = (torch.cat(x) for x in (boff, blen, blocal, bnode, bword, bspan))
-        order = torch.argsort(blocal, stable=True)  # chunk of local rank 0, then 1, ...: span order within
-        counts = torch.bincount(blocal, minlength=L)
-        slots = int(counts.max())
-        chunk = slots * B
+        blocks = _blocks_of(spans, B, L, N)
+        length, local, node, word, span = (blocks[k] for k in ("length", "local", "node", "word", "span"))
+        order = torch.argsort(local, stable=True)  # chunk of local rank 0, then 1, ...: span order within
+        counts = torch.bincount(local, minlength=L)
+        chunk = int(counts.max()) * B
         starts = torch.cumsum(counts, 0) - counts
-        k = torch.arange(order.numel(), dtype=torch.int64) - starts[blocal[order]]  # block's place in its chunk
-        pos = torch.empty_like(k)
-        pos[order] = blocal[order] * chunk + k * B  # chunk position of each block, in block order
+        place = torch.arange(order.numel(), dtype=torch.int64) - starts[local[order]]  # block's place in its chunk
+        position = torch.empty_like(place)
+        position[order] = local[order] * chunk + place * B  # chunk position of each block, in block order
         plan.hier = Hier(_pieces(spans, B, L), chunk, engine.intra_lane)
         # the inter-node table: my blocks, at their places in my chunk
-        mine = blocal == topo.local
-        m_off = pos[mine] - topo.local * chunk
-        m_len, m_span, m_node, m_word = blen[mine], bspan[mine], bnode[mine], bword[mine]
-        m_addr = torch.zeros_like(m_off)
+        mine = local == topo.local
+        my_offset = position[mine] - topo.local * chunk
+        my_length, my_span = length[mine], span[mine]
+        address = torch.zeros_like(my_offset)
         if c.error_feedback:
             itemsize = c.residual_dtype.itemsize
             for i, s in enumerate(spans):
-                sel = (m_span == i).nonzero().reshape(-1)
-                if sel.numel() == 0:
+                selected = (my_span == i).nonzero().reshape(-1)
+                if selected.numel() == 0:
                     continue
-                lens_i = m_len[sel]
-                r = engine.residual(s.key, int(lens_i.sum()), buf.device)
+                lengths = my_length[selected]
+                r = engine.residual(s.key, int(lengths.sum()), buf.device)
                 plan.residuals.append(r)
-                m_addr[sel] = r.data_ptr() + (torch.cumsum(lens_i, 0) - lens_i) * itemsize
-        plan.table = table_of_blocks(m_off, m_len, m_addr, m_node, m_word, N, B, int(m_len.sum()))
+                address[selected] = r.data_ptr() + (torch.cumsum(lengths, 0) - lengths) * itemsize
+        plan.table = table_of_blocks(my_offset, my_length, address, node[mine], word[mine], N, B,
+                                     int(my_length.sum()))
 
     def run(self, engine, buf, plan, call):
         c, topo = engine.codec, call.topo
@@ -295,7 +252,7 @@ class QuantExchange(Exchange):
         yield
         work.wait()
         t0 = time.perf_counter()
-        mine = _sum_rows(rows)
+        mine = sum_rows(rows)
         codec_s += time.perf_counter() - t0
         sent, quant_s = run_to_end(quantized_allreduce_(mine, plan.table, plan.table_dev, plan.my_rows_dev, topo.node,
                                                      topo.inter, c.bits, **rounding))
@@ -305,14 +262,24 @@ class QuantExchange(Exchange):
         return intra, sent, (codec_s if buf.device.type == "cpu" else 0.0) + quant_s
 
 
+@dataclass
+class SparsePlan:
+    """A sparsifier's plan: its payload table (host and device)."""
+
+    sparse: SparseTable
+    table_dev: torch.Tensor
+    residuals: list  # the residual tensors whose addresses the table holds
+
+
 class TopKExchange(Exchange):
     """Top-k per parameter: fixed-size (index, value) payloads all-gathered, decoded rank by rank."""
 
     flat_because = "its payloads are chosen per whole tensor"
 
-    def build(self, engine, plan, spans, buf, topo):
-        plan.sparse = build_sparse_table(_layout_spans(engine, plan, spans, buf), engine.codec.ratio)
-        plan.table_dev = to_device(plan.sparse.table, buf.device)
+    def build(self, engine, spans, buf, topo):
+        residuals: list = []
+        sparse = build_sparse_table(_layout_spans(engine, residuals, spans, buf), engine.codec.ratio)
+        return SparsePlan(sparse, to_device(sparse.table, buf.device), residuals)
 
     def run(self, engine, buf, plan, call):
         c, world = engine.codec, call.topo.world
@@ -330,6 +297,22 @@ class RandomKExchange(TopKExchange):
         sent, codec_s = yield from randomk_allreduce_(buf, plan.sparse, plan.table_dev, call.group, call.topo.world,
                                                       seed=engine.seed or 0, step=call.step)
         return 0, sent, codec_s
+
+
+def _blocks_of(spans: list[Span], B: int, L: int, N: int) -> dict:
+    """Every block of ``spans``, in span then block order: its length, its owner (local rank
+    inside the node, node across nodes), its noise word and its span's index."""
+    columns: dict = {k: [] for k in ("length", "local", "node", "word", "span")}
+    for i, s in enumerate(spans):
+        count = -(-s.numel // B)
+        j = torch.arange(count, dtype=torch.int64)
+        model_block = s.first_block + j
+        columns["length"].append(torch.clamp(s.numel - j * B, max=B))
+        columns["local"].append(model_block % L)
+        columns["node"].append((model_block // L) % N)
+        columns["word"].append(noise_words(s.ordinal, s.numel, j * B))
+        columns["span"].append(torch.full((count,), i, dtype=torch.int64))
+    return {k: torch.cat(v) for k, v in columns.items()}
 
 
 def _pieces(spans: list[Span], B: int, L: int) -> list[_Piece]:
@@ -351,26 +334,21 @@ def _pieces(spans: list[Span], B: int, L: int) -> list[_Piece]:
     return out
 
 
-def _layout_spans(engine, plan, spans, buf) -> list[LayoutSpan]:
+def _layout_spans(engine, residuals: list, spans, buf) -> list[LayoutSpan]:
     """The spans as layout.py takes them: each with its residual's address (made here and kept
-    alive by the plan), 0 without error feedback."""
+    alive in ``residuals``, the plan's), 0 without error feedback."""
     out = []
     for s in spans:
         addr = 0
         if engine.codec.error_feedback:
-            plan.residuals.append(engine.residual(s.key, s.numel, buf.device))
-            addr = plan.residuals[-1].data_ptr()
+            residuals.append(engine.residual(s.key, s.numel, buf.device))
+            addr = residuals[-1].data_ptr()
         out.append(LayoutSpan(s.offset, s.numel, s.first_block, addr, s.ordinal))
     return out
 
 
 _FAMILIES = {codecs.Cast: CastExchange(), codecs.BlockQuantizer: QuantExchange(), codecs.TopK: TopKExchange(),
-             codecs.RandomK: RandomKExchange()}
-
-
-from .lowrank import LowRankExchange  # noqa: E402 - it builds on Exchange, above
-
-_FAMILIES[codecs.PowerSGD] = LowRankExchange()
+             codecs.RandomK: RandomKExchange(), codecs.PowerSGD: LowRankExchange()}
 
 
 def hierarchy_refusal(codec: codecs.Codec) -> str | None:

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from ..collectives import exact_mean_, run_to_end
-from .exchanges import Exchange, to_device
+from .collectives import exact_mean_, run_to_end, to_device
+from .family import Exchange
 
 
 def initial_q(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
@@ -52,15 +52,16 @@ class LowRankExchange(Exchange):
 
     flat_because = "it orthogonalizes P = MQ over a whole matrix, which a node's share of the blocks is not"
 
-    def build(self, engine, plan, spans, buf, topo):
-        plan.lowrank = [(s, *engine.codec.matrix(engine.shape_of(s.key))) for s in spans]
+    def build(self, engine, spans, buf, topo):
+        """The plan: (span, n, m) a compressed parameter, viewed as an n × m matrix."""
+        return [(s, *engine.codec.matrix(engine.shape_of(s.key))) for s in spans]
 
-    def run(self, engine, buf, plan, call):
+    def run(self, engine, buf, matrices, call):
         c, world, dev = engine.codec, call.topo.world, buf.device
         R, wire = c.rank, c.factor_dtype
         t0 = time.perf_counter()
         mats, ps = [], []
-        for s, n, m in plan.lowrank:
+        for s, n, m in matrices:
             g = buf[s.offset : s.offset + s.numel].view(n, m)
             r = engine.residual(s.key, s.numel, dev).view(n, m) if c.error_feedback else None
             mat = torch.add(g, r) if r is not None else g.to(torch.float32, copy=True)

@@ -10,7 +10,7 @@ and sums the W rows of its shard in rank order in float32 (its own row as it is,
 loss), then divides by W. Blocks never straddle parameters, nor cover a chunk's padding.
 Parameters below min_numel, or of a dtype the codec does not take, travel in an exact lane
 (an all-to-all of their columns in the input dtype, or a cast codec's wire dtype), summed the
-same way. Every number is a function of the inputs alone, so tests/reference.py reproduces it
+same way. Every number is a function of the inputs alone, so tests/support/reference.py reproduces it
 bit for bit.
 """
 
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .. import codecs, ops
-from ..layout import ROW_WORDS, noise_words
-from .exchanges import _sum_rows, to_device
+from .collectives import sum_rows, to_device
+from .layout import ROW_WORDS, noise_words
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,7 @@ def cached_plan(engine, unit, pieces: list[Chunked], world: int, rank: int, dtyp
     """``unit``'s plan (any hashable naming the layout), kept in the engine's plan cache beside
     its all-reduce plans and rebuilt, as they are, when the residual store's version moves."""
     key = ("reduce_scatter", unit, world, rank, dtype, device, compress)
-    cached = engine._plans.get(key)
-    if cached is None or cached[0] != engine.store.version:
-        cached = engine._plans[key] = (engine.store.version, plan_reduce_scatter(engine, pieces, world, rank, dtype,
-                                                                                 device, compress))
-    return cached[1]
+    return engine.cached(key, lambda: plan_reduce_scatter(engine, pieces, world, rank, dtype, device, compress))
 
 
 def plan_reduce_scatter(engine, pieces: list[Chunked], world: int, rank: int, dtype: torch.dtype,
@@ -145,63 +141,87 @@ def reduce_scatter_(engine, plan: RSPlan, inp: torch.Tensor, out: torch.Tensor, 
     if all_to_all is None:
         def all_to_all(recv, send):
             return dist.all_to_all_single(recv, send, group=group, async_op=True)
-    W, me, S = plan.world, plan.rank, plan.shard
-    if S == 0:
+    if plan.shard == 0:
         return 0.0, 0.0
-    c = engine.codec
-    rows = inp.view(W, S)
-    timed = inp.device.type == "cpu"
+    rows = inp.view(plan.world, plan.shard)
     t0 = time.perf_counter()
-    sent, work_q, work_x = 0.0, None, None
-    if plan.enc_table is not None:
-        send = ops.quant_encode(inp, plan.enc_table, W, plan.slots, c.block_size, bits=c.bits, check_bounds=False,
-                                residual_dtype=c.residual_dtype, stochastic=c.stochastic, seed=engine.seed or 0,
-                                step=step, rank=me)
-        recv = torch.empty_like(send)
-        work_q = all_to_all(recv, send)
-        sent += (W - 1) * send.numel() // W
-    if plan.wire is not None:
-        lane = rows if plan.all_exact else rows.index_select(1, plan.exact_cols)
-        lane = lane.to(plan.wire).contiguous()
-        lane_recv = torch.empty_like(lane)
-        work_x = all_to_all(lane_recv, lane)
-        sent += (W - 1) * lane.shape[1] * lane.element_size()
+    # both lanes' all-to-alls are in flight before either is waited for
+    quantized = _send_quantized(engine, plan, inp, step, all_to_all) if plan.enc_table is not None else None
+    exact = _send_exact(plan, rows, all_to_all) if plan.wire is not None else None
     codec_s = time.perf_counter() - t0
-    acc = None
-    if work_q is not None:
-        work_q.wait()
+    sent = (quantized[2] if quantized else 0) + (exact[2] if exact else 0)
+    total = None
+    if quantized is not None:
         t0 = time.perf_counter()
-        scratch = rows if inp.dtype == torch.float32 else rows.float()
-        # rows j != me take what rank j sent me (NaN everywhere compressed if any sender
-        # flagged a non-finite value); my own row stays as it is
-        ops.quant_decode(recv, plan.dec_table, W, plan.slots, c.block_size, scratch.view(-1), bits=c.bits,
-                         check_bounds=False)
-        acc = _sum_rows(scratch)
-        if plan.pad_cols is not None:  # scratch rows j != me hold my data for rank j there: padding is 0
-            acc.index_fill_(0, plan.pad_cols, 0.0)
+        total = _sum_quantized(engine, plan, rows, quantized, inp.dtype)
         codec_s += time.perf_counter() - t0
-    if work_x is not None:
-        work_x.wait()
-        got = lane_recv.view(W, -1)
-        own = rows[me] if plan.all_exact else rows[me].index_select(0, plan.exact_cols)
-        got = got.float()
-        got[me] = own  # my own row without the wire's rounding
-        lane_sum = _sum_rows(got)
-        if acc is None and plan.all_exact:
-            acc = lane_sum
-        else:
-            if acc is None:
-                acc = torch.zeros(S, dtype=torch.float32, device=inp.device)
-            acc.index_copy_(0, plan.exact_cols, lane_sum)
-    acc.div_(W)
-    out.copy_(acc)
-    codec_s = codec_s if timed else 0.0
-    st = engine.stats
-    st["bytes_sent"] += sent
-    st["bytes_uncompressed"] += (W - 1) * S * inp.element_size()  # a ring reduce-scatter's
-    st["codec_seconds"] += codec_s
-    st["buckets_compressed" if plan.params_compressed else "buckets_fallback"] += 1
-    st["params_compressed"] += plan.params_compressed
-    st["params_fallback"] += plan.params_fallback
-    st["ratio"] = st["bytes_uncompressed"] / st["bytes_sent"] if st["bytes_sent"] else 1.0
+    if exact is not None:
+        total = _add_exact(plan, rows, exact, total, inp.device)
+    total.div_(plan.world)
+    out.copy_(total)
+    codec_s = codec_s if inp.device.type == "cpu" else 0.0
+    _count(engine.stats, plan, sent, codec_s, inp.element_size())
     return float(sent), codec_s
+
+
+def _send_quantized(engine, plan: RSPlan, inp: torch.Tensor, step: int, all_to_all) -> tuple:
+    """Encodes the rows this rank sends (error feedback through the table) and starts their
+    all-to-all: (work, received payload, bytes sent)."""
+    c, world = engine.codec, plan.world
+    send = ops.quant_encode(inp, plan.enc_table, world, plan.slots, c.block_size, bits=c.bits, check_bounds=False,
+                            residual_dtype=c.residual_dtype, stochastic=c.stochastic, seed=engine.seed or 0,
+                            step=step, rank=plan.rank)
+    received = torch.empty_like(send)
+    return all_to_all(received, send), received, (world - 1) * send.numel() // world
+
+
+def _send_exact(plan: RSPlan, rows: torch.Tensor, all_to_all) -> tuple:
+    """Starts the exact lane's all-to-all of its columns: (work, received lane, bytes sent)."""
+    lane = rows if plan.all_exact else rows.index_select(1, plan.exact_cols)
+    lane = lane.to(plan.wire).contiguous()
+    received = torch.empty_like(lane)
+    return all_to_all(received, lane), received, (plan.world - 1) * lane.shape[1] * lane.element_size()
+
+
+def _sum_quantized(engine, plan: RSPlan, rows: torch.Tensor, quantized: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Decodes the rows received into a scratch copy of the input and sums the W rows of this
+    rank's shard in rank order, in float32."""
+    work, received, _ = quantized
+    work.wait()
+    c = engine.codec
+    scratch = rows if dtype == torch.float32 else rows.float()
+    # rows j != me take what rank j sent me (NaN everywhere compressed if any sender
+    # flagged a non-finite value); my own row stays as it is
+    ops.quant_decode(received, plan.dec_table, plan.world, plan.slots, c.block_size, scratch.view(-1), bits=c.bits,
+                     check_bounds=False)
+    total = sum_rows(scratch)
+    if plan.pad_cols is not None:  # scratch rows j != me hold my data for rank j there: padding is 0
+        total.index_fill_(0, plan.pad_cols, 0.0)
+    return total
+
+
+def _add_exact(plan: RSPlan, rows: torch.Tensor, exact: tuple, total, device: torch.device) -> torch.Tensor:
+    """Sums the exact lane's W rows in rank order (this rank's own row as it is, without the
+    wire's rounding) into ``total``'s exact columns."""
+    work, received, _ = exact
+    work.wait()
+    me = plan.rank
+    got = received.view(plan.world, -1).float()
+    got[me] = rows[me] if plan.all_exact else rows[me].index_select(0, plan.exact_cols)
+    lane_sum = sum_rows(got)
+    if total is None and plan.all_exact:
+        return lane_sum
+    if total is None:
+        total = torch.zeros(plan.shard, dtype=torch.float32, device=device)
+    total.index_copy_(0, plan.exact_cols, lane_sum)
+    return total
+
+
+def _count(stats: dict, plan: RSPlan, sent: float, codec_s: float, element_size: int) -> None:
+    stats["bytes_sent"] += sent
+    stats["bytes_uncompressed"] += (plan.world - 1) * plan.shard * element_size  # a ring reduce-scatter's
+    stats["codec_seconds"] += codec_s
+    stats["buckets_compressed" if plan.params_compressed else "buckets_fallback"] += 1
+    stats["params_compressed"] += plan.params_compressed
+    stats["params_fallback"] += plan.params_fallback
+    stats["ratio"] = stats["bytes_uncompressed"] / stats["bytes_sent"] if stats["bytes_sent"] else 1.0

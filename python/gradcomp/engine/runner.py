@@ -3,21 +3,30 @@
 On Gloo every collective of a State goes through one first-in-first-out worker thread on
 private Gloo groups; on NCCL a front end issues everything from its own call, on a side
 stream of the State (``run_on_side_stream``), and completes the returned future there: the
-caller's stream is never blocked and the host never waits for the device.
+caller's stream is never blocked and the host never waits for the device. ``Runtime`` is the
+one object that holds all of it for a State (the worker, the private group, the side streams,
+the topology and the ranks' agreement at the first call); the State owns it, and it never
+writes into the State.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 import weakref
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
-from ..collectives import run_to_end
-from .core import GradcompError
+from .. import codecs
+from .collectives import run_to_end
+from .core import Call, Engine, GradcompError, agree, hash56
+from .topology import Topology, check_contiguous_nodes, resolve_ranks_per_node
 
 logger = logging.getLogger("gradcomp")
 
@@ -30,8 +39,8 @@ class GlooWorker:
     the bucket sequence alone (start k, finish k-1; the step's last bucket is finished at
     once), so every rank issues the same collectives in the same order."""
 
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, on_stop=None):
+        self.on_stop = on_stop  # called once the thread has ended (the runtime drops its private group)
         self.jobs: queue.Queue = queue.Queue()
         self.failure: GradcompError | None = None
         self.thread = threading.Thread(target=self._run, name="gradcomp-gloo", daemon=True)
@@ -44,10 +53,8 @@ class GlooWorker:
         group, so that it is destroyed now rather than during interpreter teardown."""
         self.jobs.put(None)
         self.thread.join(timeout)
-        if not self.thread.is_alive() and self.state is not None:
-            self.state._private_group = None
-            if hasattr(self.state, "_topo"):
-                self.state._topo = None
+        if not self.thread.is_alive() and self.on_stop is not None:
+            self.on_stop()
 
     def submit(self, job, fut: torch.futures.Future, what: str, step: int, last: bool) -> None:
         """``job()`` returns the bucket's exchange generator; ``last``: the step's last bucket."""
@@ -105,6 +112,11 @@ class GlooWorker:
 _workers: weakref.WeakSet[GlooWorker] = weakref.WeakSet()
 
 
+def live_workers() -> list[GlooWorker]:
+    """The worker threads the exit handler will stop."""
+    return list(_workers)
+
+
 @atexit.register
 def _stop_workers() -> None:
     # At exit, while torch's C++ side is still whole: a private Gloo group (and the daemon
@@ -133,3 +145,133 @@ def run_on_side_stream(streams: dict, device: torch.device, fn, what: str) -> to
         logger.exception("gradcomp: %s failed", what)
         raise GradcompError(f"gradcomp: {what} failed: {type(e).__name__}: {e}") from e
     return fut
+
+
+def numerics(device: torch.device) -> str:
+    """What decides the bits of torch's QR and matrix products here (PowerSGD's replicas are
+    identical only where every rank's are the same)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs, tf32 " \
+                f"{torch.backends.cuda.matmul.allow_tf32}"
+    else:
+        where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the ranks agree on at the first call, and how the State's groups are made:
+    ``config()`` is everything every rank must run alike (called once, when the check runs);
+    ``signature`` a front end's hash of what it passes (0: none)."""
+
+    config: object  # () -> dict
+    ranks_per_node: int | str | None
+    timeout: timedelta
+    signature: int = 0
+
+
+class Runtime:
+    """Where one State's collectives run, in one fixed order: the Gloo worker thread and its
+    private group, or the CUDA side streams; the ranks' agreement at the first call, and the
+    topology (node groups) it leads to. Made by the State, never collective until a reduction
+    runs; a pickled or fresh State gets a new one."""
+
+    def __init__(self):
+        self.worker: GlooWorker | None = None
+        self.private_group = None  # Gloo: the worker's group over the State's ranks, made by the first job
+        self.topology: Topology | None = None
+        self.per_node: int | None = None  # ranks_per_node as resolved at the first call
+        self.checked = False  # the ranks agreed (once)
+        self.side_streams: dict = {}  # CUDA: device -> the side stream
+
+    def release(self) -> None:
+        """Drops the private group and the topology's groups (the worker has stopped)."""
+        self.private_group = None
+        self.topology = None
+
+    def gloo_worker(self) -> GlooWorker:
+        """The worker thread, started at the first use."""
+        if self.worker is None:
+            self.worker = GlooWorker(on_stop=self.release)
+        return self.worker
+
+    def ready(self, group, device: torch.device, backend: str | None, engine: Engine, setup: Setup) -> Topology:
+        """Once, where the collectives run: the configuration check, then the hierarchy's groups.
+        The check comes first and compares the L every rank resolved, so ranks that disagree on
+        the topology (or whose L does not divide the group) fail together instead of waiting for
+        each other in ``new_group``. Sets the engine's seed to the one the ranks agreed on."""
+        if not self.checked:
+            self._agree(group, device, engine, setup)
+        if self.topology is None:
+            topology = Topology.of(dist.get_world_size(group), dist.get_rank(group), self.per_node)
+            if topology.per_node > 1:
+                topology.make_groups(dist.get_process_group_ranks(group), backend, setup.timeout)
+            self.topology = topology
+        return self.topology
+
+    def _agree(self, group, device: torch.device, engine: Engine, setup: Setup) -> None:
+        world = dist.get_world_size(group)
+        try:
+            per_node, problem = resolve_ranks_per_node(setup.ranks_per_node, world), None
+        except ValueError as e:
+            per_node, problem = None, e
+        resolved = -2 if problem is not None else (per_node or 0)
+        described = numerics(device) if isinstance(engine.codec, codecs.PowerSGD) else ""
+        extra = (int(os.environ.get("GROUP_RANK", "-1")), int(os.environ.get("LOCAL_RANK", "-1")), setup.signature,
+                 resolved, hash56(described.encode()))
+        seed, rows = agree(group, device, setup.config(), engine.seed, extra)
+        if len({r[2] for r in rows}) != 1:
+            raise GradcompError("gradcomp: ranks passed different tensors to all_reduce (keys, sizes or dtypes "
+                                "differ between ranks); every rank must pass the same list or dict")
+        if problem is not None:
+            raise problem
+        if len({r[4] for r in rows}) != 1:
+            raise GradcompError("gradcomp: powersgd needs every rank to orthogonalize and multiply its factors "
+                                "with the same bits, and the ranks differ in torch version, thread count, CPU "
+                                f"capability or GPU model (this rank: {described}); run every rank alike (e.g. "
+                                "the same OMP_NUM_THREADS)")
+        if len({r[3] for r in rows}) != 1:
+            raise GradcompError(f"gradcomp: ranks disagree on ranks_per_node: resolved to {[r[3] for r in rows]} "
+                                "by group rank (0: none); every rank must see the same node size")
+        if setup.ranks_per_node == "auto" and (per_node or 1) > 1:
+            check_contiguous_nodes([(r[0], r[1]) for r in rows], per_node)
+        engine.seed = seed
+        self.per_node = per_node
+        self.checked = True
+
+    def submit(self, engine: Engine, group, setup: Setup, make, device: torch.device, step: int, what: str,
+               compress: bool, last: bool, finish=None) -> torch.futures.Future:
+        """Reduces the (buffer, ordinals) pairs ``make()`` returns, in order, where the
+        collectives run; ``finish()`` then gives the future's value (default: the first buffer).
+        ``last``: the step's last submission (the worker finishes it at once)."""
+
+        def exchanges(group, topology):
+            pairs = make()
+            for buf, ordinals in pairs:
+                yield from engine.exchange(buf, ordinals, Call(group, topology, step, what, compress))
+            return finish() if finish is not None else pairs[0][0]
+
+        if device.type == "cuda":
+            def on_side():
+                topology = self.ready(group, device, None, engine, setup)
+                engine.poll_rejections()
+                return run_to_end(exchanges(group, topology))
+
+            return run_on_side_stream(self.side_streams, device, on_side, what)
+
+        if dist.get_world_size(group) == 1 and not compress:  # no collective: no worker thread, no private group
+            fut = torch.futures.Future()
+            fut.set_result(run_to_end(exchanges(group, Topology.of(1, 0, None))))
+            return fut
+
+        def job():
+            if self.private_group is None:
+                self.private_group = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo",
+                                                    timeout=setup.timeout, use_local_synchronization=True)
+            topology = self.ready(self.private_group, torch.device("cpu"), "gloo", engine, setup)
+            return exchanges(self.private_group, topology)
+
+        fut = torch.futures.Future()
+        self.gloo_worker().submit(job, fut, what, step, last)
+        return fut

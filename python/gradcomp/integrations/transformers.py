@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..hooks import State, _attach
+from ..hooks import State, attach
 
 try:
     from transformers import Trainer
@@ -141,7 +141,7 @@ class GradcompTrainerMixin:
         if isinstance(_compiled_inner(ddp.module), DistributedDataParallel):
             raise RuntimeError(_NESTED_DDP)
         if ddp is not self._gradcomp_ddp:
-            _attach(ddp, self.gradcomp_state)
+            attach(ddp, self.gradcomp_state)
             self._gradcomp_ddp = ddp
             self._gradcomp_synced, self._gradcomp_step0 = 0, self.gradcomp_state.step
 

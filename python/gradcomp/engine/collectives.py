@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import ops
+from .. import ops
 from .layout import BlockTable, SparseTable
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -35,6 +35,24 @@ def run_to_end(exchange):
             next(exchange)
     except StopIteration as done:
         return done.value
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on ``device`` without a host sync: a pageable host-to-device copy
+    waits for the stream, a pinned one with non_blocking does not (torch's pinned allocator
+    keeps the staging memory until the copy is done)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def sum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Row 0 + row 1 + ... in that order, in float32: a sum whose bits do not depend on the
+    backend's reduction order."""
+    total = rows[0].to(torch.float32, copy=True)
+    for i in range(1, rows.shape[0]):
+        total += rows[i]
+    return total
 
 
 def ring_allreduce_bytes(nbytes: int, world: int) -> float:

@@ -9,12 +9,12 @@ re-layout therefore changes which bucket a block travels in, not one number.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from .. import ops
+from ..codecs import pairs_for
 
 ROW_WORDS = ops.ROW_WORDS  # codec.h's kRowWords, from the compiled core
 NOISE_OFFSET_BITS = ops.CONSTANTS["noise_offset_bits"]  # codec.h's kNoiseOffsetBits
@@ -154,17 +154,6 @@ def contiguous_spans(numels: list[int], block: int, residual_addrs: list[int] | 
 SPARSE_ROW_WORDS = ops.SPARSE_ROW_WORDS  # codec.h's kSparseRowWords
 SPARSE_TILE = ops.SPARSE_TILE  # codec.h's kSparseTile
 MAX_SPARSE_NUMEL = (1 << 31) - 1  # indices travel as int32
-
-
-def pairs_for(numel: int, ratio) -> int:
-    """k = ceil(ratio · numel), at least 1 and at most numel, with ``ratio`` read as the
-    decimal it was written as (0.01 · 300 is 3, not 4 as float arithmetic would round up)."""
-    from fractions import Fraction
-
-    if numel <= 0:
-        return 0
-    k = math.ceil(Fraction(repr(float(ratio))) * numel)
-    return min(max(k, 1), numel)
 
 
 @dataclass

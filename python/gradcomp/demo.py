@@ -32,13 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
-from .benchmarks.methods import DEFAULT_METHODS, hierarchy_missing, is_node_method, parse_methods
+from .drivers.digits import load_digits_split, make_model
+from .drivers.launch import init_rank, missing_packages, run_ranks, under_torchrun
+from .drivers.methods import (
+    DEFAULT_METHODS,
+    DEMO_KINDS,
+    AttachOptions,
+    attach,
+    hierarchy_missing,
+    is_node_method,
+    parse_methods,
+)
 
 # the per-step methods, then DiLoCo: int8 pseudo-gradients every 20 steps (20 divides the
 # default 440 steps, so the final model is the anchor)
@@ -48,121 +57,61 @@ NEEDS = ("gradcomp demo needs tqdm, matplotlib and scikit-learn (for its bundled
          "pip install 'gradcomp[demo]'")
 
 
-def _missing_packages() -> list[str]:
-    import importlib.util
-
-    return [m for m in ("tqdm", "matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
-
-
-def load_digits_split(seed: int = 0):
-    """(x_train, y_train, x_test, y_test): the digits scaled to [0, 1], a fixed 80/20 split."""
-    import torch
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_train = int(0.8 * len(y))
-    train, test = order[:n_train], order[n_train:]
-    return x[train], y[train], x[test], y[test]
-
-
-def make_model(width: int):
-    import torch.nn as nn
-
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="gradcomp demo",
-                                description="DDP training on the digits dataset, once per method, side by side")
-    p.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs, "
-                        "node:<codec spec> (with --ranks-per-node), fsdp[:<codec spec>] and "
-                        "diloco:<codec spec or fp32>:H=<steps>[:F=<fragments>] "
-                        f"(default {','.join(DEMO_METHODS)})")
-    p.add_argument("--ranks-per-node", type=int, default=None,
-                   help="ranks a node, contiguous, for the node:<spec> methods' hierarchical reduction "
-                        "(the world must be a multiple of it)")
-    p.add_argument("--codec", help="shorthand for --methods allreduce,CODEC")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch", type=int, default=32, help="batch per rank")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--width", type=int, default=1024, help="hidden width of the MLP (default 1024: 1.1M parameters)")
-    p.add_argument("--bucket-cap-mb", type=float, default=1.0, help="DDP's bucket cap (default 1: several buckets)")
-    p.add_argument("--start-step", type=int, default=0, help="steps of plain all-reduce before compressing")
-    p.add_argument("--powersgd-rank", type=int, default=4, help="matrix_approximation_rank of torch's PowerSGD")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA with NCCL when there is a GPU per rank, else CPU with Gloo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="gradcomp-demo.png", help="PNG of the loss curves ('' for none)")
-    p.add_argument("--json", help="write the results to this file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="gradcomp demo",
+                                     description="DDP training on the digits dataset, once per method, side by side")
+    add = parser.add_argument
+    add("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun); default 2")
+    add("--methods", default=",".join(DEMO_METHODS),
+        help="comma-separated: allreduce, torch-fp16, torch-powersgd, gradcomp codec specs, "
+             "node:<codec spec> (with --ranks-per-node), fsdp[:<codec spec>] and "
+             "diloco:<codec spec or fp32>:H=<steps>[:F=<fragments>] "
+             f"(default {','.join(DEMO_METHODS)})")
+    add("--ranks-per-node", type=int, default=None,
+        help="ranks a node, contiguous, for the node:<spec> methods' hierarchical reduction "
+             "(the world must be a multiple of it)")
+    add("--codec", help="shorthand for --methods allreduce,CODEC")
+    add("--epochs", type=int, default=20)
+    add("--batch", type=int, default=32, help="batch per rank")
+    add("--lr", type=float, default=0.02)
+    add("--width", type=int, default=1024, help="hidden width of the MLP (default 1024: 1.1M parameters)")
+    add("--bucket-cap-mb", type=float, default=1.0, help="DDP's bucket cap (default 1: several buckets)")
+    add("--start-step", type=int, default=0, help="steps of plain all-reduce before compressing")
+    add("--powersgd-rank", type=int, default=4, help="matrix_approximation_rank of torch's PowerSGD")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: CUDA with NCCL when there is a GPU per rank, else CPU with Gloo")
+    add("--seed", type=int, default=0)
+    add("--plot", default="gradcomp-demo.png", help="PNG of the loss curves ('' for none)")
+    add("--json", help="write the results to this file")
+    add("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
     try:
         if args.codec:
             args.methods = "allreduce" if args.codec == "allreduce" else f"allreduce,{args.codec}"
-        args.methods = _parse_with_fsdp(args.methods)
+        args.methods = parse_methods(args.methods, DEMO_KINDS)
     except ValueError as e:
-        p.error(str(e))
-    for name in ("world", "epochs", "batch", "width", "powersgd_rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.start_step < 0:
-        p.error("--start-step must be >= 0")
-    if args.ranks_per_node is not None and args.ranks_per_node < 1:
-        p.error("--ranks-per-node must be >= 1")
-    node = [m for m in args.methods if is_node_method(m)]
-    if node and args.ranks_per_node is None:
-        p.error(f"{', '.join(node)} reduce node by node: give --ranks-per-node")
-    if not _under_torchrun():  # under torchrun the world is known only there: main checks it
-        problem = _world_problem(args.world, args.ranks_per_node)
-        if problem:
-            p.error(problem)
+        parser.error(str(e))
+    problem = _argument_problem(args)
+    if problem:
+        parser.error(problem)
     return args
 
 
-FSDP_PREFIX = "fsdp:"
-
-
-def is_fsdp_method(method: str) -> bool:
-    return method == "fsdp" or method.startswith(FSDP_PREFIX)
-
-
-def _parse_with_fsdp(text: str) -> list[str]:
-    """parse_methods, plus ``fsdp`` (FSDP2's own reduce-scatter) and ``fsdp:<spec>``
-    (gradcomp.fsdp.register with that codec; bench net's parse_fsdp_methods checks it)."""
-    from .benchmarks.methods import parse_fsdp_methods
-
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    for m in methods:
-        if m.startswith(FSDP_PREFIX):
-            try:
-                parse_fsdp_methods(m[len(FSDP_PREFIX):])
-            except ValueError as e:
-                raise ValueError(f"{m!r}: {FSDP_PREFIX} takes a gradcomp codec spec (e.g. {FSDP_PREFIX}int8): "
-                                 f"{e}") from e
-    others = [m for m in methods if not is_fsdp_method(m)]
-    parsed = parse_methods(",".join(others)) if others else []
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"a method is listed twice: {text}")
-    return [m if is_fsdp_method(m) else parsed[others.index(m)] for m in methods]
-
-
-def _fsdp_method(method: str, model, device, start_step: int):
-    """The demo's MLP sharded with FSDP2 (each Linear a unit, then the root), reduced by FSDP's
-    own reduce-scatter (``fsdp``) or gradcomp's (``fsdp:<spec>``): benchmarks.methods.FSDPMethod."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from .benchmarks.methods import FSDP_PLAIN, FSDPMethod, fully_shard_layers
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    fully_shard_layers(model, mesh)
-    name = method[len(FSDP_PREFIX):] if method.startswith(FSDP_PREFIX) else FSDP_PLAIN
-    return FSDPMethod(name, model, mode="fsdp", mesh=mesh, start_step=start_step)
+def _argument_problem(args) -> str | None:
+    """What is wrong with the parsed arguments beyond their methods, or None."""
+    for name in ("world", "epochs", "batch", "width", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
+    if args.start_step < 0:
+        return "--start-step must be >= 0"
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        return "--ranks-per-node must be >= 1"
+    node = [method for method in args.methods if is_node_method(method)]
+    if node and args.ranks_per_node is None:
+        return f"{', '.join(node)} reduce node by node: give --ranks-per-node"
+    if not under_torchrun():  # under torchrun the world is known only there: main checks it
+        return _world_problem(args.world, args.ranks_per_node)
+    return None
 
 
 def _world_problem(world: int, ranks_per_node: int | None) -> str | None:
@@ -171,129 +120,118 @@ def _world_problem(world: int, ranks_per_node: int | None) -> str | None:
     return None
 
 
-def _under_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+class _History(NamedTuple):
+    """One run's training on this rank: the loss and seconds of every step, the test
+    accuracy after every epoch."""
+
+    losses: list
+    step_seconds: list
+    test_accuracy: list
+    steps: int
 
 
-def _pick_device(args, world: int, local_rank: int):
-    import torch
-
-    import gradcomp
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cuda_ok = gradcomp.cuda_available() and gpus > 0
-    if args.device == "cuda" and not cuda_ok:
-        raise SystemExit("gradcomp demo: --device cuda, but no CUDA device is usable by torch and gradcomp "
-                         "(gradcomp info says why)")
-    if args.device == "cpu" or not cuda_ok:
-        return torch.device("cpu"), "gloo"
-    # every rank must choose alike: NCCL only if each rank on this node gets a GPU
-    ranks_here = world if not _under_torchrun() else int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
-    if gpus < ranks_here:
-        if args.device == "cuda":
-            raise SystemExit(f"gradcomp demo: {world} ranks need a GPU each (NCCL refuses two ranks on one GPU); "
-                             f"{gpus} visible")
-        return torch.device("cpu"), "gloo"
-    return torch.device("cuda", local_rank), "nccl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_one(method: str, args, rank: int, world: int, device, backend: str, data, progress):
+def _train_one(method: str, args, rank: int, world: int, device, backend: str, data, progress) -> dict:
     """One training run with ``method``; returns its record (loss curve on this rank)."""
     import torch
-    import torch.nn as nn
 
-    from .benchmarks.methods import DiLoCoMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
-
-    x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)  # the same initial weights on every rank, for every method
     model = make_model(args.width).to(device)
-    if is_fsdp_method(method):
-        cap = None
-        ddp = model
-        method_ctx = _fsdp_method(method, model, device, args.start_step)
-    elif is_diloco_method(method):  # the plain model: each rank steps alone between syncs
-        cap = None
-        ddp = model
-    else:
-        cap = bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
-        ddp = make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
-        method_ctx = Method(method, ddp, start_step=args.start_step, powersgd_rank=args.powersgd_rank,
+    options = AttachOptions(backend=backend, device=device, bucket_cap_mb=args.bucket_cap_mb,
+                            start_step=args.start_step, powersgd_rank=args.powersgd_rank,
                             ranks_per_node=args.ranks_per_node)
-    opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-    if is_diloco_method(method):
-        method_ctx = DiLoCoMethod(method, model, opt, ranks_per_node=args.ranks_per_node)
-    n = len(y_train)
-    steps_per_epoch = n // (args.batch * world)
-    losses, step_seconds, test_acc = [], [], []
-    with method_ctx as m:
-        for epoch in range(args.epochs):
-            # one permutation on every rank, each rank takes its own interleaved shard
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-            mine = order[rank::world]
-            for i in range(steps_per_epoch):
-                idx = mine[i * args.batch:(i + 1) * args.batch]
-                xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(ddp(xb), yb)
-                loss.backward()
-                opt.step()
-                m.after_step()  # DiLoCo's outer step every H steps; nothing for the others
-                loss_value = loss.item()  # waits for the device: the step is done
-                step_seconds.append(time.perf_counter() - t0)
-                losses.append(loss_value)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-            with torch.no_grad():
-                test_acc.append(float((model(x_test.to(device)).argmax(1) == y_test.to(device)).float().mean()))
-        steps = steps_per_epoch * args.epochs
-        sent = m.bytes_sent(steps)
-        codec_s = m.codec_seconds()
-        stats = dict(m.state.stats) if m.state is not None else None
-        residual_bytes = (sum(r.numel() * r.element_size() for r in m.state.residuals.values())
-                          if m.state is not None else 0)
+    setup = attach(method, model, lambda parameters: torch.optim.SGD(parameters, lr=args.lr, momentum=0.9),
+                   options)
+    with setup.method as attached:
+        history = _train_epochs(setup, model, args, rank, world, device, data, progress)
+        counts = _method_counts(attached, history.steps)
     # the loss curve averaged over ranks (after training: not part of any timed step)
-    curve = torch.tensor(losses, dtype=torch.float64, device=device)
+    curve = torch.tensor(history.losses, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(curve)
-    with torch.no_grad():
-        final_loss = float(nn.functional.cross_entropy(model(x_train.to(device)), y_train.to(device)))
-    skip = min(len(step_seconds) - 1, max(2, len(step_seconds) // 10))  # DDP's first steps build buckets
     return {
-        "final_loss": final_loss,
-        "test_accuracy": test_acc[-1],
-        "test_accuracy_per_epoch": test_acc,
-        "bytes_per_step": sent / steps,
-        "step_ms": 1e3 * statistics.median(step_seconds[skip:]),
-        "step_ms_mean": 1e3 * statistics.fmean(step_seconds[skip:]),  # DiLoCo's syncs show here, not in the median
-        "codec_ms_per_step": 1e3 * codec_s / steps,
-        "steps": steps,
+        "final_loss": _final_loss(model, data, device),
+        "test_accuracy": history.test_accuracy[-1],
+        "test_accuracy_per_epoch": history.test_accuracy,
+        "bytes_per_step": counts["bytes_sent"] / history.steps,
+        **_step_times(history),
+        "codec_ms_per_step": 1e3 * counts["codec_seconds"] / history.steps,
+        "steps": history.steps,
         "loss_curve": (curve / world).tolist(),
-        "bucket_cap_mb": cap,
-        "stats": stats,
-        "residual_bytes": residual_bytes,  # this rank's error-feedback memory at the end
+        "bucket_cap_mb": setup.bucket_cap_mb,
+        "stats": counts["stats"],
+        "residual_bytes": counts["residual_bytes"],  # this rank's error-feedback memory at the end
     }
 
 
-def init_rank(args, rank: int, world: int, local_rank: int):
-    """This rank's (device, backend), its threads (the ranks share this machine's cores) and
-    its process group."""
+def _train_epochs(setup, model, args, rank: int, world: int, device, data, progress) -> _History:
+    """``args.epochs`` epochs of ``setup``'s training; the test accuracy of ``model`` after each."""
     import torch
-    import torch.distributed as dist
 
-    device, backend = _pick_device(args, world, local_rank)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
-    else:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    return device, backend
+    x_train, y_train, x_test, y_test = data
+    n_train = len(y_train)
+    steps_per_epoch = n_train // (args.batch * world)
+    history = _History([], [], [], steps_per_epoch * args.epochs)
+    for epoch in range(args.epochs):
+        # one permutation on every rank, each rank takes its own interleaved shard
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        mine = order[rank::world]
+        for step in range(steps_per_epoch):
+            batch = mine[step * args.batch:(step + 1) * args.batch]
+            seconds, loss = _timed_step(setup, x_train[batch].to(device), y_train[batch].to(device))
+            history.step_seconds.append(seconds)
+            history.losses.append(loss)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        with torch.no_grad():
+            predicted = model(x_test.to(device)).argmax(1)
+            history.test_accuracy.append(float((predicted == y_test.to(device)).float().mean()))
+    return history
+
+
+def _timed_step(setup, inputs, targets) -> tuple[float, float]:
+    """(seconds, loss) of one training step."""
+    import torch.nn as nn
+
+    started = time.perf_counter()
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(setup.module(inputs), targets)
+    loss.backward()
+    setup.optimizer.step()
+    setup.method.after_step()  # DiLoCo's outer step every H steps; nothing for the others
+    loss_value = loss.item()  # waits for the device: the step is done
+    return time.perf_counter() - started, loss_value
+
+
+def _method_counts(attached, steps: int) -> dict:
+    """What the method counted over ``steps`` steps, read while it is still attached."""
+    state = attached.state
+    residuals = state.residuals.values() if state is not None else ()
+    return {
+        "bytes_sent": attached.bytes_sent(steps),
+        "codec_seconds": attached.codec_seconds(),
+        "stats": dict(state.stats) if state is not None else None,
+        "residual_bytes": sum(residual.numel() * residual.element_size() for residual in residuals),
+    }
+
+
+def _final_loss(model, data, device) -> float:
+    """Cross-entropy of ``model`` on the whole training set."""
+    import torch
+    import torch.nn as nn
+
+    x_train, y_train = data[0], data[1]
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(x_train.to(device)), y_train.to(device)))
+
+
+def _step_times(history: _History) -> dict:
+    """The median and mean step in ms, past the first steps (where DDP builds its buckets)."""
+    seconds = history.step_seconds
+    skip = min(len(seconds) - 1, max(2, len(seconds) // 10))
+    return {
+        "step_ms": 1e3 * statistics.median(seconds[skip:]),
+        "step_ms_mean": 1e3 * statistics.fmean(seconds[skip:]),  # DiLoCo's syncs show here, not in the median
+    }
 
 
 def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
@@ -301,7 +239,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    device, backend = init_rank(args, rank, world, local_rank)
+    device, backend = init_rank("gradcomp demo", args.device, rank, world, local_rank)
     try:
         data = load_digits_split(args.seed)
         n_train = len(data[1])
@@ -333,7 +271,7 @@ def report(out: dict, args) -> None:
     meta, results = out["meta"], out["results"]
     plain = results.get("allreduce", {}).get("bytes_per_step")
     if plain is None:  # no allreduce run: the ratio is against what plain all-reduce would send
-        from .collectives import ring_allreduce_bytes
+        from .engine.collectives import ring_allreduce_bytes
 
         plain = ring_allreduce_bytes(4 * meta["parameters"], meta["world"])
     for r in results.values():
@@ -390,36 +328,9 @@ def plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _spawned_rank(run, rank: int, world: int, port: int, args, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    out = run(args, rank, world, rank)
-    if out is not None:  # a file, not a pipe: a pipe holds 64 KiB, and the parent reads after the join
-        with open(result_path, "w") as f:
-            json.dump(out, f)
-
-
-def _join(procs) -> None:
-    """Waits for every rank; when one fails, stops the others (they would wait for it in a
-    collective until the group's timeout)."""
-    from multiprocessing.connection import wait
-
-    running = list(procs)
-    while running:
-        for sentinel in wait([p.sentinel for p in running]):
-            proc = next(p for p in running if p.sentinel == sentinel)
-            proc.join()
-            running.remove(proc)
-            if proc.exitcode != 0:
-                for p in running:
-                    p.terminate()
-                for p in running:
-                    p.join()
-                return
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    missing = _missing_packages()
+    missing = missing_packages()
     if missing:
         print(f"{NEEDS} (missing: {', '.join(missing)})", file=sys.stderr)
         return 1
@@ -427,54 +338,5 @@ def main(argv=None) -> int:
     if unsupported:  # before any training, not after the other methods
         print(f"gradcomp demo: {unsupported}", file=sys.stderr)
         return 1
-    if _under_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        problem = _world_problem(world, args.ranks_per_node)
-        if problem:
-            print(f"gradcomp demo: {problem}", file=sys.stderr)
-            return 2
-        if rank == 0:
-            print(f"gradcomp demo under torchrun: {world} ranks, methods {', '.join(args.methods)}", flush=True)
-        out = run_rank(args, rank, world, int(os.environ["LOCAL_RANK"]))
-        if out is not None:
-            report(out, args)
-        return 0
-
-    print(f"gradcomp demo: {args.world} ranks, methods {', '.join(args.methods)}", flush=True)
-    code, out = spawn_ranks("gradcomp demo", args.world, run_rank, args)
-    if out is not None:
-        report(out, args)
-    return code
-
-
-def spawn_ranks(prog: str, world: int, run, args) -> tuple[int, dict | None]:
-    """Runs ``run(args, rank, world, local_rank)`` (a module-level function) in ``world``
-    spawned processes on this machine; returns (exit code, what rank 0's returned, or None
-    when a rank failed or the user interrupted)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix=prog.replace(" ", "-") + "-") as tmp:
-        result_path = os.path.join(tmp, "rank0.json")
-        procs = [ctx.Process(target=_spawned_rank, args=(run, r, world, port, args, result_path))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        try:
-            _join(procs)
-        except KeyboardInterrupt:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.join()
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130, None
-        if any(proc.exitcode != 0 for proc in procs) or not os.path.exists(result_path):
-            codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
-            print(f"{prog}: a rank failed ({codes})", file=sys.stderr)
-            return 1, None
-        with open(result_path) as f:
-            return 0, json.load(f)
+    return run_ranks("gradcomp demo", args, run_rank, report, f"methods {', '.join(args.methods)}",
+                     world_problem=lambda world: _world_problem(world, args.ranks_per_node))

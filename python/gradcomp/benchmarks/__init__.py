@@ -1,1 +1,2 @@
-"""gradcomp's benchmarks and the training methods they compare (``gradcomp bench ...``)."""
+"""gradcomp's benchmarks (``gradcomp bench ...``); the methods they compare and how they start
+their ranks are gradcomp.drivers'."""

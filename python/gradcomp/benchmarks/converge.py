@@ -1,8 +1,9 @@
 """``gradcomp bench converge``: does a compressed gradient exchange train as well as plain all-reduce?
 
 The same training once per method, for each task and each seed, on ``--world`` ranks (Gloo
-on CPU, spawned as ``gradcomp demo`` spawns them, or one rank a process under torchrun), and
-the final held-out loss of each method against plain all-reduce's at the same seed.
+on CPU, spawned as ``gradcomp demo`` spawns them, by gradcomp.drivers.launch, or one rank a
+process under torchrun), and the final held-out loss of each method against plain
+all-reduce's at the same seed. The methods are gradcomp.drivers.methods' specs.
 
 Tasks (``--tasks``):
 
@@ -41,7 +42,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..demo import _missing_packages, _under_torchrun, init_rank, load_digits_split, make_model, spawn_ranks
-from .methods import DEFAULT_METHODS, is_node_method, parse_methods
+from ..drivers.digits import load_digits_split, make_model
+from ..drivers.launch import DEMO_PACKAGES, init_rank, missing_packages, run_ranks
+from ..drivers.methods import DEFAULT_METHODS, AttachOptions, attach, is_diloco_method, is_node_method, parse_methods
 
 TASKS = ("lm", "mlp")
 BASELINE = "allreduce"
@@ -214,15 +215,16 @@ class LMTask:
     def optimizer(self, params, freeze_step: int | None = None):
         """AdamW: torch's, or with ``freeze_step`` gradcomp.optim.AdamW, whose variance stops
         changing after that many steps (1-bit Adam's recipe for low-bit codecs)."""
-        kw = {"lr": self.args.lm_lr, "betas": (0.9, 0.95), "weight_decay": 0.01}
+        settings = {"lr": self.args.lm_lr, "betas": (0.9, 0.95), "weight_decay": 0.01}
         if freeze_step is None:
-            opt = torch.optim.AdamW(params, **kw)
-        else:
-            from ..optim import AdamW
+            return torch.optim.AdamW(params, **settings)
+        from ..optim import AdamW
 
-            opt = AdamW(params, freeze_step=freeze_step, **kw)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, self.steps, self.warmup))
-        return opt, schedule
+        return AdamW(params, freeze_step=freeze_step, **settings)
+
+    def schedule(self, optimizer):
+        """Linear warm-up, then a cosine decay."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, self.steps, self.warmup))
 
     def batch_at(self, seed: int, step: int):
         """(inputs, targets) of this rank at ``step``: windows at offsets drawn from a generator
@@ -285,7 +287,10 @@ class MLPTask:
         return make_model(self.args.width)
 
     def optimizer(self, params, freeze_step: int | None = None):  # SGD: nothing to freeze
-        return torch.optim.SGD(params, lr=self.args.mlp_lr, momentum=0.9), None
+        return torch.optim.SGD(params, lr=self.args.mlp_lr, momentum=0.9)
+
+    def schedule(self, optimizer):  # a constant lr
+        return None
 
     def batch_at(self, seed: int, step: int):
         """This rank's batch at ``step``: its interleaved shard of the epoch's permutation, one
@@ -410,51 +415,45 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
     the held-out curve and training losses already summed over the ranks."""
     import torch.distributed as dist
 
-    from .methods import DiLoCoMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
-
     torch.manual_seed(seed)  # the same initial weights on every rank, for every method
     model = task.model().to(device)
-    diloco = is_diloco_method(method)
-    cap = None if diloco else bucket_cap_mb(method, model, backend, args.bucket_cap_mb)
-    # DiLoCo trains the plain model: each rank steps alone between its syncs
-    ddp = model if diloco else make_ddp(model, cap, device_ids=[device.index] if device.type == "cuda" else None)
     # the baseline is plain AdamW; --freeze-variance changes the per-step compressed methods' optimizer
-    opt, schedule = task.optimizer(ddp.parameters(), None if method == BASELINE or diloco else args.freeze_variance)
+    freeze_step = None if method == BASELINE or is_diloco_method(method) else args.freeze_variance
+    options = AttachOptions(backend=backend, device=device, bucket_cap_mb=args.bucket_cap_mb,
+                            start_step=args.start_step)
+    setup = attach(method, model, lambda parameters: task.optimizer(parameters, freeze_step), options)
+    schedule = task.schedule(setup.optimizer)
     steps = task.steps
     eval_at = sorted({*range(0, steps, args.eval_every), steps})
     heldout, losses, step_seconds = [], [], []
     started = time.perf_counter()
-    attach = DiLoCoMethod(method, model, opt) if diloco else Method(method, ddp, start_step=args.start_step)
-    with attach as m:
+    with setup.method as attached:
         for step in range(steps + 1):
             if step in eval_at:  # the model after `step` steps, on the inner module: no collective
                 heldout.append(task.heldout_sum(model))
             if step == steps:
                 break
-            x, y = task.batch_at(seed, step)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = task.loss(ddp(x), y)
+            inputs, targets = task.batch_at(seed, step)
+            step_started = time.perf_counter()
+            setup.optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(setup.module(inputs), targets)
             loss.backward()
-            opt.step()
+            setup.optimizer.step()
             if schedule is not None:
                 schedule.step()
-            m.after_step()  # DiLoCo's outer step every H steps; nothing for the others
+            attached.after_step()  # DiLoCo's outer step every H steps; nothing for the others
             loss_value = loss.item()  # waits for the device: the step is done
-            step_seconds.append(time.perf_counter() - t0)
+            step_seconds.append(time.perf_counter() - step_started)
             losses.append(loss_value)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-        sent = m.bytes_sent(steps)
-        codec_s = m.codec_seconds()
-        stats = dict(m.state.stats) if m.state is not None else None
+        sent = attached.bytes_sent(steps)
+        codec_seconds = attached.codec_seconds()
+        stats = dict(attached.state.stats) if attached.state is not None else None
     wall_s = time.perf_counter() - started  # the steps and the evaluations
     # the shards summed once the method is detached: its byte count never sees these
-    sums = torch.tensor(heldout, dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    train = torch.tensor(losses, dtype=torch.float64, device=device)
-    dist.all_reduce(train)
+    sums, train = _summed(heldout, device), _summed(losses, device)
     curve = (sums[:, 0] / sums[:, 1]).tolist()
     skip = min(len(step_seconds) - 1, max(2, len(step_seconds) // 10))  # DDP's first steps build buckets
     return {
@@ -465,11 +464,21 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
         "bytes_per_step": sent / steps,
         "step_ms": 1e3 * statistics.median(step_seconds[skip:]),
         "step_ms_mean": 1e3 * statistics.fmean(step_seconds[skip:]),
-        "codec_ms_per_step": 1e3 * codec_s / steps,
+        "codec_ms_per_step": 1e3 * codec_seconds / steps,
         "wall_s": wall_s,
-        "bucket_cap_mb": cap,
+        "bucket_cap_mb": setup.bucket_cap_mb,
         "stats": stats,
     }
+
+
+
+def _summed(values: list, device) -> torch.Tensor:
+    """``values`` (numbers, or rows of them) summed over the ranks, in float64."""
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total
 
 
 def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
@@ -478,7 +487,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict | None:
 
     import gradcomp
 
-    device, backend = init_rank(args, rank, world, local_rank)
+    device, backend = init_rank("gradcomp bench converge", args.device, rank, world, local_rank)
     try:
         runs, tasks_meta = [], {}
         for name in args.tasks:
@@ -634,7 +643,7 @@ def _needed_packages(args) -> list[str]:
     needed = {"sklearn"} if "mlp" in args.tasks else set()
     needed |= {"matplotlib"} if args.plot else set()
     needed |= set() if args.no_progress else {"tqdm"}
-    return [m for m in _missing_packages() if m in needed]
+    return missing_packages([name for name in DEMO_PACKAGES if name in needed])
 
 
 def main(argv=None) -> int:
@@ -645,17 +654,4 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     what = f"tasks {', '.join(args.tasks)}, methods {', '.join(args.methods)}, seeds {','.join(map(str, args.seeds))}"
-    if _under_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if rank == 0:
-            print(f"gradcomp bench converge under torchrun: {world} ranks, {what}", flush=True)
-        out = run_rank(args, rank, world, int(os.environ["LOCAL_RANK"]))
-        if out is not None:
-            report(out, args)
-        return 0
-
-    print(f"gradcomp bench converge: {args.world} ranks, {what}", flush=True)
-    code, out = spawn_ranks("gradcomp bench converge", args.world, run_rank, args)
-    if out is not None:
-        report(out, args)
-    return code
+    return run_ranks("gradcomp bench converge", args, run_rank, report, what)

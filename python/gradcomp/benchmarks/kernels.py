@@ -45,7 +45,8 @@ import time
 import torch
 
 import gradcomp
-from gradcomp import layout, ops
+from gradcomp import ops
+from gradcomp.engine import layout
 
 HEADER = 16  # codec.h kHeaderBytes
 QMAX = 127.0
@@ -209,7 +210,7 @@ def shard_views(buf: torch.Tensor, shards: int, slots: int, block: int):
 
 
 # ------------------------------------------------------------------------------ torch-op versions
-# The same algorithm as the kernels, in idiomatic torch ops (tests/reference.py's math:
+# The same algorithm as the kernels, in idiomatic torch ops (tests/support/reference.py's math:
 # scale = absmax / qmax, code = round_half_even(a * (qmax / absmax)) clamped), writing into
 # the same payload layout. They leave out the non-finite handling (header flags, NaN
 # scales), which only makes them faster. If the codec's math changes, the bitwise check

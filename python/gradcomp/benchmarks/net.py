@@ -74,14 +74,16 @@ import sys
 import tempfile
 import time
 
-from .methods import (
+from ..drivers.launch import environment_rank, worker_pythonpath
+from ..drivers.methods import (
+    DDP_KINDS,
     DEFAULT_METHODS,
     FSDP_DEFAULT_METHODS,
     baseline,
     fsdp_missing,
     hierarchy_missing,
-    parse_fsdp_methods,
     parse_methods,
+    sharded_kinds,
 )
 
 MAX_NODES = 200  # addresses SUBNET.1 .. SUBNET.200
@@ -254,9 +256,9 @@ def parse_args(argv):
     args.mode = "hsdp" if args.hsdp else "fsdp" if args.fsdp else "ddp"
     try:
         if args.mode == "ddp":
-            args.methods = parse_methods(args.methods or ",".join(DEFAULT_METHODS))
+            args.methods = parse_methods(args.methods or ",".join(DEFAULT_METHODS), DDP_KINDS)
         else:
-            args.methods = parse_fsdp_methods(args.methods or ",".join(FSDP_DEFAULT_METHODS), args.mode)
+            args.methods = parse_methods(args.methods or ",".join(FSDP_DEFAULT_METHODS), sharded_kinds(args.mode))
         args.rate_bps = parse_rate(args.rate)
     except ValueError as e:
         p.error(str(e))
@@ -410,7 +412,7 @@ def _run_phase(netns: Namespaces, args, phase: str, workdir: str, round_: int) -
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.world), LOCAL_RANK=str(r % per_node),
                        LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(r // per_node),
                        MASTER_ADDR=netns.address(0), MASTER_PORT=str(PORT), GLOO_SOCKET_IFNAME="eth0",
-                       PYTHONUNBUFFERED="1", PYTHONPATH=_worker_pythonpath())
+                       PYTHONUNBUFFERED="1", PYTHONPATH=worker_pythonpath())
             log = open(os.path.join(workdir, f"{phase_tag}-rank{r}.log"), "w")  # closed in the finally below
             logs.append(log)
             # rank 0 prints progress here; every rank's output is also in its log for errors
@@ -475,20 +477,6 @@ def _dump_stacks(procs) -> None:
             except ProcessLookupError:
                 pass
     time.sleep(1.0)
-
-
-def _worker_pythonpath() -> str:
-    """PYTHONPATH for the ranks: they import gradcomp from where this process did (a source
-    tree run with PYTHONPATH, or from its folder, included), not whichever copy is installed;
-    a site-packages folder, on the path anyway, is not put before the standard library."""
-    import site
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sites = {os.path.abspath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
-    if root not in sites and (not paths or os.path.abspath(paths[0]) != root):
-        paths.insert(0, root)
-    return os.pathsep.join(paths)
 
 
 def _tail(path: str, lines: int = 25) -> str:
@@ -737,14 +725,6 @@ def _mesh(mode: str, world: int, nodes: int, per_node: int):
     return init_device_mesh("cpu", (world,))
 
 
-def _shard(net, mesh, mode: str):
-    """``fully_shard`` on each layer with parameters, then on the root: over the whole mesh
-    (FSDP) or its shard dimension, a node's ranks (HSDP)."""
-    from .methods import fully_shard_layers
-
-    return fully_shard_layers(net, mesh["shard"] if mode == "hsdp" else mesh)
-
-
 def _split_bytes(m, steps: int) -> dict[str, float]:
     """gradcomp's counts of the bytes this rank sent within its node and to other nodes in
     its first ``steps`` steps, where its State keeps them (a hierarchical one) or the method
@@ -762,12 +742,12 @@ def _worker(config_path: str) -> int:
 
     import gradcomp
 
-    from .methods import DiLoCoMethod, FSDPMethod, Method, bucket_cap_mb, is_diloco_method, make_ddp
+    from ..drivers.methods import AttachOptions, attach, is_diloco_method
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the stacks, if the parent finds us stuck
     with open(config_path) as f:
         cfg = json.load(f)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world, _ = environment_rank()
     per_node, nodes = cfg["ranks_per_node"], cfg["nodes"]
     node, reader = rank // per_node, rank % per_node == 0  # a node's first rank reads its counters
     threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // world)
@@ -807,35 +787,28 @@ def _worker(config_path: str) -> int:
             frees the group itself, holding the GIL, and that can deadlock Gloo's teardown."""
             torch.manual_seed(0)
             net, _, _ = _model(cfg["params"])
-            diloco = is_diloco_method(method)
-            if diloco:  # the plain model; syncs every H steps
-                trained = net
-            elif mode == "ddp":
-                trained = make_ddp(net, bucket_cap_mb(method, net, "gloo", cfg["bucket_cap_mb"]))
-                attach = Method(method, trained, powersgd_rank=cfg["powersgd_rank"], ranks_per_node=per_node)
-            else:
-                trained = _shard(net, mesh, mode)
-                attach = FSDPMethod(method, trained, mode=mode, mesh=mesh)
-            opt = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
-            if diloco:
-                attach = DiLoCoMethod(method, trained, opt, ranks_per_node=per_node)
+            # DDP and its bucket cap, the model sharded (--fsdp, --hsdp) or the plain one (DiLoCo)
+            options = AttachOptions(bucket_cap_mb=cfg["bucket_cap_mb"], powersgd_rank=cfg["powersgd_rank"],
+                                    ranks_per_node=per_node, sharding=mode, mesh=mesh)
+            setup = attach(method, net, lambda parameters: torch.optim.SGD(parameters, lr=1e-3, momentum=0.9),
+                           options)
             # DiLoCo: whole periods of H steps from a sync on, each period's mean step a sample
-            period = attach.sync_every if diloco else 1
+            period = setup.method.sync_every if is_diloco_method(method) else 1
             warmup = -(-cfg["warmup"] // period) * period
             n_timed = -(-cfg["steps"] // period) * period
 
-            def step(trained=trained, opt=opt, attach=attach):
-                opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(trained(x), y).backward()
-                opt.step()
-                attach.after_step()
+            def step(module=setup.module, optimizer=setup.optimizer, attached=setup.method):
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(module(x), y).backward()
+                optimizer.step()
+                attached.after_step()
 
-            with attach as m:
+            with setup.method as attached:
                 dist.barrier()
                 for _ in range(warmup):
                     step()
-                sent0, codec0 = m.bytes_sent(warmup), m.codec_seconds()
-                split0 = _split_bytes(m, warmup)
+                sent0, codec0 = attached.bytes_sent(warmup), attached.codec_seconds()
+                split0 = _split_bytes(attached, warmup)
                 tx0 = _drained_tx_bytes(reader)
                 times = timed_steps(step, 0, n_timed)
                 tx1 = _drained_tx_bytes(reader)
@@ -846,19 +819,19 @@ def _worker(config_path: str) -> int:
                 result = {
                     "step_ms": statistics.median(samples), "steps_ms": samples,
                     "timed_steps": n_timed, "period": period,
-                    "bytes_per_step": (m.bytes_sent(total) - sent0) / n_timed,
+                    "bytes_per_step": (attached.bytes_sent(total) - sent0) / n_timed,
                     # node 0's eth0 (rank 0's own where a node is one rank)
                     "eth0_tx_bytes_per_step": node_tx[0],
                     "node_tx_bytes_per_step": node_tx,
                     "node_lo_tx_bytes_per_step": node_lo,
-                    "codec_ms_per_step": 1e3 * (m.codec_seconds() - codec0) / n_timed,
-                    "stats": dict(m.state.stats) if m.state is not None else None,
+                    "codec_ms_per_step": 1e3 * (attached.codec_seconds() - codec0) / n_timed,
+                    "stats": dict(attached.state.stats) if attached.state is not None else None,
                 }
-                if m.state is not None:  # gradcomp's own uncompressed / sent over the run
-                    result["compression_ratio"] = float(m.state.stats["ratio"])
-                if hasattr(m, "allgather_per_step"):  # FSDP2's parameter all-gathers: computed, not counted
-                    result["allgather_bytes_per_step"] = m.allgather_per_step
-                for key, value in _split_bytes(m, total).items():  # gradcomp's own intra / inter-node counts
+                if attached.state is not None:  # gradcomp's own uncompressed / sent over the run
+                    result["compression_ratio"] = float(attached.state.stats["ratio"])
+                if hasattr(attached, "allgather_per_step"):  # FSDP2's parameter all-gathers: computed, not counted
+                    result["allgather_bytes_per_step"] = attached.allgather_per_step
+                for key, value in _split_bytes(attached, total).items():  # gradcomp's own intra / inter-node counts
                     result[f"{key}_per_step"] = (value - split0[key]) / n_timed
             if rank == 0:
                 print(f"  {cfg['phase']:>8} {method:<16} {result['step_ms']:8.0f} ms/step  "

@@ -33,8 +33,9 @@ import sys
 import torch
 
 import gradcomp
-from gradcomp import layout, ops
+from gradcomp import codecs, ops
 from gradcomp.benchmarks.kernels import Timer, cache_bytes, copy_times, device_name, num_sets
+from gradcomp.engine import layout
 
 
 def table_for(n: int, ratio: float, residual: torch.Tensor | None, dev: torch.device):
@@ -56,7 +57,7 @@ def recall(x: torch.Tensor, ratio: float) -> float:
 
 
 def bench_one(n: int, ratio: float, dev: torch.device, timer: Timer, cache: int) -> dict:
-    k = layout.pairs_for(n, ratio)
+    k = codecs.pairs_for(n, ratio)
     nsets = num_sets(3 * 4 * n, cache)
     g = torch.Generator().manual_seed(n)
     xs = [torch.randn(n, generator=g).to(dev) for _ in range(nsets)]

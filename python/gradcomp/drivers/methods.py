@@ -1,4 +1,7 @@
-"""The gradient-exchange methods the demo and the network benchmark compare.
+"""The gradient-exchange methods the demo and the benchmarks compare: one registry of method
+specs, one parser, and the classes that attach a method to a model.
+
+A method is a spec string; each kind of spec means the same in every command that takes it:
 
     "allreduce"       DDP's own all-reduce, no hook
     "torch-fp16"      torch's fp16_compress_hook
@@ -14,33 +17,45 @@
                       no per-step exchange: gradcomp.DiLoCo on the plain model, syncing every
                       n steps with that codec ("fp32": an exact average), in f fragments
                       ("diloco:int8:H=20", "diloco:fp32:H=10", "diloco:int4:block=64:H=50:F=2")
+    "fsdp", "fsdp:<spec>"
+                      the model sharded with FSDP2 over the world, reduced by FSDP2's own
+                      reduce-scatter or gradcomp's with that codec (gradcomp.fsdp.register);
+                      "fsdp:<spec>" takes what a sharded run takes (below)
     anything else     a gradcomp codec spec ("int8", "sign", "topk:0.01", ...)
 
-``Method(method, ddp)`` registers the method on a DistributedDataParallel model and counts
-the bytes this rank puts on the wire; ``bucket_cap_mb`` gives the bucket cap it needs and
-``make_ddp`` builds the model with it. A DiLoCo method trains the plain model instead:
-``DiLoCoMethod(method, model, inner_optimizer)``, whose ``after_step()`` the loop calls after
-every optimizer step (Method's and FSDPMethod's do nothing).
-
-Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nodes) the
-methods are (``parse_fsdp_methods``, ``FSDPMethod``):
+Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nodes), as
+``gradcomp bench net --fsdp`` and ``--hsdp`` run them, every method is a sharded one
+(``parse_fsdp_methods``, ``FSDPMethod``):
 
     "plain"           FSDP2's own exact reduction: its reduce-scatter (FSDP); its reduce-scatter
                       inside the node and a plain all-reduce of each shard across the replicas
                       (``set_all_reduce_hook``; HSDP)
     anything else     a gradcomp codec spec ("int8", "int4", "fp16", ...): gradcomp.fsdp.register,
                       a compressed reduce-scatter (FSDP) or replica all-reduce (HSDP)
+
+Each kind is a ``MethodKind`` (which specs it takes, and the check that refuses a bad one);
+a command passes ``parse_methods`` the kinds it runs (``DDP_KINDS``, ``DEMO_KINDS``,
+``sharded_kinds(mode)``), and a spec of a kind it does not run is taken for a codec spec.
+
+``attach(method, model, make_optimizer, options)`` readies a model for a method: DDP with the
+bucket cap the method needs and ``Method`` on it (the bytes this rank puts on the wire), the
+model sharded and ``FSDPMethod``, or the plain model under ``DiLoCoMethod``, whose
+``after_step()`` the loop calls after every optimizer step (Method's and FSDPMethod's do
+nothing).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .. import codecs
-from ..collectives import ring_allreduce_bytes
+from ..engine.collectives import ring_allreduce_bytes
 
 TORCH_METHODS = ("allreduce", "torch-fp16", "torch-powersgd")
 TORCH_POWERSGD = "torch-powersgd"  # and "torch-powersgd:R", R its matrix_approximation_rank
@@ -48,42 +63,51 @@ NODE_PREFIX = "node:"  # "node:<spec>": gradcomp's codec, reduced within each no
 PIPE_PREFIX = "pipe:"  # "pipe:<spec>": gradcomp's codec, buckets cut into pipelined chunks of PIPE_CHUNK_NUMEL
 PIPE_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 gradient a chunk
 DILOCO_PREFIX = "diloco:"  # "diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]": gradcomp.DiLoCo, no per-step exchange
+FSDP_METHOD = "fsdp"  # FSDP2's own reduce-scatter over the world
+FSDP_PREFIX = "fsdp:"  # "fsdp:<spec>": gradcomp.fsdp.register with that codec
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 FSDP_PLAIN = "plain"  # FSDP2's own exact reduction, the FSDP and HSDP baseline
 FSDP_DEFAULT_METHODS = (FSDP_PLAIN, "int8", "int4")
 
 
-def parse_methods(text: str) -> list[str]:
-    """A comma-separated list of methods; a bad gradcomp spec raises ValueError naming it."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+# ---- the registry and the parser ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """One kind of method spec: ``matches(method)`` says whether a spec is of this kind,
+    ``check(method)`` raises ValueError naming a bad one."""
+
+    name: str
+    matches: Callable[[str], bool]
+    check: Callable[[str], None]
+
+
+def parse_methods(text: str, kinds: tuple[MethodKind, ...] | None = None) -> list[str]:
+    """A comma-separated list of methods, each checked by the first of ``kinds`` that takes
+    it (the last takes whatever the others do not); ``kinds`` defaults to ``DDP_KINDS``. A bad
+    spec raises ValueError naming it, as does a method listed twice."""
+    kinds = DDP_KINDS if kinds is None else kinds
+    methods = [method.strip() for method in text.split(",") if method.strip()]
     if not methods:
         raise ValueError("no methods given")
-    for m in methods:
-        if is_diloco_method(m):
-            parse_diloco(m)  # raises ValueError naming a bad one
-        elif m.startswith(PIPE_PREFIX):
-            try:
-                codecs.parse(codec_spec(m))
-            except ValueError as e:
-                raise ValueError(f"{m!r}: {PIPE_PREFIX} takes a gradcomp codec spec (e.g. {PIPE_PREFIX}int8): "
-                                 f"{e}") from e
-        elif is_node_method(m):
-            try:
-                codecs.parse(codec_spec(m))
-            except ValueError as e:
-                raise ValueError(f"{m!r}: {NODE_PREFIX} takes a gradcomp codec spec "
-                                 f"(e.g. {NODE_PREFIX}int8): {e}") from e
-        elif m.startswith(TORCH_POWERSGD + ":"):
-            torch_powersgd_rank(m, 4)  # raises ValueError naming a bad rank
-        elif m not in TORCH_METHODS:
-            try:
-                codecs.parse(m)
-            except ValueError as e:
-                raise ValueError(f"{m!r} is neither one of {', '.join(TORCH_METHODS)} nor a gradcomp codec "
-                                 f"(nor {NODE_PREFIX}<codec>): {e}") from e
+    for method in methods:
+        kind_of(method, kinds).check(method)
     if len(set(methods)) != len(methods):
         raise ValueError(f"a method is listed twice: {text}")
     return methods
+
+
+def kind_of(method: str, kinds: tuple[MethodKind, ...]) -> MethodKind:
+    """The first of ``kinds`` that takes ``method``; the last kind when none does."""
+    return next((kind for kind in kinds[:-1] if kind.matches(method)), kinds[-1])
+
+
+def parse_fsdp_methods(text: str, mode: str = "fsdp") -> list[str]:
+    """The methods of an FSDP2 (``mode="fsdp"``) or HSDP run: "plain" and gradcomp codec
+    specs that gradcomp.fsdp takes (quantizers and casts: no top-k or random-k, which choose
+    per whole parameter). A bad one raises ValueError naming it."""
+    return parse_methods(text, sharded_kinds(mode))
 
 
 def is_diloco_method(method: str) -> bool:
@@ -91,60 +115,29 @@ def is_diloco_method(method: str) -> bool:
     return method.startswith(DILOCO_PREFIX)
 
 
-def parse_diloco(method: str) -> dict:
-    """gradcomp.DiLoCo's keywords of a ``diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]`` method:
-    codec (None for "fp32"), sync_every, fragments, delay (None: DiLoCo's default); and, where
-    given, the outer optimizer's ``lr=<x>``, ``momentum=<x>``, ``nesterov=0|1``. A bad one
-    raises ValueError naming it."""
-    options, codec_parts = {}, []
-    for part in method[len(DILOCO_PREFIX):].split(":"):
-        key, eq, value = part.partition("=")
-        if eq and key in ("H", "F", "delay", "lr", "momentum", "nesterov"):
-            if key in options:
-                raise ValueError(f"{method!r}: {key}= is given twice")
-            if key in ("lr", "momentum"):
-                try:
-                    options[key] = float(value)
-                except ValueError:
-                    raise ValueError(f"{method!r}: {key}={value!r} is not a number") from None
-                continue
-            if not (value.isascii() and value.isdigit()):
-                raise ValueError(f"{method!r}: {key}={value!r} is not a non-negative integer")
-            options[key] = int(value)
-        else:
-            codec_parts.append(part)
-    spec = ":".join(codec_parts)
-    if "H" not in options or options["H"] < 1:
-        raise ValueError(f"{method!r}: a DiLoCo method needs H=<steps between syncs>, at least 1 "
-                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
-    if options.get("F", 1) < 1:
-        raise ValueError(f"{method!r}: F= (fragments) must be at least 1")
-    if not spec:
-        raise ValueError(f"{method!r}: a DiLoCo method needs a codec: a gradcomp codec spec or fp32 "
-                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
-    if spec != "fp32":
-        try:
-            codec = codecs.parse(spec)
-        except ValueError as e:
-            raise ValueError(f"{method!r}: {DILOCO_PREFIX} takes a gradcomp codec spec or fp32: {e}") from e
-        if isinstance(codec, codecs.PowerSGD):
-            raise ValueError(f"{method!r}: DiLoCo takes no powersgd (use a quantizer, a sparsifier or a cast)")
-    out = {"codec": None if spec == "fp32" else spec, "sync_every": options["H"],
-           "fragments": options.get("F", 1), "delay": options.get("delay")}
-    for key, name in (("lr", "outer_lr"), ("momentum", "outer_momentum"), ("nesterov", "nesterov")):
-        if key in options:  # otherwise DiLoCo's defaults, the paper's
-            out[name] = bool(options[key]) if key == "nesterov" else options[key]
-    return out
-
-
 def is_node_method(method: str) -> bool:
     """Whether ``method`` is a hierarchical ``node:<spec>`` method."""
     return method.startswith(NODE_PREFIX)
 
 
+def is_pipe_method(method: str) -> bool:
+    """Whether ``method`` is a pipelined ``pipe:<spec>`` method."""
+    return method.startswith(PIPE_PREFIX)
+
+
+def is_fsdp_method(method: str) -> bool:
+    """Whether ``method`` is ``fsdp`` or ``fsdp:<spec>`` (the model sharded with FSDP2)."""
+    return method == FSDP_METHOD or method.startswith(FSDP_PREFIX)
+
+
 def is_torch_powersgd(method: str) -> bool:
     """Whether ``method`` is torch's PowerSGD hook: "torch-powersgd" or "torch-powersgd:R"."""
     return method == TORCH_POWERSGD or method.startswith(TORCH_POWERSGD + ":")
+
+
+def is_torch_method(method: str) -> bool:
+    """Whether ``method`` is DDP's own all-reduce or one of torch's hooks."""
+    return method in TORCH_METHODS or is_torch_powersgd(method)
 
 
 def torch_powersgd_rank(method: str, default: int) -> int:
@@ -166,6 +159,236 @@ def codec_spec(method: str) -> str:
         if method.startswith(prefix):
             return method[len(prefix):]
     return method
+
+
+def parse_diloco(method: str) -> dict:
+    """gradcomp.DiLoCo's keywords of a ``diloco:<codec>:H=<n>[:F=<f>][:delay=<d>]`` method:
+    codec (None for "fp32"), sync_every, fragments, delay (None: DiLoCo's default); and, where
+    given, the outer optimizer's ``lr=<x>``, ``momentum=<x>``, ``nesterov=0|1``. A bad one
+    raises ValueError naming it."""
+    options, codec_parts = _diloco_options(method)
+    spec = ":".join(codec_parts)
+    if "H" not in options or options["H"] < 1:
+        raise ValueError(f"{method!r}: a DiLoCo method needs H=<steps between syncs>, at least 1 "
+                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
+    if options.get("F", 1) < 1:
+        raise ValueError(f"{method!r}: F= (fragments) must be at least 1")
+    if not spec:
+        raise ValueError(f"{method!r}: a DiLoCo method needs a codec: a gradcomp codec spec or fp32 "
+                         f"(e.g. {DILOCO_PREFIX}int8:H=20)")
+    if spec != "fp32":
+        try:
+            codec = codecs.parse(spec)
+        except ValueError as e:
+            raise ValueError(f"{method!r}: {DILOCO_PREFIX} takes a gradcomp codec spec or fp32: {e}") from e
+        if isinstance(codec, codecs.PowerSGD):
+            raise ValueError(f"{method!r}: DiLoCo takes no powersgd (use a quantizer, a sparsifier or a cast)")
+    keywords = {"codec": None if spec == "fp32" else spec, "sync_every": options["H"],
+                "fragments": options.get("F", 1), "delay": options.get("delay")}
+    for key, name in (("lr", "outer_lr"), ("momentum", "outer_momentum"), ("nesterov", "nesterov")):
+        if key in options:  # otherwise DiLoCo's defaults, the paper's
+            keywords[name] = bool(options[key]) if key == "nesterov" else options[key]
+    return keywords
+
+
+def _diloco_options(method: str) -> tuple[dict, list[str]]:
+    """({H, F, delay, lr, momentum, nesterov given}, the other parts: the codec spec's)."""
+    options, codec_parts = {}, []
+    for part in method[len(DILOCO_PREFIX):].split(":"):
+        key, equals, value = part.partition("=")
+        if not (equals and key in ("H", "F", "delay", "lr", "momentum", "nesterov")):
+            codec_parts.append(part)
+            continue
+        if key in options:
+            raise ValueError(f"{method!r}: {key}= is given twice")
+        if key in ("lr", "momentum"):
+            try:
+                options[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{method!r}: {key}={value!r} is not a number") from None
+            continue
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(f"{method!r}: {key}={value!r} is not a non-negative integer")
+        options[key] = int(value)
+    return options, codec_parts
+
+
+def _check_torch(method: str) -> None:
+    if method.startswith(TORCH_POWERSGD + ":"):
+        torch_powersgd_rank(method, 4)  # raises ValueError naming a bad rank
+
+
+def _prefixed_codec_check(prefix: str) -> Callable[[str], None]:
+    """The check of ``<prefix><codec spec>`` methods: the spec must be a gradcomp codec's."""
+    def check(method: str) -> None:
+        try:
+            codecs.parse(method[len(prefix):])
+        except ValueError as e:
+            raise ValueError(f"{method!r}: {prefix} takes a gradcomp codec spec (e.g. {prefix}int8): {e}") from e
+    return check
+
+
+def _check_fsdp(method: str) -> None:
+    """``fsdp:<spec>`` takes what an FSDP2 run takes (``plain`` included, the same as ``fsdp``)."""
+    if method.startswith(FSDP_PREFIX):
+        try:
+            parse_fsdp_methods(method[len(FSDP_PREFIX):])
+        except ValueError as e:
+            raise ValueError(f"{method!r}: {FSDP_PREFIX} takes a gradcomp codec spec (e.g. {FSDP_PREFIX}int8): "
+                             f"{e}") from e
+
+
+def _check_codec(method: str) -> None:
+    try:
+        codecs.parse(method)
+    except ValueError as e:
+        raise ValueError(f"{method!r} is neither one of {', '.join(TORCH_METHODS)} nor a gradcomp codec "
+                         f"(nor {NODE_PREFIX}<codec>): {e}") from e
+
+
+def _sharded_codec_check(mode: str) -> Callable[[str], None]:
+    """The check of a sharded run's codec specs: gradcomp.fsdp's codecs, no DDP method."""
+    what = "--hsdp" if mode == "hsdp" else "--fsdp"
+
+    def check(method: str) -> None:
+        if is_torch_method(method) or is_node_method(method) or is_pipe_method(method):
+            raise ValueError(f"{method!r} is a DDP method; under {what} the methods are {FSDP_PLAIN!r} (FSDP2's "
+                             "own exact reduction) and gradcomp codec specs (int8, int4, ...)")
+        try:
+            spec = codecs.parse(method)
+        except ValueError as e:
+            raise ValueError(f"{method!r} is neither {FSDP_PLAIN!r} nor a gradcomp codec: {e}") from e
+        if isinstance(spec, codecs.Sparsifier):
+            raise ValueError(f"{method!r}: gradcomp.fsdp takes no sparsifier (it chooses per whole parameter, which "
+                             "a sharded reduction never holds); use a quantizer (int8, int4, int2, sign) or fp16/bf16")
+    return check
+
+
+def _no_check(method: str) -> None:
+    pass
+
+
+TORCH_KIND = MethodKind("torch", is_torch_method, _check_torch)
+PIPE_KIND = MethodKind("pipe", is_pipe_method, _prefixed_codec_check(PIPE_PREFIX))
+NODE_KIND = MethodKind("node", is_node_method, _prefixed_codec_check(NODE_PREFIX))
+DILOCO_KIND = MethodKind("diloco", is_diloco_method, parse_diloco)
+FSDP_KIND = MethodKind("fsdp", is_fsdp_method, _check_fsdp)
+CODEC_KIND = MethodKind("codec", lambda method: True, _check_codec)
+PLAIN_KIND = MethodKind("plain", lambda method: method == FSDP_PLAIN, _no_check)
+
+# what each command runs: bench converge and bench net (DDP) the first, gradcomp demo the second
+DDP_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, CODEC_KIND)
+DEMO_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, FSDP_KIND, CODEC_KIND)
+
+
+def sharded_kinds(mode: str) -> tuple[MethodKind, ...]:
+    """What a sharded run (``mode`` "fsdp" or "hsdp", bench net's --fsdp and --hsdp) takes:
+    "plain" and gradcomp.fsdp's codec specs."""
+    return PLAIN_KIND, MethodKind(f"{mode} codec", lambda method: True, _sharded_codec_check(mode))
+
+
+def baseline(mode: str) -> str:
+    """The exact method of ``mode`` (the floor of the benchmark's table)."""
+    return "allreduce" if mode == "ddp" else FSDP_PLAIN
+
+
+def hierarchy_missing(methods) -> str | None:
+    """Why the ``node:`` methods among ``methods`` cannot run here (this gradcomp's State has
+    no ``ranks_per_node=`` keyword), or None: for a check before minutes of other methods."""
+    import inspect
+
+    from .. import State
+
+    node = [method for method in methods if is_node_method(method)]
+    if node and "ranks_per_node" not in inspect.signature(State).parameters:
+        return (f"{', '.join(node)}: this gradcomp's State takes no ranks_per_node= keyword, so it cannot reduce "
+                f"node by node; {NODE_PREFIX} methods need a gradcomp with hierarchical reduction")
+    return None
+
+
+def fsdp_missing(mode: str) -> str | None:
+    """Why ``mode`` ("fsdp" or "hsdp") cannot run with this torch and gradcomp, or None: for
+    a check before any namespace is made."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
+    try:
+        from .. import fsdp  # noqa: F401
+    except ImportError as e:
+        return f"this gradcomp has no gradcomp.fsdp ({e})"
+    needed = ("set_all_reduce_hook",) if mode == "hsdp" else \
+        ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms", "set_gradient_divide_factor")
+    lacking = [name for name in needed if not hasattr(FSDPModule, name)]
+    if lacking:
+        return f"torch {torch.__version__}'s FSDPModule lacks {', '.join(lacking)}"
+    return None
+
+
+# ---- a method on a model -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    """How a command attaches its methods. ``device``: a CUDA device gives DDP its
+    ``device_ids``. ``ranks_per_node``: the topology's ranks a node, for ``node:`` methods
+    and a hierarchical DiLoCo. ``sharding``: "fsdp" or "hsdp" shards the model for every
+    method (bench net's --fsdp and --hsdp) over ``mesh``; "ddp" shards only ``fsdp`` and
+    ``fsdp:<spec>`` methods, over the world."""
+
+    backend: str = "gloo"
+    device: torch.device | None = None
+    bucket_cap_mb: float = 25.0
+    start_step: int = 0
+    powersgd_rank: int = 4
+    ranks_per_node: int | None = None
+    sharding: str = "ddp"
+    mesh: object = None
+
+
+class Attached(NamedTuple):
+    """A model readied for a method: ``module`` is what the loop calls (the DDP model, the
+    sharded model or, under DiLoCo, the plain one), ``method`` the context manager that
+    counts its bytes, ``bucket_cap_mb`` DDP's cap (None without DDP)."""
+
+    module: torch.nn.Module
+    optimizer: object
+    method: object
+    bucket_cap_mb: float | None
+
+
+def attach(method: str, model: torch.nn.Module, make_optimizer, options: AttachOptions) -> Attached:
+    """``model`` readied for ``method``, with ``make_optimizer(parameters)``'s optimizer over
+    what it trains: DDP and Method, the model sharded and FSDPMethod, or the plain model and
+    DiLoCoMethod around the optimizer (each rank steps alone between syncs)."""
+    if is_diloco_method(method):
+        optimizer = make_optimizer(model.parameters())
+        return Attached(model, optimizer, DiLoCoMethod(method, model, optimizer,
+                                                       ranks_per_node=options.ranks_per_node), None)
+    if options.sharding != "ddp" or is_fsdp_method(method):
+        mode, name, mesh = _sharding(method, options)
+        shard = fully_shard_layers(model, mesh["shard"] if mode == "hsdp" else mesh)
+        attached = FSDPMethod(name, shard, mode=mode, mesh=mesh, start_step=options.start_step)
+        return Attached(shard, make_optimizer(shard.parameters()), attached, None)
+    cap = bucket_cap_mb(method, model, options.backend, options.bucket_cap_mb)
+    device = options.device
+    ddp = make_ddp(model, cap, device_ids=[device.index] if device is not None and device.type == "cuda" else None)
+    attached = Method(method, ddp, start_step=options.start_step, powersgd_rank=options.powersgd_rank,
+                      ranks_per_node=options.ranks_per_node)
+    return Attached(ddp, make_optimizer(ddp.parameters()), attached, cap)
+
+
+def _sharding(method: str, options: AttachOptions) -> tuple[str, str, object]:
+    """(mode, FSDPMethod's name, mesh) of a sharded method: bench net's, as given, or an
+    ``fsdp[:<spec>]`` one over a mesh of the world (FSDP2's own reduce-scatter for ``fsdp``)."""
+    if options.sharding != "ddp":
+        return options.sharding, method, options.mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = options.device.type if options.device is not None else "cpu"
+    mesh = options.mesh if options.mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
+    name = method[len(FSDP_PREFIX):] if method.startswith(FSDP_PREFIX) else FSDP_PLAIN
+    return "fsdp", name, mesh
 
 
 def bucket_cap_mb(method: str, model: torch.nn.Module, backend: str, default: float) -> float:
@@ -233,7 +456,7 @@ class Method:
             dist.all_reduce = self._counting_all_reduce
         elif is_node_method(name):
             self.state = _register_hierarchical(ddp, name, start_step, ranks_per_node)
-        elif name.startswith(PIPE_PREFIX):
+        elif is_pipe_method(name):
             from .. import register
 
             self.state = register(ddp, codec_spec(name), start_step=start_step, chunk_numel=PIPE_CHUNK_NUMEL)
@@ -274,7 +497,7 @@ class Method:
         return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0
 
 
-class _Attached:
+class _NothingToDetach:
     """A method with nothing to detach: a context manager whose ``close`` does nothing."""
 
     def __enter__(self):
@@ -287,7 +510,7 @@ class _Attached:
         pass
 
 
-class DiLoCoMethod(_Attached):
+class DiLoCoMethod(_NothingToDetach):
     """A ``diloco:...`` method on a plain (not DDP) model: gradcomp.DiLoCo around its inner
     optimizer, with Method's interface (``bytes_sent(steps)``, ``codec_seconds()``, ``state``);
     the loop calls ``after_step()`` after each optimizer step. ``ranks_per_node`` makes the
@@ -312,20 +535,6 @@ class DiLoCoMethod(_Attached):
         return float(self.state.stats["codec_seconds"])
 
 
-def hierarchy_missing(methods) -> str | None:
-    """Why the ``node:`` methods among ``methods`` cannot run here (this gradcomp's State has
-    no ``ranks_per_node=`` keyword), or None: for a check before minutes of other methods."""
-    import inspect
-
-    from .. import State
-
-    node = [m for m in methods if is_node_method(m)]
-    if node and "ranks_per_node" not in inspect.signature(State).parameters:
-        return (f"{', '.join(node)}: this gradcomp's State takes no ranks_per_node= keyword, so it cannot reduce "
-                f"node by node; {NODE_PREFIX} methods need a gradcomp with hierarchical reduction")
-    return None
-
-
 def _register_hierarchical(ddp, name: str, start_step: int, ranks_per_node: int | None):
     """``gradcomp.register(ddp, spec, ranks_per_node=L)`` for a ``node:<spec>`` method. The
     hierarchy is gradcomp.State's (its ``ranks_per_node=`` keyword); a gradcomp without
@@ -344,56 +553,6 @@ def _register_hierarchical(ddp, name: str, start_step: int, ranks_per_node: int 
 # ---- FSDP2 and HSDP ---------------------------------------------------------------------
 
 
-def baseline(mode: str) -> str:
-    """The exact method of ``mode`` (the floor of the benchmark's table)."""
-    return "allreduce" if mode == "ddp" else FSDP_PLAIN
-
-
-def parse_fsdp_methods(text: str, mode: str = "fsdp") -> list[str]:
-    """The methods of an FSDP2 (``mode="fsdp"``) or HSDP run: "plain" and gradcomp codec
-    specs that gradcomp.fsdp takes (quantizers and casts: no top-k or random-k, which choose
-    per whole parameter). A bad one raises ValueError naming it."""
-    what = "--hsdp" if mode == "hsdp" else "--fsdp"
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
-        raise ValueError("no methods given")
-    for m in methods:
-        if m == FSDP_PLAIN:
-            continue
-        if m in TORCH_METHODS or is_torch_powersgd(m) or m.startswith((NODE_PREFIX, PIPE_PREFIX)):
-            raise ValueError(f"{m!r} is a DDP method; under {what} the methods are {FSDP_PLAIN!r} (FSDP2's own "
-                             "exact reduction) and gradcomp codec specs (int8, int4, ...)")
-        try:
-            spec = codecs.parse(m)
-        except ValueError as e:
-            raise ValueError(f"{m!r} is neither {FSDP_PLAIN!r} nor a gradcomp codec: {e}") from e
-        if isinstance(spec, codecs.Sparsifier):
-            raise ValueError(f"{m!r}: gradcomp.fsdp takes no sparsifier (it chooses per whole parameter, which a "
-                             "sharded reduction never holds); use a quantizer (int8, int4, int2, sign) or fp16/bf16")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"a method is listed twice: {text}")
-    return methods
-
-
-def fsdp_missing(mode: str) -> str | None:
-    """Why ``mode`` ("fsdp" or "hsdp") cannot run with this torch and gradcomp, or None: for
-    a check before any namespace is made."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
-    except ImportError:
-        return f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
-    try:
-        from .. import fsdp  # noqa: F401
-    except ImportError as e:
-        return f"this gradcomp has no gradcomp.fsdp ({e})"
-    needed = ("set_all_reduce_hook",) if mode == "hsdp" else \
-        ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms", "set_gradient_divide_factor")
-    lacking = [n for n in needed if not hasattr(FSDPModule, n)]
-    if lacking:
-        return f"torch {torch.__version__}'s FSDPModule lacks {', '.join(lacking)}"
-    return None
-
-
 def fully_shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
     """``fully_shard`` on each child of ``model`` that holds parameters (an FSDP unit each),
     then on ``model`` itself: how the benchmarks and the demo shard their MLPs."""
@@ -409,7 +568,7 @@ def fully_shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
 def fsdp_units(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
 def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[float, float]:
@@ -429,7 +588,7 @@ def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[floa
     return sent, kept
 
 
-class FSDPMethod(_Attached):
+class FSDPMethod(_NothingToDetach):
     """A method attached to an FSDP2 model (``fully_shard`` on its blocks, then its root),
     with Method's interface: ``bytes_sent(steps)``, ``codec_seconds()``, ``split_bytes()``,
     ``state``. Bytes count the gradient reduction only: FSDP's parameter all-gathers are the
@@ -449,14 +608,11 @@ class FSDPMethod(_Attached):
         self.name, self.mode = name, mode
         self.state = None
         if mode == "hsdp":
-            self.replicas = mesh.size(0)
-            shard_world = mesh.size(1)
-            replicate_group = mesh.get_group("replicate")
+            self.replicas, shard_world = mesh.size(0), mesh.size(1)
         else:
-            self.replicas, shard_world, replicate_group = 1, mesh.size(), None
+            self.replicas, shard_world = 1, mesh.size()
         # FSDP's reduce-scatter (the whole reduction under FSDP; inside the node under HSDP)
-        rs_sent, shard_bytes = reduce_scatter_bytes(model, shard_world)
-        self._rs_per_step = rs_sent
+        self._reduce_scatter_per_step, shard_bytes = reduce_scatter_bytes(model, shard_world)
         # not counted in bytes_sent, for the record: the parameters' ring all-gathers over the
         # shard group, in forward and again in backward (fully_shard reshards the layers after
         # forward; the benchmark's root holds no parameters of its own)
@@ -467,14 +623,7 @@ class FSDPMethod(_Attached):
             raise ValueError("FSDPMethod: the model holds no FSDPModule (call fully_shard first)")
         if name == FSDP_PLAIN:
             if mode == "hsdp":
-                replicas = self.replicas
-
-                def replica_all_reduce(t: torch.Tensor) -> None:  # exact: the simplest baseline
-                    dist.all_reduce(t, group=replicate_group)
-                    t.div_(replicas)
-
-                for unit in self.units:
-                    unit.set_all_reduce_hook(replica_all_reduce)
+                self._exact_replica_all_reduce(mesh.get_group("replicate"))
         else:
             from .. import fsdp
 
@@ -482,6 +631,17 @@ class FSDPMethod(_Attached):
                 self.state = fsdp.register(model, name, replicate_group=mesh, start_step=start_step)
             else:
                 self.state = fsdp.register(model, name, start_step=start_step)
+
+    def _exact_replica_all_reduce(self, replicate_group) -> None:
+        """HSDP's plain baseline: each shard all-reduced exactly across the replicas."""
+        replicas = self.replicas
+
+        def replica_all_reduce(tensor: torch.Tensor) -> None:  # exact: the simplest baseline
+            dist.all_reduce(tensor, group=replicate_group)
+            tensor.div_(replicas)
+
+        for unit in self.units:
+            unit.set_all_reduce_hook(replica_all_reduce)
 
     def after_step(self) -> None:
         """After each optimizer step: nothing (FSDP's reduction has run in backward)."""
@@ -492,9 +652,9 @@ class FSDPMethod(_Attached):
     def bytes_sent(self, steps: int) -> float:
         """Bytes of gradient reduction this rank has sent in its first ``steps`` steps."""
         if self.mode == "fsdp":
-            return self._gradcomp_sent() if self.state is not None else self._rs_per_step * steps
+            return self._gradcomp_sent() if self.state is not None else self._reduce_scatter_per_step * steps
         inter = self._gradcomp_sent() if self.state is not None else self._replica_per_step * steps
-        return self._rs_per_step * steps + inter
+        return self._reduce_scatter_per_step * steps + inter
 
     def split_bytes(self, steps: int) -> dict[str, float]:
         """HSDP: the bytes sent inside the node (FSDP's reduce-scatter) and across nodes (the
@@ -503,7 +663,7 @@ class FSDPMethod(_Attached):
         if self.mode != "hsdp":
             return {}
         inter = self._gradcomp_sent() if self.state is not None else self._replica_per_step * steps
-        return {"bytes_sent_intra_node": self._rs_per_step * steps, "bytes_sent_inter_node": inter}
+        return {"bytes_sent_intra_node": self._reduce_scatter_per_step * steps, "bytes_sent_inter_node": inter}
 
     def codec_seconds(self) -> float:
         return float(self.state.stats["codec_seconds"]) if self.state is not None else 0.0

@@ -30,11 +30,11 @@ step "gradcomp info"
 (cd /tmp && $PY -m gradcomp info) | tee "$OUT/info.txt"
 
 step "GPU tests"
-$PY -m pytest tests/test_cuda.py -q -rA 2>&1 | tee "$OUT/test_cuda.log" | tail -15 || status=1
+$PY -m pytest tests/cuda/test_cuda.py -q -rA 2>&1 | tee "$OUT/test_cuda.log" | tail -15 || status=1
 
 step "compute-sanitizer (memcheck, racecheck) on the GPU payload tests"
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+  compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/cuda/test_cuda.py -q -x -p no:cacheprovider \
     -k "3-256-dtype0 or 4-1024-dtype1 or 4-32-dtype2 or nonfinite or ef_off or topk or randomk" \
     >"$OUT/sanitizer-$tool.log" 2>&1
   rc=$?; echo "$tool: exit $rc ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.log") clean summaries)"
@@ -50,6 +50,6 @@ $PY bench/bench_sparse.py --device cuda --out "$OUT/sparse-cuda.json" 2>&1 | tee
 
 # (the emulated CUDA tests run in every CI run; here the real GPU has done their work)
 step "CPU suite on this machine (fast part)"
-$PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_cuda.py -k "not many_buckets" -m "not slow and not emulated" 2>&1 \
+$PY -m pytest tests -q -x -p no:cacheprovider --ignore=tests/cuda/test_cuda.py -k "not many_buckets" -m "not slow and not emulated" 2>&1 \
   | tail -5 | tee "$OUT/test_cpu.log" || status=1
 exit $status

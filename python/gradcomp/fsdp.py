@@ -309,8 +309,9 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
 
     Returns the :class:`FSDPState`: keep it, checkpoint it per rank with ``state_dict()``.
     """
+    FSDPModule = _fsdp_api()  # first: without FSDP2 nothing else can be checked
     spec = _check_options(codec, replicate_group, options)
-    modules, names, groups = _units_of(model)
+    modules, names, groups = _units_of(model, FSDPModule)
     hsdp = replicate_group is not None
     if hsdp:
         group = _replicate_of(replicate_group)
@@ -355,10 +356,9 @@ def _check_options(codec, replicate_group, options: dict) -> codecs.Codec:
     return spec
 
 
-def _units_of(model: torch.nn.Module) -> tuple[list, dict, list]:
+def _units_of(model: torch.nn.Module, FSDPModule) -> tuple[list, dict, list]:
     """The FSDP modules of ``model``'s tree, the names of its modules and parameters (by id),
     and the (module, parameter group) pairs to register, refusing what gradcomp cannot serve."""
-    FSDPModule = _fsdp_api()
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not modules:
         raise ValueError("gradcomp.fsdp.register: the model holds no FSDPModule; call fully_shard on it (and its "

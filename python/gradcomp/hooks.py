@@ -54,13 +54,14 @@ def comm_hook(state: State, bucket: dist.GradBucket):
     ``torch.futures.Future[torch.Tensor]``; under DDP's python reducer, which calls it with a
     ``(grad, param)`` pair and ignores what it returns, it averages that gradient in place and
     returns None."""
-    front = state.claim("ddp", DDPFront)
     if isinstance(bucket, tuple):  # DDP's python reducer (compiled autograd) calls hooks per parameter
         grad, param = bucket
-        if front.parameter_steps is None:
+        if not isinstance(state.front, DDPFront) or state.front.parameter_steps is None:  # not register()ed
             raise RuntimeError(_PYTHON_REDUCER)
+        front = state.claim("ddp", DDPFront)
         reduce_parameter(state, front.parameter_steps, grad, front.ordinal(param), param.shape)
         return None
+    front = state.claim("ddp", DDPFront)
     buf = bucket.buffer()
     step = state.current_step()
     if bucket.is_last():

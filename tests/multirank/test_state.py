@@ -94,10 +94,10 @@ def test_state_dict_is_weights_only_and_round_trips(tmp_path):
     fresh = gradcomp.State("int4:block=128", min_numel=64)
     fresh.load_state_dict(sd)
     assert fresh.step == 7 and fresh.seed == 12345 and fresh.stats["bytes_sent"] == 99.0
-    assert fresh._residuals.keys() == {0, 3}
+    assert fresh.residuals.keys() == {0, 3}
     for o in (0, 3):
-        assert_bits_equal(fresh._residuals[o], state._residuals[o], nan_bytes=True)
-        assert fresh._residuals[o].data_ptr() != state._residuals[o].data_ptr()
+        assert_bits_equal(fresh.residuals[o], state.residuals[o], nan_bytes=True)
+        assert fresh.residuals[o].data_ptr() != state.residuals[o].data_ptr()
     with pytest.raises(ValueError, match="min_numel: saved 64, here 1024"):
         gradcomp.State("int4:block=128").load_state_dict(sd)
     with pytest.raises(ValueError, match="seed 12345, this State has seed 1"):
@@ -135,7 +135,7 @@ def test_state_dict_loaded_before_the_process_group_is_checked_at_the_first_hook
                 assert st.step == 2  # the failing call did not count a step
             else:
                 ddp(torch.randn(4, 64)).sum().backward()
-                assert st.step == 3 and st._residuals == {} and st._saved_by is None
+                assert st.step == 3 and st.residuals == {} and st._saved_by is None
     finally:
         ddp = None  # DDP before its group (docs/guides/failures.md, "A hang at exit")
         dist.destroy_process_group()

@@ -21,8 +21,8 @@ VALID_SPECS = ("int8", "int4", "int2", "sign", "<int8|int4|int2|sign>:block=<32.
 _RESIDUAL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 # The block sizes the compiled core takes (codec.h's kMinBlock .. kMaxBlock, powers of two).
-# The grammar needs no kernels, so it keeps this copy: ops checks it against the core's
-# constants when it loads, so the two cannot drift apart.
+# The grammar needs no kernels, so the range is written here; ops checks it against the
+# core's constants when it loads, so the two cannot drift apart.
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
 
 

@@ -42,10 +42,12 @@ from .library import as_i64
 CONSTANTS = dict(_C.constants)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIN_BLOCK, MAX_BLOCK = CONSTANTS["min_block"], CONSTANTS["max_block"]
-BLOCK_SIZES = tuple(1 << k for k in range(MIN_BLOCK.bit_length() - 1, MAX_BLOCK.bit_length()))  # 32 .. 4096
-if BLOCK_SIZES != codecs.BLOCK_SIZES:  # the spec grammar keeps its own copy (it loads no kernels)
-    raise ImportError(f"gradcomp: the compiled core takes blocks {BLOCK_SIZES}, gradcomp.codecs {codecs.BLOCK_SIZES}: "
-                      "the package and its compiled core are from different builds")
+# The spec grammar (codecs.py) loads no kernels, so it holds the block range; the core must agree.
+BLOCK_SIZES = codecs.BLOCK_SIZES  # 32 .. 4096, powers of two
+if (BLOCK_SIZES[0], BLOCK_SIZES[-1]) != (MIN_BLOCK, MAX_BLOCK):
+    raise ImportError(f"gradcomp: the compiled core takes blocks {MIN_BLOCK}..{MAX_BLOCK}, gradcomp.codecs "
+                      f"{BLOCK_SIZES[0]}..{BLOCK_SIZES[-1]}: the package and its compiled core are from different "
+                      "builds")
 CODE_BITS = (8, 4, 2, 1)  # 1: scaled sign
 RESIDUAL_DTYPES = (torch.float32, torch.bfloat16)
 ROW_WORDS = CONSTANTS["row_words"]

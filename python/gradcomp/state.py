@@ -107,10 +107,11 @@ class State:
         # (rank, world size, on_world_change) of a state_dict loaded before the process group was up
         self._saved_by: tuple | None = None
         self._front_name: str | None = None  # the front end this State serves, set by claim()
-        self._init_front()
+        self._init_process_local()
 
-    def _init_front(self) -> None:
-        """What a fresh process knows of the front end: its claim, not its bookkeeping."""
+    def _init_process_local(self) -> None:
+        """What a fresh (or unpickled) State starts with in this process: a new runtime, no
+        front-end bookkeeping yet (the claim's name is kept by pickling, the rest is remade)."""
         self.runtime = Runtime()
         self._front = None  # the front end's own bookkeeping object (claim()'s make)
         self._front_config: dict = {}  # the front end's entries in config()
@@ -183,7 +184,7 @@ class State:
         self.step = d["step"]
         self._saved_by = d.get("saved_by")
         self._front_name = d.get("front")
-        self._init_front()
+        self._init_process_local()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -385,7 +386,7 @@ class State:
         return (world > 1 or self.force_compression) and step >= max(self.start_step,
                                                                      getattr(self.codec, "warmup", 0))
 
-    def setup(self, signature: int = 0) -> Setup:
+    def _setup(self, signature: int = 0) -> Setup:
         """What the runtime's first-call agreement needs of this State (``signature``: the front
         end's hash of what it passes, which every rank must pass alike; 0: none)."""
         return Setup(self.config, self.ranks_per_node, self.timeout, signature)
@@ -393,7 +394,7 @@ class State:
     def ready(self, group, device: torch.device) -> Topology:
         """The first-call agreement over ``group`` (once), run in the caller's thread and
         stream, for a front end that issues its collectives itself (FSDP); returns the topology."""
-        return self.runtime.ready(group, device, None, self.engine, self.setup())
+        return self.runtime.ready(group, device, None, self.engine, self._setup())
 
     def reduce(self, make, device: torch.device, step: int, what: str, *, last: bool = True, finish=None,
                signature: int = 0) -> torch.futures.Future:
@@ -402,7 +403,7 @@ class State:
         names them in errors. The future's value is ``finish()`` (default: the first buffer).
         ``last``: the step's last call (the Gloo worker finishes it at once instead of
         overlapping it with the next)."""
-        return self.runtime.submit(self.engine, self.group(), self.setup(signature), make, device, step, what,
+        return self.runtime.submit(self.engine, self.group(), self._setup(signature), make, device, step, what,
                                    self.compressing(step), last, finish)
 
     def reduce_keyed(self, items: list, step: int, what: str, value, *, signature: int = 0) -> torch.futures.Future:

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -165,7 +166,7 @@ class Setup:
     ``config()`` is everything every rank must run alike (called once, when the check runs);
     ``signature`` a front end's hash of what it passes (0: none)."""
 
-    config: object  # () -> dict
+    config: Callable[[], dict]
     ranks_per_node: int | str | None
     timeout: timedelta
     signature: int = 0

@@ -53,7 +53,15 @@ import torch.nn.functional as F
 
 from ..drivers.digits import load_digits_split, make_model
 from ..drivers.launch import DEMO_PACKAGES, init_rank, missing_packages, run_ranks
-from ..drivers.methods import DEFAULT_METHODS, AttachOptions, attach, is_diloco_method, is_node_method, parse_methods
+from ..drivers.methods import (
+    DDP_KINDS,
+    DEFAULT_METHODS,
+    AttachOptions,
+    attach,
+    is_diloco_method,
+    is_node_method,
+    parse_methods,
+)
 
 TASKS = ("lm", "mlp")
 BASELINE = "allreduce"
@@ -370,7 +378,7 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        args.methods = parse_methods(args.methods)
+        args.methods = parse_methods(args.methods, DDP_KINDS)
     except ValueError as e:
         p.error(str(e))
     node = [m for m in args.methods if is_node_method(m)]
@@ -469,7 +477,6 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
         "bucket_cap_mb": setup.bucket_cap_mb,
         "stats": stats,
     }
-
 
 
 def _summed(values: list, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ A method is a spec string; each kind of spec means the same in every command tha
 
 Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nodes), as
 ``gradcomp bench net --fsdp`` and ``--hsdp`` run them, every method is a sharded one
-(``parse_fsdp_methods``, ``FSDPMethod``):
+(parsed with ``parse_methods(text, sharded_kinds(mode))``, run by ``FSDPMethod``):
 
     "plain"           FSDP2's own exact reduction: its reduce-scatter (FSDP); its reduce-scatter
                       inside the node and a plain all-reduce of each shard across the replicas
@@ -78,7 +78,6 @@ class MethodKind:
     """One kind of method spec: ``matches(method)`` says whether a spec is of this kind,
     ``check(method)`` raises ValueError naming a bad one."""
 
-    name: str
     matches: Callable[[str], bool]
     check: Callable[[str], None]
 
@@ -268,13 +267,13 @@ def _no_check(method: str) -> None:
     pass
 
 
-TORCH_KIND = MethodKind("torch", is_torch_method, _check_torch)
-PIPE_KIND = MethodKind("pipe", is_pipe_method, _prefixed_codec_check(PIPE_PREFIX))
-NODE_KIND = MethodKind("node", is_node_method, _prefixed_codec_check(NODE_PREFIX))
-DILOCO_KIND = MethodKind("diloco", is_diloco_method, parse_diloco)
-FSDP_KIND = MethodKind("fsdp", is_fsdp_method, _check_fsdp)
-CODEC_KIND = MethodKind("codec", lambda method: True, _check_codec)
-PLAIN_KIND = MethodKind("plain", lambda method: method == FSDP_PLAIN, _no_check)
+TORCH_KIND = MethodKind(is_torch_method, _check_torch)
+PIPE_KIND = MethodKind(is_pipe_method, _prefixed_codec_check(PIPE_PREFIX))
+NODE_KIND = MethodKind(is_node_method, _prefixed_codec_check(NODE_PREFIX))
+DILOCO_KIND = MethodKind(is_diloco_method, parse_diloco)
+FSDP_KIND = MethodKind(is_fsdp_method, _check_fsdp)
+CODEC_KIND = MethodKind(lambda method: True, _check_codec)
+PLAIN_KIND = MethodKind(lambda method: method == FSDP_PLAIN, _no_check)
 
 # what each command runs: bench converge and bench net (DDP) the first, gradcomp demo the second
 DDP_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, CODEC_KIND)
@@ -284,7 +283,7 @@ DEMO_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, FSDP_KIND, CODEC_KI
 def sharded_kinds(mode: str) -> tuple[MethodKind, ...]:
     """What a sharded run (``mode`` "fsdp" or "hsdp", bench net's --fsdp and --hsdp) takes:
     "plain" and gradcomp.fsdp's codec specs."""
-    return PLAIN_KIND, MethodKind(f"{mode} codec", lambda method: True, _sharded_codec_check(mode))
+    return PLAIN_KIND, MethodKind(lambda method: True, _sharded_codec_check(mode))
 
 
 def baseline(mode: str) -> str:
@@ -386,7 +385,7 @@ def _sharding(method: str, options: AttachOptions) -> tuple[str, str, object]:
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = options.device.type if options.device is not None else "cpu"
-    mesh = options.mesh if options.mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     name = method[len(FSDP_PREFIX):] if method.startswith(FSDP_PREFIX) else FSDP_PLAIN
     return "fsdp", name, mesh
 

@@ -1,4 +1,4 @@
-// Kernels that check the emulator itself (tests/test_emulated.py runs them): what the
+// Kernels that check the emulator itself (tests/cuda/test_emulated.py runs them): what the
 // warp intrinsics return, that barriers order a block's threads, that shared memory starts
 // poisoned in every CTA, that atomics count, that launches check their configuration and
 // streams keep their order — and, one scenario each, that the misuse CUDA leaves undefined

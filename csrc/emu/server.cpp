@@ -1,5 +1,5 @@
 // The emulated CUDA backend as a process: reads calls of gradcomp.h's CUDA entry points from
-// stdin, runs them on the host emulation, writes the results to stdout (tests/emulator.py is
+// stdin, runs them on the host emulation, writes the results to stdout (tests/support/emulator.py is
 // the other end; docs/emulator.md). Built with AddressSanitizer, which cannot be loaded into
 // a plain Python, hence a process of its own.
 //

@@ -1,6 +1,7 @@
-"""What the scenario workers share (tests/multirank/ddp_worker.py, allreduce_worker.py,
-fsdp_worker.py): one rank's entry point, ``main(SCENARIOS)``, and ``state_fields``, a State's
-per-rank checkpoint fields as they stand.
+"""What the scenario workers share: one rank's entry point, ``main(SCENARIOS)`` (ddp_worker.py,
+allreduce_worker.py and fsdp_worker.py in tests/multirank), and ``state_fields``, a State's
+per-rank checkpoint fields as they stand (the DDP and all_reduce workers; fsdp_worker.py keeps
+its own ``fields``, the job's ranks and no PowerSGD factors).
 
 A worker runs as ``python WORKER SCENARIO OUT_DIR JSON_ARGS`` (RANK, WORLD_SIZE, MASTER_* in
 env), started by tests/support/dist_utils.run_ranks, which puts this folder on its PYTHONPATH.

@@ -2,6 +2,7 @@
 
     fully_shard(block, mesh=mesh) for each block; fully_shard(model, mesh=mesh)
     state = gradcomp.fsdp.register(model, "int8")          # a compressed reduce-scatter
+    state = gradcomp.fsdp.register(model, "int8", all_gather="int8")  # and parameter all-gather
 
     # HSDP: shard inside a node with FSDP2, replicate across nodes through gradcomp
     mesh = init_device_mesh("cuda", (nodes, per_node), mesh_dim_names=("replicate", "shard"))
@@ -14,16 +15,24 @@ Without ``replicate_group`` every FSDP unit's gradient reduce-scatter is replace
 scaling (FSDP is told to sum and divide by 1). With ``replicate_group`` FSDP's reduce-scatter
 inside the node stays exact and divides by the node's ranks, and the replica all-reduce of
 each shard is gradcomp's compressed all-reduce (``set_all_reduce_hook``), which divides by
-the replica count.
+the replica count. With ``all_gather`` every unit's parameter all-gather is replaced too
+(``set_custom_all_gather``) by the engine's compressed gather (engine/all_gather.py): the
+sharded weights the optimizer updates stay exact, the unsharded weights forward and backward
+use are decoded from the same bytes on every rank. A gather over a smaller group than the
+shard group (``reshard_after_forward=<int>``: backward's gather inside the node, ZeRO++'s hpZ)
+re-gathers weights forward already decoded, and stays exact.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 
 from . import codecs
 from .engine import Call, GradcompError, Topology, agree
+from .engine import all_gather as gather
 from .engine.collectives import run_to_end
 from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_
 from .state import State
@@ -32,6 +41,7 @@ __all__ = ["register", "FSDPState"]
 
 
 _NOT_OPTIONS = ("ranks_per_node", "intra_node")
+logger = logging.getLogger("gradcomp")
 
 
 def _delegated(name: str) -> property:
@@ -49,18 +59,29 @@ class FSDPState:
     second time since the last began (or for the first time at all), so gradient
     accumulation (``set_requires_gradient_sync(False)``) counts one step per reduction."""
 
-    def __init__(self, codec, process_group, *, mode: str, **options):
-        self.state = State(codec, process_group, **options)
+    def __init__(self, codec, process_group, *, mode: str, all_gather=None, replicate_group=None, **options):
+        # without a reduce-scatter codec (FSDP's own reduction) the State runs the gather's
+        self.state = State(codec if codec is not None else all_gather, process_group, **options)
+        self.all_gather_codec = gather.check_codec(all_gather) if all_gather is not None else None
+        config = {"fsdp": mode}
+        if self.all_gather_codec is not None:  # absent otherwise: earlier checkpoints keep loading
+            config["all_gather"] = self.all_gather_codec.config()
+        if codec is None:
+            config["reduce_scatter"] = "fsdp"
         # checkpoint entries are the job's ranks: under HSDP a replica group's rank alone would
         # not say which shard its residuals are of
-        self.state.claim("fsdp", config={"fsdp": mode}, job_ranks=True)
+        self.state.claim("fsdp", config=config, job_ranks=True)
         self.mode = mode
+        self.reduces = codec is not None  # False: FSDP's own reduce-scatter, gradcomp gathers only
+        self.replicate_group = replicate_group  # HSDP's replica ProcessGroup, or None
         self.units: list = []  # _Unit a registered parameter group, in the model's module order
         self._units_this_step: set = set()
         self._current_step = 0
         self._group_seen = None
+        self._said: set = set()  # what has been logged once
+        if self.all_gather_codec is not None:
+            self.state.stats.update(all_gather_bytes_sent=0.0, all_gather_bytes_uncompressed=0.0, total_ratio=1.0)
 
-    codec = _delegated("codec")
     engine = _delegated("engine")
     process_group = _delegated("process_group")
     min_numel = _delegated("min_numel")
@@ -73,8 +94,14 @@ class FSDPState:
     stats = _delegated("stats")
     residuals = _delegated("residuals")
 
+    @property
+    def codec(self):
+        """The reduction's Codec, or None where FSDP's own reduce-scatter runs."""
+        return self.state.codec if self.reduces else None
+
     def config(self) -> dict:
-        """Everything every rank must agree on: the State's configuration and the mode."""
+        """Everything every rank must agree on: the State's configuration, the mode and the
+        all-gather's codec."""
         return self.state.config()
 
     def state_dict(self) -> dict:
@@ -90,7 +117,24 @@ class FSDPState:
         raise TypeError("gradcomp: an FSDPState is not pickled; checkpoint it with state_dict() (per rank, or DCP)")
 
     def __repr__(self) -> str:
-        return f"gradcomp.fsdp.FSDPState(mode={self.mode!r}, {self.state!r})"
+        gathers = f", all_gather={self.all_gather_codec!r}" if self.all_gather_codec is not None else ""
+        return f"gradcomp.fsdp.FSDPState(mode={self.mode!r}{gathers}, {self.state!r})"
+
+    def say_once(self, what: str, message: str, *args) -> None:
+        """Logs ``message`` the first time ``what`` happens."""
+        if what not in self._said:
+            self._said.add(what)
+            logger.warning(message, *args)
+
+    def agree_once(self, unit: _Unit, device: torch.device) -> None:
+        """The first call's checks, from whichever of a unit's comms runs first (the first
+        forward's gather, when gradcomp gathers)."""
+        if self.replicate_group is None:
+            self.first_call(unit.group.mesh_info.shard_process_group, device)
+        else:
+            info = unit.group.mesh_info
+            self.first_call(self.replicate_group, device,
+                            (info.shard_process_group, info.shard_mesh_size, info.shard_mesh_rank))
 
     def begin(self, unit: int) -> int:
         """The step a unit's reduction runs as, counting a new one where it begins."""
@@ -119,7 +163,9 @@ class FSDPState:
                                         f"shards (shard group size, index) {[tuple(r) for r in rows]}: pass the "
                                         "replicate dimension of the mesh the model was sharded on")
             self.state.ready(group, device)
-            self.state.log_once(dist.get_world_size(group), label=f"fsdp ({self.mode})")
+            label = f"fsdp ({self.mode if self.reduces else 'FSDP reduce-scatter'}"
+            gathers = f", all-gather {self.all_gather_codec.name}" if self.all_gather_codec is not None else ""
+            self.state.log_once(dist.get_world_size(group), label=label + gathers + ")")
         elif group is not self._group_seen:
             raise GradcompError("gradcomp.fsdp: FSDP units reduce over different process groups; one gradcomp "
                                 "state serves units sharded on one mesh")
@@ -190,9 +236,22 @@ class _Unit:
                                     "first reduction; error feedback is laid out per parameter chunk, so freezing or "
                                     "unfreezing needs a new gradcomp state (register again)")
             return cached[1]
+        out = self._chunks(world, flags)
+        self._layout_cache[world] = (flags, out)
+        return out
+
+    def gathered(self, world: int) -> list:
+        """The chunk layout of the parameter all-gather: every parameter, frozen ones too."""
+        if ("gather", world) not in self._layout_cache:
+            self._layout_cache[("gather", world)] = self._chunks(world, (True,) * len(self.params))
+        return self._layout_cache[("gather", world)]
+
+    def _chunks(self, world: int, included: tuple) -> list:
+        """The chunks of the ``included`` parameters, one after another in a row, as FSDP lays
+        out its reduce-scatter input and its all-gather output."""
         out, offset = [], 0
         for i, (fp, name) in enumerate(zip(self.params, self.names)):
-            if not fp.sharded_param.requires_grad:
+            if not included[i]:
                 continue
             size = fp._orig_size
             chunk = fp.padded_sharded_param_size.numel()
@@ -205,8 +264,16 @@ class _Unit:
                 real = (chunk,) * world
             out.append(Chunked(name, self.first_index + i, numel, offset, chunk, real))
             offset += chunk
-        self._layout_cache[world] = (flags, out)
         return out
+
+    def gather_plan(self, front: FSDPState, world: int, rank: int, dtype: torch.dtype,
+                    device: torch.device) -> gather.AGPlan:
+        """The all-gather's tables of this unit (built at its first gather)."""
+        key = ("gather_plan", world, rank, dtype, device)
+        if key not in self._layout_cache:
+            self._layout_cache[key] = gather.plan_all_gather(front.all_gather_codec, front.min_numel,
+                                                             self.gathered(world), world, rank, dtype, device)
+        return self._layout_cache[key]
 
     def check_size(self, numel: int, expected: int, where: str) -> None:
         if numel != expected:
@@ -241,7 +308,10 @@ class CompressedReduceScatter:
         if input_tensor.dim() != 1 or output_tensor.dim() != 1 or input_tensor.numel() != world * output_tensor.numel():
             raise GradcompError(f"gradcomp.fsdp: {unit.what()}: a reduce-scatter input of {input_tensor.numel()} and "
                                 f"output of {output_tensor.numel()} elements do not fit {world} ranks")
-        state.first_call(group, input_tensor.device)
+        if group is not unit.group.mesh_info.shard_process_group:
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()}: a reduce-scatter over another group than the unit's "
+                                "shard group")
+        state.agree_once(unit, input_tensor.device)
         pieces = unit.pieces(world)
         unit.check_size(output_tensor.numel(), sum(p.chunk for p in pieces), "reduce-scatter output")
         step = state.begin(unit.index)
@@ -250,6 +320,72 @@ class CompressedReduceScatter:
                            compress)
         reduce_scatter_(state.engine, plan, input_tensor, output_tensor, group, step)
         return None  # FSDP reads the output when the call returns: the work is done
+
+
+class _DecodeOnWait(dist.Work):
+    """The work handle an asynchronous gather returns: FSDP waits on it before reading the
+    output, and waiting decodes."""
+
+    def __init__(self, pending: gather.Pending):
+        super().__init__()
+        self._pending = pending
+
+    def wait(self, timeout=None) -> bool:
+        self._pending.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return False
+
+
+class CompressedAllGather:
+    """FSDP2's ``AllGather`` comm of one unit (``set_custom_all_gather``): the parameter
+    all-gather, compressed with the state's all-gather codec (engine/all_gather.py)."""
+
+    def __init__(self, unit: _Unit):
+        self.unit = unit
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, async_op: bool = False):
+        unit, front = self.unit, self.unit.state
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if input_tensor.dim() != 1 or output_tensor.dim() != 1 or output_tensor.numel() != world * input_tensor.numel():
+            raise GradcompError(f"gradcomp.fsdp: {unit.what()}: an all-gather input of {input_tensor.numel()} and "
+                                f"output of {output_tensor.numel()} elements do not fit {world} ranks")
+        front.agree_once(unit, input_tensor.device)
+        stats, nbytes = front.stats, input_tensor.numel() * input_tensor.element_size()
+        why_exact = self._exact_reason(group, input_tensor, world)
+        if why_exact is not None:
+            if why_exact:
+                front.say_once(why_exact, "gradcomp.fsdp: %s: %s; this unit's gathers stay exact", unit.what(),
+                               why_exact)
+            gather.count(stats, gather.ring_bytes(nbytes, 1, world), gather.ring_bytes(nbytes, 1, world))
+            return gather.exact_all_gather(output_tensor, input_tensor, group, async_op)
+        plan = unit.gather_plan(front, world, rank, input_tensor.dtype, input_tensor.device)
+        pending, sent = gather.start_all_gather(front.all_gather_codec, plan, input_tensor, output_tensor, group)
+        gather.count(stats, sent, gather.ring_bytes(nbytes, 1, world))
+        if async_op:
+            return _DecodeOnWait(pending)
+        pending.wait()
+        return None  # FSDP reads the output when the call returns: the work is done
+
+    def _exact_reason(self, group, input_tensor: torch.Tensor, world: int) -> str | None:
+        """Why this gather runs exactly ("" for no reason worth a log), or None to compress."""
+        unit = self.unit
+        if group is not unit.group.mesh_info.shard_process_group:
+            # reshard_after_forward=<int>: backward's gather inside the node re-gathers the
+            # weights forward decoded; compressing again would give backward other weights
+            return ""
+        if input_tensor.dtype == torch.uint8:
+            return ("its parameters have different dtypes, so FSDP gathers them as bytes; gradcomp compresses "
+                    "gathers of one floating dtype")
+        expected = sum(p.chunk for p in unit.gathered(world))
+        if input_tensor.numel() != expected:
+            return (f"its gather input holds {input_tensor.numel()} elements but its parameters' shards "
+                    f"{expected} (an fsdp_pre_all_gather extension?)")
+        return None
 
 
 class CompressedReplicaAllReduce:
@@ -268,7 +404,7 @@ class CompressedReplicaAllReduce:
                                 "accumulate with set_requires_gradient_sync(False) instead")
         mesh_info = unit.group.mesh_info
         shard_world, shard_rank = mesh_info.shard_mesh_size, mesh_info.shard_mesh_rank
-        state.first_call(group, reduce_output.device, (mesh_info.shard_process_group, shard_world, shard_rank))
+        state.agree_once(unit, reduce_output.device)
         if reduce_output.is_cuda:
             # FSDP keeps this buffer alive for its native HSDP only: without this, a cast or an
             # accumulation after the hook frees it to the allocator while the exchange queued on
@@ -290,15 +426,22 @@ class CompressedReplicaAllReduce:
         run_to_end(state.engine.exchange(reduce_output, ordinals, call))
 
 
-def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **options) -> FSDPState:
-    """Compresses the gradient reduction of every FSDP2 unit in ``model``'s tree.
+def register(model: torch.nn.Module, codec="int8", *, all_gather=None, replicate_group=None,
+             **options) -> FSDPState:
+    """Compresses the gradient reduction, and optionally the parameter all-gather, of every
+    FSDP2 unit in ``model``'s tree.
 
     Args:
         model: a module on which ``fully_shard`` was called (its root and, typically, its
             blocks): every ``FSDPModule`` in its tree is registered.
-        codec: a spec (``"int8"``, ``"int4:ef=0:stochastic"``, ``"int8:residual=bf16"``, ...)
-            or a Codec: a block quantizer or a cast codec (fp16, bf16). Top-k and random-k
-            choose per whole parameter and are refused.
+        codec: the reduction's spec (``"int8"``, ``"int4:ef=0:stochastic"``,
+            ``"int8:residual=bf16"``, ...) or a Codec: a block quantizer or a cast codec (fp16,
+            bf16). Top-k and random-k choose per whole parameter and are refused. None: FSDP's
+            own exact reduce-scatter stays (with ``all_gather``: only the gather is compressed).
+        all_gather: None (default): FSDP's exact parameter all-gather. A quantizer spec
+            (``"int8"``, ``"int4"``, ``"int8:block=128"``; rounded to nearest, no error feedback)
+            or fp16/bf16: every unit's parameter all-gather is compressed; parameters below
+            min_numel are gathered exactly. Independent of ``codec``.
         replicate_group: None: FSDP over the whole group, its reduce-scatter compressed.
             A ProcessGroup or a 2-D DeviceMesh ``(replicate, shard)``: HSDP on a model sharded
             with ``fully_shard`` over the shard (intra-node) mesh only; FSDP's reduce-scatter
@@ -310,7 +453,7 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
     Returns the :class:`FSDPState`: keep it, checkpoint it per rank with ``state_dict()``.
     """
     FSDPModule = _fsdp_api()  # first: without FSDP2 nothing else can be checked
-    spec = _check_options(codec, replicate_group, options)
+    spec, gather_spec = _check_options(codec, all_gather, replicate_group, options)
     modules, names, groups = _units_of(model, FSDPModule)
     hsdp = replicate_group is not None
     if hsdp:
@@ -318,14 +461,22 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
         _require(modules[0], ("set_all_reduce_hook",), "HSDP")
     else:
         group = groups[0][1].mesh_info.shard_process_group
-        _require(modules[0], ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
-                              "set_gradient_divide_factor"), "a compressed reduce-scatter")
-    state = FSDPState(spec, group, mode="hsdp" if hsdp else "reduce_scatter", **options)
+        if spec is not None:
+            _require(modules[0], ("set_custom_reduce_scatter", "set_force_sum_reduction_for_comms",
+                                  "set_gradient_divide_factor"), "a compressed reduce-scatter")
+    if gather_spec is not None:
+        _require(modules[0], ("set_custom_all_gather",), "a compressed all-gather")
+    state = FSDPState(spec, group, mode="hsdp" if hsdp else "reduce_scatter", all_gather=gather_spec,
+                      replicate_group=group if hsdp else None, **options)
     first = 0
     for index, (module, param_group) in enumerate(groups):
         unit = _Unit(state, index, module, param_group, names, first)
         state.units.append(unit)
         first += len(unit.params)
+        if gather_spec is not None:
+            module.set_custom_all_gather(CompressedAllGather(unit))
+        if spec is None:
+            continue
         if hasattr(module, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
             module.set_reduce_scatter_unused_params(True, recurse=False)
         if hsdp:
@@ -337,12 +488,25 @@ def register(model: torch.nn.Module, codec="int8", *, replicate_group=None, **op
     return state
 
 
-def _check_options(codec, replicate_group, options: dict) -> codecs.Codec:
-    """The codec, parsed, once the options are known to suit FSDP."""
+def _check_options(codec, all_gather, replicate_group, options: dict) -> tuple:
+    """The reduction's and the gather's codecs, parsed (None where FSDP's own runs), once the
+    options are known to suit FSDP."""
     for name in _NOT_OPTIONS:
         if name in options:
             raise ValueError(f"gradcomp.fsdp: {name} is a DDP option; with FSDP the shard mesh is the node: give "
                              "replicate_group for HSDP")
+    gather_spec = gather.check_codec(all_gather) if all_gather is not None else None
+    if codec is None:
+        if all_gather is None:
+            raise ValueError("gradcomp.fsdp: codec=None and all_gather=None compress nothing: give a codec for the "
+                             "reduce-scatter, all_gather= for the parameter gather, or both")
+        if replicate_group is not None:
+            raise ValueError("gradcomp.fsdp: with replicate_group the replica all-reduce is gradcomp's: give it a "
+                             "codec (codec=None keeps FSDP's own reduction, which has no replica all-reduce here)")
+        if "start_step" in options or "chunk_numel" in options:
+            raise ValueError("gradcomp.fsdp: start_step and chunk_numel apply to the reduction, which codec=None "
+                             "leaves to FSDP")
+        return None, gather_spec
     spec = codecs.parse(codec)
     if isinstance(spec, codecs.Sparsifier):
         raise ValueError(f"gradcomp.fsdp: {spec.name} chooses its values per whole parameter, which a sharded "
@@ -353,7 +517,7 @@ def _check_options(codec, replicate_group, options: dict) -> codecs.Codec:
                          "use a quantizer (int8, int4, int2, sign) or fp16/bf16, or powersgd with DDP")
     if replicate_group is None and "chunk_numel" in options:
         raise ValueError("gradcomp.fsdp: chunk_numel applies to HSDP's replica all-reduce only")
-    return spec
+    return spec, gather_spec
 
 
 def _units_of(model: torch.nn.Module, FSDPModule) -> tuple[list, dict, list]:
@@ -378,7 +542,8 @@ def _units_of(model: torch.nn.Module, FSDPModule) -> tuple[list, dict, list]:
                                  "exact replica all-reduce runs before any hook and cannot be replaced. Shard with "
                                  "fully_shard(mesh=mesh['shard']) and pass replicate_group=mesh")
             if isinstance(getattr(param_group, "_reduce_scatter_comm", None), CompressedReduceScatter) or \
-                    isinstance(getattr(param_group, "_all_reduce_hook", None), CompressedReplicaAllReduce):
+                    isinstance(getattr(param_group, "_all_reduce_hook", None), CompressedReplicaAllReduce) or \
+                    isinstance(getattr(param_group, "_all_gather_comm", None), CompressedAllGather):
                 raise ValueError("gradcomp.fsdp: this model is already registered with gradcomp")
             groups.append((module, param_group))
     if not groups:

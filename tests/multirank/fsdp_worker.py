@@ -9,13 +9,14 @@ import os
 
 import gradcomp
 import gradcomp.fsdp
+import reference
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64, None: None}
 
 
 class Block(nn.Module):
@@ -33,7 +34,8 @@ class Net(nn.Module):
     odd dim-0 sizes (padding at 2 and 4 ranks; the head's bias has no rows on rank 3 of 4)
     and parameters on both sides of min_numel."""
 
-    def __init__(self, width: int = 37, blocks: int = 2, inputs: int = 13, outputs: int = 5, unused: bool = False):
+    def __init__(self, width: int = 37, blocks: int = 2, inputs: int = 13, outputs: int = 5, unused: bool = False,
+                 frozen: str | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(inputs, width)
@@ -41,6 +43,8 @@ class Net(nn.Module):
             self.spare = nn.Linear(width, 2 * width, bias=False)
         self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
         self.head = nn.Linear(width, outputs)
+        if frozen:  # a frozen parameter in block 0 (gathered, never reduced), of that dtype
+            self.blocks[0].frozen = nn.Parameter(torch.randn(3 * width, width).to(DTYPES[frozen]), requires_grad=False)
 
     def forward(self, x):
         x = torch.tanh(self.inp(x))
@@ -67,6 +71,8 @@ def shard(model: Net, mesh, args) -> Net:
         n = mesh.size()
         block_kw["shard_placement_fn"] = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % n == 0 and \
             p.shape[0] % n else None
+    if "reshard" in args:  # reshard_after_forward: True, False, or the group size backward gathers over
+        block_kw["reshard_after_forward"] = args["reshard"]
     for b in model.blocks:
         fully_shard(b, **block_kw)
     fully_shard(model, **kw)
@@ -87,6 +93,13 @@ class Spy:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
     def __call__(self, *a, **kw):
+        if self.kind == "ag":  # recorded once the gather is complete
+            before = kw["input_tensor"].clone()
+            work = self.inner(*a, **kw)
+            if work is not None:
+                work.wait()
+            self.log.append((self.unit, kw["group"].size(), before, kw["output_tensor"].clone(), kw["async_op"]))
+            return work
         if self.kind == "rs":
             inp = kw["input_tensor"].clone()
             r = self.inner(*a, **kw)
@@ -95,6 +108,34 @@ class Spy:
         before = a[0].clone()
         self.inner(*a, **kw)
         self.log.append((self.unit, before, a[0].clone()))
+
+
+class ReferenceGather:
+    """A pure-torch compressed all-gather (tests/support/reference.py) as FSDP's comm: an exact
+    gather, then every row quantized and dequantized; exact over a smaller group (hpZ)."""
+
+    def __init__(self, unit, spec: str, min_numel: int):
+        from gradcomp import codecs
+
+        codec = codecs.parse(spec)
+        self.unit, self.min_numel = unit, min_numel
+        self.block, self.bits = getattr(codec, "block_size", 0), codec.bits
+        self.wire = getattr(codec, "wire_dtype", None)
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        dist.all_gather_into_tensor(output_tensor, input_tensor, group=group)
+        if group.size() != dist.get_world_size() or output_tensor.dtype == torch.uint8:
+            return None
+        world = group.size()
+        pieces = self.unit.gathered(world)
+        wire = self.wire if input_tensor.dtype == torch.float32 else None
+        inputs = [r.clone() for r in output_tensor.view(world, -1)]
+        min_numel = self.min_numel if wire is None else 0
+        output_tensor.copy_(reference.fsdp_all_gather(inputs, pieces, self.block, self.bits, min_numel, wire))
+        return None
 
 
 def layout_of(state) -> list:
@@ -122,20 +163,29 @@ def scenario_train(rank, world, args):
         mesh = mesh2["shard"]
     else:
         mesh2, mesh = None, init_device_mesh("cpu", (world,))
-    model = shard(Net(args.get("width", 37), unused=args.get("unused", False)), mesh, args)
+    model = shard(Net(args.get("width", 37), unused=args.get("unused", False), frozen=args.get("frozen")), mesh,
+                  args)
     log: list = []
+    gathers: list = []
     state = None
-    if args.get("codec"):
+    if args.get("codec") or args.get("all_gather"):
         opts = dict(args.get("state", {}))
-        state = gradcomp.fsdp.register(model, args["codec"], replicate_group=mesh2 if per_node else None, **opts)
+        state = gradcomp.fsdp.register(model, args.get("codec"), all_gather=args.get("all_gather"),
+                                       replicate_group=mesh2 if per_node else None, **opts)
         for i, m in enumerate(units_of(model)):
             pg = m._get_fsdp_state()._fsdp_param_group
+            if args.get("reference_gather"):  # the same run through the pure-torch gather
+                pg._all_gather_comm = ReferenceGather(state.units[i], args["all_gather"], opts["min_numel"])
+            if args.get("all_gather"):
+                pg._all_gather_comm = Spy(pg._all_gather_comm, i, gathers, "ag")
+            if not args.get("codec"):
+                continue
             if per_node:
                 pg._all_reduce_hook = Spy(pg._all_reduce_hook, i, log, "ar")
             else:
                 pg._reduce_scatter_comm = Spy(pg._reduce_scatter_comm, i, log, "rs")
     opt = torch.optim.AdamW(model.parameters(), lr=args.get("lr", 1e-2))
-    out = {"calls": {}, "grads": {}, "loss": {}}
+    out = {"calls": {}, "grads": {}, "loss": {}, "gathers": {}}
     ckpt = args.get("ckpt")
     start, stop = args.get("start", 0), args.get("stop", args.get("steps", 3))
     if args.get("load"):
@@ -150,16 +200,25 @@ def scenario_train(rank, world, args):
             x, y = batch(rank, step, k)
             if args.get("poison") == {"rank": rank, "step": step}:
                 y[0, 0] = float("inf")  # every gradient of this rank becomes non-finite
+            if args.get("poison_weight") == {"rank": rank, "step": step}:
+                with torch.no_grad():  # one weight of this rank's shard
+                    model.blocks[0].up.weight.to_local().view(-1)[0] = float("inf")
+            if args.get("async_unshard"):  # the root's gather started ahead, waited on by forward
+                model.unshard(async_op=True)
             loss = ((model(x) - y) ** 2).mean()
             loss.backward()
         out["loss"][step] = float(loss)
         out["calls"][step] = list(log)
         log.clear()
+        out["gathers"][step] = list(gathers)
+        gathers.clear()
         out["grads"][step] = local_grads(model)
         opt.step()
     if state is not None:
         out["final"] = fields(state)
         out["layout"] = layout_of(state)
+        out["gathered"] = [[vars(p) | {"real": list(p.real)} for p in m.gathered(world if not per_node else per_node)]
+                           for m in state.units]
         out["first_blocks"] = {k: state.engine.first_block(k) for k in state.engine.keys()}
     out["params"] = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
     if args.get("save"):
@@ -250,6 +309,18 @@ def scenario_errors(rank, world, args):
     gradcomp.fsdp.register(other, "int8")
     comm = units_of(other)[0]._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
     attempt("avg", lambda: comm(torch.zeros(world), torch.zeros(world * world), dist.group.WORLD, dist.ReduceOp.AVG))
+    attempt("gather_topk", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", all_gather="topk:0.1"))
+    attempt("gather_stochastic", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8",
+                                                                all_gather="int4:stochastic"))
+    attempt("nothing", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), None))
+    attempt("gather_only_hsdp", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), None, all_gather="int8",
+                                                               replicate_group=dist.group.WORLD))
+    attempt("gather_only_start_step", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), None, all_gather="int8",
+                                                                     start_step=3))
+    # a checkpoint of int8 gathers, loaded where the gathers are int4
+    saved = gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", all_gather="int8").state_dict()
+    other_gathers = gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", all_gather="int4")
+    attempt("gather_codec_changed", lambda: other_gathers.load_state_dict(saved))
     return out
 
 

@@ -242,6 +242,12 @@ def test_fsdp_errors_are_clear(tmp_path):
         "chunk_numel": "chunk_numel applies to HSDP's replica all-reduce only",
         "replicas_hold_other_shards": "replicate_group must join the ranks that hold the same shard",
         "divide_factor": "with divide factor 2.0",
+        "gather_topk": "the parameter all-gather takes a quantizer",
+        "gather_stochastic": "drop ':stochastic'",
+        "nothing": "compress nothing",
+        "gather_only_hsdp": "the replica all-reduce is gradcomp's",
+        "gather_only_start_step": "start_step and chunk_numel apply to the reduction",
+        "gather_codec_changed": "all_gather: saved",
     }
     for name, text in expect.items():
         assert msgs[name] is not None and text in msgs[name], f"{name}: {msgs[name]}"
@@ -317,3 +323,129 @@ def test_engine_reduce_scatter_error_feedback_tracks_the_running_mean(codec):
         gap[ef] = worst
     assert gap[True] < 1e-5, gap
     assert gap[False] > 1000 * gap[True], gap
+
+
+# ---------------------------------------------------------------- the parameter all-gather
+def pieces_of_gather(out, unit) -> list:
+    return [Chunked(**{**d, "real": tuple(d["real"])}) for d in out["gathered"][unit]]
+
+
+def check_gathers(outs, world, *, bits=8, block=256, min_numel=MIN, wire=None, group_size=None):
+    """Every recorded compressed gather against the reference, bit for bit, the same output on
+    every rank; gathers over a smaller group (hpZ) exact. Returns the number compared."""
+    compared = 0
+    for step in sorted(outs[0]["gathers"]):
+        calls = [outs[r]["gathers"][step] for r in range(world)]
+        assert len({len(c) for c in calls}) == 1 and calls[0], f"step {step}: ranks made different gathers"
+        for ci in range(len(calls[0])):
+            unit, size = calls[0][ci][0], calls[0][ci][1]
+            if size != (group_size or world):  # hpZ: backward's gather inside the node, exact
+                for r in range(world):
+                    _, _, inp, out, _ = calls[r][ci]
+                    n = inp.numel()
+                    mine = r % size
+                    assert same(out[mine * n : (mine + 1) * n], inp), f"step {step}: rank {r}'s inner gather"
+                continue
+            inputs = [calls[r][ci][2] for r in range(world)]
+            if inputs[0].dtype == torch.uint8:  # parameters of several dtypes: gathered as bytes, exactly
+                for r in range(world):
+                    assert same(calls[r][ci][3], torch.cat(inputs)), f"step {step}: rank {r}'s byte gather"
+                continue
+            ref = reference.fsdp_all_gather(inputs, pieces_of_gather(outs[0], unit), block, bits, min_numel, wire)
+            for r in range(world):
+                assert same(calls[r][ci][3], ref), f"step {step} gather {ci} (unit {unit}) rank {r}: differs"
+            compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fsdp2_all_gather_is_the_reference_bit_for_bit(tmp_path, world):
+    """int8 reduce-scatter and int8 gathers: every forward's and backward's gather of every unit
+    is the pure-torch reference, bit for bit and the same on every rank (the owner of a row
+    decodes it too), the reduce-scatter as before; the sharded weights stay exact."""
+    outs = run(world, tmp_path, codec="int8", all_gather="int8", steps=3, unused=True, state={"min_numel": MIN})
+    # a step: each block gathers in forward and again in backward, the root (not resharded
+    # after forward: FSDP's default for the root) once
+    assert check_gathers(outs, world) == 3 * (2 * 2 + 1)
+    check_reduce_scatter(outs, world)
+    s = outs[0]["final"]["stats"]
+    assert s["all_gather_bytes_sent"] > 0 and s["all_gather_bytes_uncompressed"] / s["all_gather_bytes_sent"] > 2.5
+    total = (s["bytes_uncompressed"] + s["all_gather_bytes_uncompressed"]) / (s["bytes_sent"] +
+                                                                            s["all_gather_bytes_sent"])
+    assert s["total_ratio"] == pytest.approx(total) and s["total_ratio"] > 2.5
+    assert outs[0]["final"]["config"]["all_gather"]["codec"] == "int8"
+
+
+def same_runs(a, b, world, what):
+    for r in range(world):
+        assert a[r]["loss"] == b[r]["loss"], f"{what}: rank {r}'s losses differ"
+        for step, grads in a[r]["grads"].items():
+            for k, g in grads.items():
+                assert same(g, b[r]["grads"][step][k]), f"{what}: rank {r} step {step} {k}'s gradient differs"
+        for k, p in a[r]["params"].items():
+            assert same(p, b[r]["params"][k]), f"{what}: rank {r}'s {k} differs"
+
+
+def test_fsdp2_gathers_train_as_the_reference_whatever_resharding_hpz_included(tmp_path):
+    """4 ranks, int4 gathers only (FSDP's own reduce-scatter): the run equals the same run with
+    the pure-torch reference gather step by step, bit for bit; and reshard_after_forward=True
+    (backward gathers compressed again, from the same shards), False (backward keeps forward's
+    weights) and 2 (hpZ: backward's gather inside each pair of ranks, exact, of the weights
+    forward decoded) train identically: backward always uses forward's weights."""
+    world = 4
+    common = {"all_gather": "int4", "steps": 3, "state": {"min_numel": MIN}}
+    runs = {reshard: run(world, tmp_path / f"r{reshard}", reshard=reshard, **common) for reshard in (True, False, 2)}
+    ref = run(world, tmp_path / "ref", reshard=2, reference_gather=True, **common)
+    same_runs(runs[2], ref, world, "hpZ against the reference gather")
+    check_gathers(runs[2], world, bits=4)
+    for reshard in (True, False):
+        same_runs(runs[reshard], runs[2], world, f"reshard_after_forward={reshard} against 2")
+    inner = [c for c in runs[2][0]["gathers"][0] if c[1] == 2]
+    assert len(inner) == 2, "each block's backward gathers inside its pair of ranks"
+    assert len(runs[False][0]["gathers"][0]) == 3, "without resharding, forward's gathers only"
+    assert runs[2][0]["final"]["config"]["reduce_scatter"] == "fsdp"
+    assert runs[2][0]["final"]["stats"]["bytes_sent"] == 0 < runs[2][0]["final"]["stats"]["all_gather_bytes_sent"]
+
+
+def test_fsdp2_gathers_bf16_params(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16): FSDP gathers bf16; decoded to bf16, the
+    reference's rounding of the float32 dequantized values."""
+    outs = run(2, tmp_path, codec="int8", all_gather="int8", steps=2, param_dtype="bf16", reduce_dtype="fp32",
+               state={"min_numel": MIN})
+    assert outs[0]["gathers"][0][0][2].dtype == torch.bfloat16
+    assert check_gathers(outs, 2) > 0
+    check_reduce_scatter(outs, 2)
+
+
+@pytest.mark.parametrize("frozen", ["fp32", "fp64"])
+def test_fsdp2_gathers_uneven_shard1_and_frozen_parameters(tmp_path, frozen):
+    """3 ranks (uneven dim-0 shards), the blocks' down weights sharded on dim 1, and a frozen
+    parameter in block 0: of the others' dtype it is gathered (compressed) like the rest; of
+    another dtype FSDP gathers that unit as bytes, which stays exact."""
+    outs = run(3, tmp_path, codec="int8", all_gather="int8", steps=2, shard1=True, frozen=frozen,
+               state={"min_numel": MIN})
+    assert check_gathers(outs, 3) > 0
+    check_reduce_scatter(outs, 3)
+    dtypes = {c[2].dtype for c in outs[0]["gathers"][0]}
+    assert dtypes == ({torch.float32} if frozen == "fp32" else {torch.float32, torch.uint8})
+    keys = [d["key"] for unit in outs[0]["gathered"] for d in unit]
+    assert "blocks.0.frozen" in keys and "blocks.0.frozen" not in [d["key"] for u in outs[0]["layout"] for d in u]
+
+
+def test_fsdp2_non_finite_weight_arrives_non_finite(tmp_path):
+    """An Inf in one rank's shard at step 1: its unit's compressed weights decode to NaN on
+    every rank (the reference's rule), never to finite values; step 0 is finite."""
+    outs = run(2, tmp_path, all_gather="int8", steps=2, poison_weight={"rank": 1, "step": 1},
+               state={"min_numel": MIN})
+    check_gathers(outs, 2)
+    for r in range(2):
+        assert all(torch.isfinite(c[3]).all() for c in outs[r]["gathers"][0])
+        poisoned = [c for c in outs[r]["gathers"][1] if not torch.isfinite(c[3]).all()]
+        assert poisoned and all(torch.isnan(c[3]).any() for c in poisoned)
+
+
+def test_fsdp2_async_unshard_decodes_on_wait(tmp_path):
+    """model.unshard(async_op=True): the gather returns a Work whose wait() decodes."""
+    outs = run(2, tmp_path, codec="int8", all_gather="int8", steps=2, async_unshard=True, state={"min_numel": MIN})
+    assert any(c[4] for c in outs[0]["gathers"][0]), "the root's gather ran asynchronously"
+    check_gathers(outs, 2)

@@ -16,7 +16,7 @@ MIN = 256  # min_numel: test_fsdp's model and random_layout have compressed and 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit: NaN where NaN, and -0.0 told from +0.0 (torch.equal would equate them)."""
-    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64}
+    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.uint8}
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.reshape(-1).view(bits[a.element_size()]), b.reshape(-1).view(bits[b.element_size()])))
 

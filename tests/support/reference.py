@@ -420,6 +420,43 @@ def fsdp_reduce_scatter(inputs: list[torch.Tensor], pieces: list, residuals: dic
     return outs
 
 
+def fsdp_all_gather(inputs: list[torch.Tensor], pieces: list, block: int, bits: int, min_numel: int,
+                    wire: torch.dtype | None = None) -> torch.Tensor:
+    """The engine's compressed parameter all-gather of one FSDP unit over W ranks (rounded to
+    nearest, no error feedback), as every rank receives it.
+
+    inputs[r]: rank r's row [S] (its chunk of every parameter, the gather's dtype); pieces: the
+    unit's Chunked layout over all its parameters. A piece of at least min_numel elements (its
+    whole parameter) is compressed: the valid part of row j's chunk, block by block, quantized
+    and dequantized in float32, then rounded to the gather's dtype; the chunk's padding is 0.
+    If any row holds a non-finite value in a compressed piece, every compressed value of every
+    row is NaN. Other pieces are gathered as they are. ``wire``: a cast codec's dtype, which
+    every row (its owner's too) goes through. Returns the [W · S] output."""
+    world, dtype = len(inputs), inputs[0].dtype
+    shard = sum(p.chunk for p in pieces)
+    out = torch.cat([x.to(wire).to(dtype) if wire is not None else x.clone() for x in inputs])
+    if wire is not None:
+        return out
+    rows = out.view(world, shard)
+    flagged, cols = False, []
+    for p in pieces:
+        if p.numel < min_numel:
+            continue
+        for j in range(world):
+            n = p.real[j]
+            rows[j, p.offset + n : p.offset + p.chunk] = 0
+            if n == 0:
+                continue
+            scales, codes, _, nonfinite = block_quantize(inputs[j][p.offset : p.offset + n].float(), block, bits)
+            rows[j, p.offset : p.offset + n] = (codes.float() * scales[:, None]).reshape(-1)[:n].to(dtype)
+            flagged |= bool(nonfinite.any())
+            cols.append((j, p.offset, n))
+    if flagged:
+        for j, offset, n in cols:
+            rows[j, offset : offset + n] = float("nan")
+    return out
+
+
 # ---------------------------------------------------------------- PowerSGD
 def powersgd_q0(seed: int, ordinal: int, step: int | None, m: int, rank: int) -> torch.Tensor:
     """A key's first Q (or every step's, without warm start): N(0, 1) draws from a CPU

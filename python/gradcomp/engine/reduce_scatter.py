@@ -225,3 +225,13 @@ def _count(stats: dict, plan: RSPlan, sent: float, codec_s: float, element_size:
     stats["params_compressed"] += plan.params_compressed
     stats["params_fallback"] += plan.params_fallback
     stats["ratio"] = stats["bytes_uncompressed"] / stats["bytes_sent"] if stats["bytes_sent"] else 1.0
+    if "all_gather_bytes_sent" in stats:
+        update_total_ratio(stats)
+
+
+def update_total_ratio(stats: dict) -> None:
+    """``total_ratio``: the bytes a plain reduce-scatter and all-gather would have sent over
+    those sent, both counted (an FSDP state that gathers through gradcomp)."""
+    sent = stats["bytes_sent"] + stats.get("all_gather_bytes_sent", 0.0)
+    plain = stats["bytes_uncompressed"] + stats.get("all_gather_bytes_uncompressed", 0.0)
+    stats["total_ratio"] = plain / sent if sent else 1.0

@@ -181,3 +181,21 @@ def test_method_registers_torch_powersgd_at_its_rank(monkeypatch):
             assert m.state is None and methods.dist.all_reduce != saved  # counting while attached
         assert methods.dist.all_reduce == saved
         assert hooks[-1].matrix_approximation_rank == rank and hooks[-1].start_powerSGD_iter == 5
+
+
+def test_sharded_methods_take_a_gather_and_hpz():
+    """'<plain|spec>[+ag:<spec>][+hpz]' under --fsdp and as fsdp:<that> in bench converge;
+    HSDP gathers inside the node and takes neither."""
+    assert methods.parse_fsdp_methods("plain,int8,int8+ag:int8,plain+ag:int4:block=128,int4+ag:fp16+hpz") == [
+        "plain", "int8", "int8+ag:int8", "plain+ag:int4:block=128", "int4+ag:fp16+hpz"]
+    assert methods.parse_sharded("int8+ag:int4+hpz") == methods.Sharded("int8", "int4", True)
+    assert methods.parse_sharded("plain+ag:int8") == methods.Sharded(None, "int8", False)
+    assert methods.parse_methods("allreduce,fsdp,fsdp:int8+ag:int8", methods.DEMO_KINDS)[2] == "fsdp:int8+ag:int8"
+    for bad, why in (("int8+ag:topk:0.1", "the parameter all-gather takes a quantizer"),
+                     ("int8+ag:int4:stochastic", "drop ':stochastic'"),
+                     ("int8+hpz+hpz", "neither ag:<spec> nor hpz"), ("int8+zz", "neither ag:<spec> nor hpz"),
+                     ("topk:0.1+ag:int8", "takes no sparsifier")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            methods.parse_fsdp_methods(bad)
+    with pytest.raises(ValueError, match="under --hsdp FSDP2 gathers inside the node"):
+        methods.parse_fsdp_methods("int8+ag:int8", "hsdp")

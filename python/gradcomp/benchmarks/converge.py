@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from ..drivers.digits import load_digits_split, make_model
 from ..drivers.launch import DEMO_PACKAGES, init_rank, missing_packages, run_ranks
 from ..drivers.methods import (
-    DDP_KINDS,
     DEFAULT_METHODS,
+    DEMO_KINDS,
     AttachOptions,
     attach,
     is_diloco_method,
@@ -378,7 +378,7 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        args.methods = parse_methods(args.methods, DDP_KINDS)
+        args.methods = parse_methods(args.methods, DEMO_KINDS)
     except ValueError as e:
         p.error(str(e))
     node = [m for m in args.methods if is_node_method(m)]
@@ -434,11 +434,14 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
     steps = task.steps
     eval_at = sorted({*range(0, steps, args.eval_every), steps})
     heldout, losses, step_seconds = [], [], []
+    evaluation_bytes = 0.0  # what evaluating sent (an FSDP model gathers its weights): not the method's
     started = time.perf_counter()
     with setup.method as attached:
         for step in range(steps + 1):
-            if step in eval_at:  # the model after `step` steps, on the inner module: no collective
+            if step in eval_at:  # the model after `step` steps: the inner module (DDP), the sharded one (FSDP)
+                before = attached.bytes_sent(step)
                 heldout.append(task.heldout_sum(model))
+                evaluation_bytes += attached.bytes_sent(step) - before
             if step == steps:
                 break
             inputs, targets = task.batch_at(seed, step)
@@ -456,7 +459,7 @@ def _train_one(task, method: str, seed: int, args, device, backend: str, progres
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-        sent = attached.bytes_sent(steps)
+        sent = attached.bytes_sent(steps) - evaluation_bytes
         codec_seconds = attached.codec_seconds()
         stats = dict(attached.state.stats) if attached.state is not None else None
     wall_s = time.perf_counter() - started  # the steps and the evaluations

@@ -23,13 +23,18 @@ each period's mean step is one sample of its median: its step time includes its 
 ``--fsdp``: the model is sharded with FSDP2 instead (``fully_shard`` on each layer, then the
 root, over a 1-D mesh of the world) and the methods are ``plain`` (FSDP2's own
 reduce-scatter) and gradcomp codec specs (``gradcomp.fsdp.register(model, spec)``: a
-compressed reduce-scatter). ``--hsdp`` (with ``--nodes`` and ``--ranks-per-node``): a 2-D
+compressed reduce-scatter), each optionally with ``+ag:<spec>`` (the parameter all-gather
+compressed too: ``all_gather=<spec>``; ``plain+ag:int8`` the gather alone) and ``+hpz``
+(``reshard_after_forward=<ranks a node>``: backward's gather inside the node).
+``--hsdp`` (with ``--nodes`` and ``--ranks-per-node``): a 2-D
 mesh (replicate = nodes, shard = a node's ranks), each node's ranks shard the model with
 FSDP2 over its loopback; ``plain`` adds an exact all-reduce of each shard across the
 nodes (``set_all_reduce_hook``), a gradcomp spec compresses that all-reduce
-(``gradcomp.fsdp.register(model, spec, replicate_group=mesh)``). Under both, the bytes
-counted are the gradient reduction's only: FSDP's parameter all-gathers are the same for
-every method and not counted (the node's eth0 bytes include them where they cross nodes).
+(``gradcomp.fsdp.register(model, spec, replicate_group=mesh)``). Under ``--fsdp`` the bytes
+counted are the gradient reduction's and the parameter all-gathers' (FSDP2's own computed
+as a ring's, gradcomp's counted); under ``--hsdp`` the reduction's only (the gathers stay
+inside the node, the same for every method). The node's eth0 bytes include whatever crosses
+nodes.
 
 Two phases, each a fresh set of rank processes: the same links unshaped (the floor),
 then shaped, repeated for ``--rounds`` rounds so that a slow spell of a shared machine hits
@@ -230,7 +235,8 @@ def parse_args(argv):
     sharding = p.add_mutually_exclusive_group()
     sharding.add_argument("--fsdp", action="store_true",
                           help="shard the model with FSDP2 (fully_shard) over all ranks instead of DDP; methods: "
-                               "plain (FSDP2's reduce-scatter) and gradcomp codec specs")
+                               "plain (FSDP2's reduce-scatter) and gradcomp codec specs, each with +ag:<spec> (the "
+                               "parameter all-gather compressed too) and +hpz (backward's gather inside the node)")
     sharding.add_argument("--hsdp", action="store_true",
                           help="HSDP: FSDP2 within each node, replicas across nodes (needs --nodes and "
                                "--ranks-per-node); methods: plain (exact replica all-reduce) and gradcomp codec specs")
@@ -571,14 +577,14 @@ def _summarize(args, phases: dict, runs: dict) -> dict:
     print(f"(x floor: shaped step / {FLOOR_TEXT[mode]}'s unshaped step; x own: shaped / the method's unshaped step; "
           "MB sent: what rank 0 sent a step, counted"
           + (", to its own node's ranks too" if per_node > 1 else "")
-          + ("" if mode == "ddp" else f", gradient reduction only ({BYTES_TEXT}; {GLOO_RS_TEXT})")
+          + ("" if mode == "ddp" else f", {BYTES_TEXT[mode]} ({GLOO_RS_TEXT})")
           + "; node MB: what a node's eth0 sent to the other nodes a step, headers included, mean over nodes"
           + ("" if mode != "fsdp" else ", FSDP2's all-gathers included")
           + ("; MB/rank: node MB / ranks a node" if per_node > 1 else "")
           + "; wire ms: node MB at the measured rate; codec ms: gradcomp's encode + decode, wall time)")
     return {
         "meta": {"mode": mode, "baseline": base,
-                 "bytes_counted": "gradient reduction only" + ("" if mode == "ddp" else f" ({BYTES_TEXT})"),
+                 "bytes_counted": "gradient reduction only" if mode == "ddp" else BYTES_TEXT[mode],
                  **({} if mode == "ddp" else {"note": GLOO_RS_TEXT}),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": platform.node(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
@@ -600,7 +606,9 @@ MODE_TEXT = {"ddp": "DDP", "fsdp": "FSDP2, fully_shard over all ranks",
              "hsdp": "HSDP, FSDP2 within a node, replicas across nodes"}
 FLOOR_TEXT = {"ddp": "plain all-reduce", "fsdp": "plain: FSDP2's own reduce-scatter",
               "hsdp": "plain: FSDP2's reduce-scatter + exact replica all-reduce"}
-BYTES_TEXT = "FSDP2's parameter all-gathers are the same for every method and not counted"
+BYTES_TEXT = {"fsdp": "gradient reduction and parameter all-gathers (FSDP2's own counted as a ring's)",
+              "hsdp": "gradient reduction only (FSDP2's parameter all-gathers stay inside the node, the same for "
+                      "every method, and are not counted)"}
 GLOO_RS_TEXT = ("plain's reduce-scatter is counted as a ring's, (W-1)/W of the gradient; torch's Gloo (2.13 at least) "
                 "sends an all-reduce's 2(W-1)/W for a reduce_scatter_tensor, which the measured eth0 / lo bytes and "
                 "the step times show; gradcomp's reduce-scatter is its own all-to-all")

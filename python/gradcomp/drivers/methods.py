@@ -32,6 +32,11 @@ Under FSDP2 (``fully_shard``) and HSDP (FSDP2 inside a node, replicas across nod
                       (``set_all_reduce_hook``; HSDP)
     anything else     a gradcomp codec spec ("int8", "int4", "fp16", ...): gradcomp.fsdp.register,
                       a compressed reduce-scatter (FSDP) or replica all-reduce (HSDP)
+    "<that>+ag:<spec>"
+                      FSDP only: the parameter all-gather compressed too (``all_gather=<spec>``),
+                      e.g. "int8+ag:int8", "plain+ag:int8" (FSDP's own reduce-scatter)
+    "<that>+hpz"      FSDP only: ``fully_shard(..., reshard_after_forward=L)``, L the topology's
+                      ranks a node: backward's gather stays inside the node (ZeRO++'s hpZ)
 
 Each kind is a ``MethodKind`` (which specs it takes, and the check that refuses a bad one);
 a command passes ``parse_methods`` the kinds it runs (``DDP_KINDS``, ``DEMO_KINDS``,
@@ -68,6 +73,32 @@ FSDP_PREFIX = "fsdp:"  # "fsdp:<spec>": gradcomp.fsdp.register with that codec
 DEFAULT_METHODS = ("allreduce", "torch-fp16", "torch-powersgd", "int8", "int4", "sign", "topk:0.01")
 FSDP_PLAIN = "plain"  # FSDP2's own exact reduction, the FSDP and HSDP baseline
 FSDP_DEFAULT_METHODS = (FSDP_PLAIN, "int8", "int4")
+GATHER_PREFIX = "ag:"  # "<reduction>+ag:<spec>": the parameter all-gather compressed too
+HPZ = "hpz"  # "<reduction>+hpz": reshard_after_forward=<ranks a node>
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A sharded method's parts: the reduction's codec spec (None: FSDP's own), the parameter
+    all-gather's (None: FSDP's own), and whether backward gathers inside the node (hpZ)."""
+
+    reduce: str | None
+    gather: str | None
+    hpz: bool
+
+
+def parse_sharded(method: str) -> Sharded:
+    """``"<plain|spec>[+ag:<spec>][+hpz]"`` split into its parts (not checked)."""
+    first, *extras = method.split("+")
+    gather, hpz = None, False
+    for extra in extras:
+        if extra.startswith(GATHER_PREFIX) and gather is None:
+            gather = extra[len(GATHER_PREFIX):]
+        elif extra == HPZ and not hpz:
+            hpz = True
+        else:
+            raise ValueError(f"{method!r}: {extra!r} is neither {GATHER_PREFIX}<spec> nor {HPZ} (each at most once)")
+    return Sharded(None if first == FSDP_PLAIN else first, gather, hpz)
 
 
 # ---- the registry and the parser ---------------------------------------------------------
@@ -253,13 +284,23 @@ def _sharded_codec_check(mode: str) -> Callable[[str], None]:
         if is_torch_method(method) or is_node_method(method) or is_pipe_method(method):
             raise ValueError(f"{method!r} is a DDP method; under {what} the methods are {FSDP_PLAIN!r} (FSDP2's "
                              "own exact reduction) and gradcomp codec specs (int8, int4, ...)")
-        try:
-            spec = codecs.parse(method)
-        except ValueError as e:
-            raise ValueError(f"{method!r} is neither {FSDP_PLAIN!r} nor a gradcomp codec: {e}") from e
-        if isinstance(spec, codecs.Sparsifier):
-            raise ValueError(f"{method!r}: gradcomp.fsdp takes no sparsifier (it chooses per whole parameter, which "
-                             "a sharded reduction never holds); use a quantizer (int8, int4, int2, sign) or fp16/bf16")
+        parts = parse_sharded(method)
+        if mode == "hsdp" and (parts.gather is not None or parts.hpz):
+            raise ValueError(f"{method!r}: under --hsdp FSDP2 gathers inside the node; +{GATHER_PREFIX} and +{HPZ} "
+                             "are for --fsdp")
+        if parts.reduce is not None:
+            try:
+                spec = codecs.parse(parts.reduce)
+            except ValueError as e:
+                raise ValueError(f"{method!r} is neither {FSDP_PLAIN!r} nor a gradcomp codec: {e}") from e
+            if isinstance(spec, codecs.Sparsifier):
+                raise ValueError(f"{method!r}: gradcomp.fsdp takes no sparsifier (it chooses per whole parameter, "
+                                 "which a sharded reduction never holds); use a quantizer (int8, int4, int2, sign) "
+                                 "or fp16/bf16")
+        if parts.gather is not None:
+            from ..engine.all_gather import check_codec
+
+            check_codec(parts.gather)
     return check
 
 
@@ -268,6 +309,7 @@ def _no_check(method: str) -> None:
 
 
 TORCH_KIND = MethodKind(is_torch_method, _check_torch)
+
 PIPE_KIND = MethodKind(is_pipe_method, _prefixed_codec_check(PIPE_PREFIX))
 NODE_KIND = MethodKind(is_node_method, _prefixed_codec_check(NODE_PREFIX))
 DILOCO_KIND = MethodKind(is_diloco_method, parse_diloco)
@@ -275,14 +317,14 @@ FSDP_KIND = MethodKind(is_fsdp_method, _check_fsdp)
 CODEC_KIND = MethodKind(lambda method: True, _check_codec)
 PLAIN_KIND = MethodKind(lambda method: method == FSDP_PLAIN, _no_check)
 
-# what each command runs: bench converge and bench net (DDP) the first, gradcomp demo the second
+# what each command runs: bench net (DDP) the first, gradcomp demo and bench converge the second
 DDP_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, CODEC_KIND)
 DEMO_KINDS = (TORCH_KIND, PIPE_KIND, NODE_KIND, DILOCO_KIND, FSDP_KIND, CODEC_KIND)
 
 
 def sharded_kinds(mode: str) -> tuple[MethodKind, ...]:
     """What a sharded run (``mode`` "fsdp" or "hsdp", bench net's --fsdp and --hsdp) takes:
-    "plain" and gradcomp.fsdp's codec specs."""
+    "plain" and gradcomp.fsdp's codec specs, with FSDP's "+ag:<spec>" and "+hpz"."""
     return PLAIN_KIND, MethodKind(lambda method: True, _sharded_codec_check(mode))
 
 
@@ -366,7 +408,13 @@ def attach(method: str, model: torch.nn.Module, make_optimizer, options: AttachO
                                                        ranks_per_node=options.ranks_per_node), None)
     if options.sharding != "ddp" or is_fsdp_method(method):
         mode, name, mesh = _sharding(method, options)
-        shard = fully_shard_layers(model, mesh["shard"] if mode == "hsdp" else mesh)
+        reshard = True
+        if parse_sharded(name).hpz:
+            if not options.ranks_per_node or options.ranks_per_node < 2:
+                raise ValueError(f"{method!r}: +{HPZ} keeps backward's gather inside a node, which needs nodes of "
+                                 "2 or more ranks (--ranks-per-node)")
+            reshard = options.ranks_per_node
+        shard = fully_shard_layers(model, mesh["shard"] if mode == "hsdp" else mesh, reshard)
         attached = FSDPMethod(name, shard, mode=mode, mesh=mesh, start_step=options.start_step)
         return Attached(shard, make_optimizer(shard.parameters()), attached, None)
     cap = bucket_cap_mb(method, model, options.backend, options.bucket_cap_mb)
@@ -552,14 +600,17 @@ def _register_hierarchical(ddp, name: str, start_step: int, ranks_per_node: int 
 # ---- FSDP2 and HSDP ---------------------------------------------------------------------
 
 
-def fully_shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
-    """``fully_shard`` on each child of ``model`` that holds parameters (an FSDP unit each),
-    then on ``model`` itself: how the benchmarks and the demo shard their MLPs."""
+def fully_shard_layers(model: torch.nn.Module, mesh, reshard_after_forward: bool | int = True) -> torch.nn.Module:
+    """``fully_shard`` on each child of ``model`` that holds parameters (an FSDP unit each; a
+    ModuleList's items each, since a list has no forward), then on ``model`` itself: how the
+    benchmarks and the demo shard their models. ``reshard_after_forward`` is the layers'."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.children():
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
+    for child in model.children():
+        layers = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+        for layer in layers:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -587,14 +638,27 @@ def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[floa
     return sent, kept
 
 
+def _post_forward_size(units: list, shard_world: int) -> int:
+    """The group size the units' layers reshard to after forward (hpZ's node; the shard group
+    by default); 1 where none reshards."""
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group  # None for a unit without parameters
+        if group is not None and group.post_forward_mesh_info is not None:
+            return group.post_forward_mesh_info.shard_mesh_size
+    return 1
+
+
 class FSDPMethod(_NothingToDetach):
     """A method attached to an FSDP2 model (``fully_shard`` on its blocks, then its root),
     with Method's interface: ``bytes_sent(steps)``, ``codec_seconds()``, ``split_bytes()``,
-    ``state``. Bytes count the gradient reduction only: FSDP's parameter all-gathers are the
-    same for every method and are not counted.
+    ``state``. Under FSDP bytes count the gradient reduction and the parameter all-gathers
+    (FSDP's own computed for a ring, gradcomp's counted); under HSDP the reductions only (the
+    gathers run inside the node, the same for every method).
 
     ``mode="fsdp"``: the model is sharded over the whole world; "plain" is FSDP's own
-    reduce-scatter, a gradcomp spec ``gradcomp.fsdp.register(model, spec)``.
+    reduce-scatter, a gradcomp spec ``gradcomp.fsdp.register(model, spec)``, with
+    ``+ag:<spec>`` its ``all_gather=<spec>`` (``parse_sharded``); ``+hpz`` was given to
+    ``fully_shard`` (``attach``), which this reads back from the units.
     ``mode="hsdp"``: the model is sharded over ``mesh["shard"]`` (the node's ranks) of a 2-D
     mesh ``(replicate, shard)``; "plain" adds an exact all-reduce over the replica group
     (``set_all_reduce_hook``, divided by the replicas), a gradcomp spec is
@@ -612,24 +676,27 @@ class FSDPMethod(_NothingToDetach):
             self.replicas, shard_world = 1, mesh.size()
         # FSDP's reduce-scatter (the whole reduction under FSDP; inside the node under HSDP)
         self._reduce_scatter_per_step, shard_bytes = reduce_scatter_bytes(model, shard_world)
-        # not counted in bytes_sent, for the record: the parameters' ring all-gathers over the
-        # shard group, in forward and again in backward (fully_shard reshards the layers after
-        # forward; the benchmark's root holds no parameters of its own)
-        self.allgather_per_step = 2.0 * (shard_world - 1) * shard_bytes
-        self._replica_per_step = ring_allreduce_bytes(shard_bytes, self.replicas) if mode == "hsdp" else 0.0
         self.units = fsdp_units(model)
         if not self.units:
             raise ValueError("FSDPMethod: the model holds no FSDPModule (call fully_shard first)")
-        if name == FSDP_PLAIN:
-            if mode == "hsdp":
-                self._exact_replica_all_reduce(mesh.get_group("replicate"))
-        else:
+        # FSDP's own ring all-gathers of the parameters over the shard group: in forward, and
+        # again in backward over the group the layers were resharded to (the whole shard group;
+        # a node's ranks under hpZ, gathering chunks that many times larger); the models here
+        # keep no parameters in their root
+        inner = _post_forward_size(self.units, shard_world)
+        self.allgather_per_step = (shard_world - 1) * shard_bytes + (inner - 1) * shard_bytes * shard_world / inner
+        self._replica_per_step = ring_allreduce_bytes(shard_bytes, self.replicas) if mode == "hsdp" else 0.0
+        parts = parse_sharded(name)
+        self.gathers = parts.gather is not None  # gradcomp's gathers, counted in its stats
+        if parts.reduce is None and mode == "hsdp":
+            self._exact_replica_all_reduce(mesh.get_group("replicate"))
+        elif parts.reduce is not None or parts.gather is not None:
             from .. import fsdp
 
-            if mode == "hsdp":
-                self.state = fsdp.register(model, name, replicate_group=mesh, start_step=start_step)
-            else:
-                self.state = fsdp.register(model, name, start_step=start_step)
+            options = {} if parts.reduce is None else {"start_step": start_step}
+            self.state = fsdp.register(model, parts.reduce, all_gather=parts.gather,
+                                       replicate_group=mesh if mode == "hsdp" else None, **options)
+        self.reduces = parts.reduce is not None
 
     def _exact_replica_all_reduce(self, replicate_group) -> None:
         """HSDP's plain baseline: each shard all-reduced exactly across the replicas."""
@@ -649,9 +716,13 @@ class FSDPMethod(_NothingToDetach):
         return float(self.state.stats["bytes_sent"]) if self.state is not None else 0.0
 
     def bytes_sent(self, steps: int) -> float:
-        """Bytes of gradient reduction this rank has sent in its first ``steps`` steps."""
+        """Bytes this rank has sent in its first ``steps`` steps: of the gradient reduction and,
+        under FSDP, of the parameter all-gathers."""
         if self.mode == "fsdp":
-            return self._gradcomp_sent() if self.state is not None else self._reduce_scatter_per_step * steps
+            reduced = self._gradcomp_sent() if self.reduces else self._reduce_scatter_per_step * steps
+            gathered = float(self.state.stats["all_gather_bytes_sent"]) if self.gathers else \
+                self.allgather_per_step * steps
+            return reduced + gathered
         inter = self._gradcomp_sent() if self.state is not None else self._replica_per_step * steps
         return self._reduce_scatter_per_step * steps + inter
 

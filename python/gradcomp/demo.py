@@ -287,8 +287,9 @@ def report(out: dict, args) -> None:
               f" {r.get('residual_bytes', 0) / 1e6:>11.2f}")
     print("(final loss: cross-entropy on the whole training set at the end (rank 0's model: for diloco with one "
           "fragment the anchor when the steps are a multiple of H); test acc: the held-out 20%; bytes: what "
-          "rank 0 put on the wire per step (fsdp: the gradient reduce-scatter only, not the parameter "
-          "all-gathers; diloco: its syncs' bytes over every step); ratio: plain all-reduce's bytes over the method's; "
+          "rank 0 put on the wire per step (fsdp: the gradient reduce-scatter and the parameter all-gathers, "
+          "FSDP2's own counted as a ring's; diloco: its syncs' bytes over every step); ratio: plain all-reduce's "
+          "bytes over the method's; "
           "step: median; mean: the mean step, where DiLoCo's syncs show; residual: rank 0's error-feedback memory)")
     if args.plot:
         plot(out, args.plot)

@@ -326,12 +326,15 @@ class _DecodeOnWait(dist.Work):
     """The work handle an asynchronous gather returns: FSDP waits on it before reading the
     output, and waiting decodes."""
 
-    def __init__(self, pending: gather.Pending):
+    def __init__(self, pending: gather.Pending, stats: dict):
         super().__init__()
-        self._pending = pending
+        self._pending, self._stats = pending, stats
 
     def wait(self, timeout=None) -> bool:
-        self._pending.wait()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+            self._stats["codec_seconds"] += pending.codec_seconds
         return True
 
     def is_completed(self) -> bool:
@@ -367,8 +370,9 @@ class CompressedAllGather:
         pending, sent = gather.start_all_gather(front.all_gather_codec, plan, input_tensor, output_tensor, group)
         gather.count(stats, sent, gather.ring_bytes(nbytes, 1, world))
         if async_op:
-            return _DecodeOnWait(pending)
+            return _DecodeOnWait(pending, stats)
         pending.wait()
+        stats["codec_seconds"] += pending.codec_seconds
         return None  # FSDP reads the output when the call returns: the work is done
 
     def _exact_reason(self, group, input_tensor: torch.Tensor, world: int) -> str | None:

@@ -562,17 +562,22 @@ def _workers(parent: int | None = None) -> list[int]:
 def test_demo_fsdp_methods_train_like_fsdp_and_count_their_memory(tmp_path, capsys):
     """``fsdp`` (FSDP2's own reduce-scatter) and ``fsdp:<spec>`` (gradcomp.fsdp.register): int8
     trains like FSDP2 plain with about a quarter of its reduce-scatter bytes, and keeps a
-    residual of (W - 1)/W of the unsharded fp32 gradient; a bad spec is refused by name."""
+    residual of (W - 1)/W of the unsharded fp32 gradient; with ``+ag:int8`` its gathers too
+    send about a quarter of FSDP2's; a bad spec is refused by name. Bytes count the
+    reduce-scatter and the two gathers (FSDP2's own as a ring's: a third each)."""
     from gradcomp import demo
 
     with pytest.raises(SystemExit):
         demo.parse_args(["--methods", "fsdp,fsdp:int9"])
     assert "'fsdp:int9': fsdp: takes a gradcomp codec spec" in capsys.readouterr().err
-    run([*GRADCOMP, "demo", "--methods", "fsdp,fsdp:int8", "--epochs", "3", "--json", "f.json", "--plot", "",
-         "--no-progress"], tmp_path)
+    run([*GRADCOMP, "demo", "--methods", "fsdp,fsdp:int8,fsdp:int8+ag:int8", "--epochs", "3", "--json", "f.json",
+         "--plot", "", "--no-progress"], tmp_path)
     meta, res = _demo_results(tmp_path / "f.json")
-    plain, int8 = res["fsdp"], res["fsdp:int8"]
-    assert 3.8 < plain["bytes_per_step"] / int8["bytes_per_step"] < 4.0
+    plain, int8, both = res["fsdp"], res["fsdp:int8"], res["fsdp:int8+ag:int8"]
+    third = plain["bytes_per_step"] / 3  # each of the reduce-scatter and the two gathers
+    assert 3.8 < third / (int8["bytes_per_step"] - 2 * third) < 4.0
+    assert 3.8 < plain["bytes_per_step"] / both["bytes_per_step"] < 4.0
+    assert abs(both["final_loss"] - plain["final_loss"]) < 0.05 * plain["final_loss"]
     assert abs(int8["final_loss"] - plain["final_loss"]) < 0.05 * plain["final_loss"]
     assert plain["residual_bytes"] == 0 and plain["test_accuracy"] > 0.85
     # every parameter of the MLP but the biases and the 10-row head's bias is compressed

@@ -332,29 +332,34 @@ def pieces_of_gather(out, unit) -> list:
 
 def check_gathers(outs, world, *, bits=8, block=256, min_numel=MIN, wire=None, group_size=None):
     """Every recorded compressed gather against the reference, bit for bit, the same output on
-    every rank; gathers over a smaller group (hpZ) exact. Returns the number compared."""
+    every rank of its group (the world, or under HSDP each node's ``group_size`` ranks);
+    gathers over a smaller group (hpZ) exact. Returns the number compared."""
+    size_of_group = group_size or world
+    groups = [list(range(g, g + size_of_group)) for g in range(0, world, size_of_group)]
     compared = 0
     for step in sorted(outs[0]["gathers"]):
         calls = [outs[r]["gathers"][step] for r in range(world)]
         assert len({len(c) for c in calls}) == 1 and calls[0], f"step {step}: ranks made different gathers"
         for ci in range(len(calls[0])):
             unit, size = calls[0][ci][0], calls[0][ci][1]
-            if size != (group_size or world):  # hpZ: backward's gather inside the node, exact
+            if size != size_of_group:  # hpZ: backward's gather inside the node, exact
                 for r in range(world):
                     _, _, inp, out, _ = calls[r][ci]
                     n = inp.numel()
                     mine = r % size
                     assert same(out[mine * n : (mine + 1) * n], inp), f"step {step}: rank {r}'s inner gather"
                 continue
-            inputs = [calls[r][ci][2] for r in range(world)]
-            if inputs[0].dtype == torch.uint8:  # parameters of several dtypes: gathered as bytes, exactly
-                for r in range(world):
-                    assert same(calls[r][ci][3], torch.cat(inputs)), f"step {step}: rank {r}'s byte gather"
-                continue
-            ref = reference.fsdp_all_gather(inputs, pieces_of_gather(outs[0], unit), block, bits, min_numel, wire)
-            for r in range(world):
-                assert same(calls[r][ci][3], ref), f"step {step} gather {ci} (unit {unit}) rank {r}: differs"
-            compared += 1
+            for ranks in groups:
+                inputs = [calls[r][ci][2] for r in ranks]
+                if inputs[0].dtype == torch.uint8:  # parameters of several dtypes: gathered as bytes, exactly
+                    for r in ranks:
+                        assert same(calls[r][ci][3], torch.cat(inputs)), f"step {step}: rank {r}'s byte gather"
+                    continue
+                ref = reference.fsdp_all_gather(inputs, pieces_of_gather(outs[ranks[0]], unit), block, bits,
+                                                min_numel, wire)
+                for r in ranks:
+                    assert same(calls[r][ci][3], ref), f"step {step} gather {ci} (unit {unit}) rank {r}: differs"
+                compared += 1
     return compared
 
 
@@ -404,7 +409,8 @@ def test_fsdp2_gathers_train_as_the_reference_whatever_resharding_hpz_included(t
     assert len(inner) == 2, "each block's backward gathers inside its pair of ranks"
     assert len(runs[False][0]["gathers"][0]) == 3, "without resharding, forward's gathers only"
     assert runs[2][0]["final"]["config"]["reduce_scatter"] == "fsdp"
-    assert runs[2][0]["final"]["stats"]["bytes_sent"] == 0 < runs[2][0]["final"]["stats"]["all_gather_bytes_sent"]
+    stats = runs[2][0]["final"]["stats"]
+    assert stats["bytes_sent"] == 0 < stats["all_gather_bytes_sent"] and stats["codec_seconds"] > 0
 
 
 def test_fsdp2_gathers_bf16_params(tmp_path):
@@ -442,6 +448,18 @@ def test_fsdp2_non_finite_weight_arrives_non_finite(tmp_path):
         assert all(torch.isfinite(c[3]).all() for c in outs[r]["gathers"][0])
         poisoned = [c for c in outs[r]["gathers"][1] if not torch.isfinite(c[3]).all()]
         assert poisoned and all(torch.isnan(c[3]).any() for c in poisoned)
+
+
+def test_hsdp_2x2_gathers_inside_the_node_compressed(tmp_path):
+    """HSDP with all_gather: each node's gather (over its shard group) is the reference of its
+    two ranks' rows; the replica all-reduce as before; replicas stay bit-identical."""
+    world, L = 4, 2
+    outs = run(world, tmp_path, codec="int8", all_gather="int8", steps=2, per_node=L, state={"min_numel": MIN})
+    assert check_gathers(outs, world, group_size=L) == 2 * 2 * (2 * 2 + 1)  # per node: 2 steps, 5 gathers
+    for s in range(L):
+        for k, p in outs[s]["params"].items():
+            assert same(p, outs[s + L]["params"][k]), f"{k}: replicas {s} and {s + L} differ"
+    assert outs[0]["final"]["stats"]["all_gather_bytes_sent"] > 0
 
 
 def test_fsdp2_async_unshard_decodes_on_wait(tmp_path):

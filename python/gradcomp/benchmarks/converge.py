@@ -32,6 +32,12 @@ syncs' bytes over all steps. Between syncs each rank evaluates its own local wei
 point of the curve mixes the ranks' models; after a sync (the final point, where n divides
 the steps) every rank holds the anchor.
 
+``fsdp`` and ``fsdp:<sharded method>`` methods (``fsdp:int8``, ``fsdp:int8+ag:int8``: as
+``gradcomp bench net --fsdp`` takes them) shard the model with FSDP2 over the world (each
+transformer block, embedding and head a unit). Evaluating such a model runs its forward,
+which gathers the weights (compressed, with ``+ag:``): the held-out loss is that of the weights
+forward computes with, and the evaluations' bytes are left out of the method's count.
+
     gradcomp bench converge [--tasks lm,mlp] [--methods allreduce,int8,...] [--world 4]
                             [--seeds 0,1] [--steps N] [--json PATH] [--plot PATH.png]
 """
@@ -347,7 +353,8 @@ def parse_args(argv):
                                             "all-reduce's, per task and seed")
     p.add_argument("--tasks", default="lm,mlp", help=f"comma-separated, of {', '.join(TASKS)} (default lm,mlp)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: allreduce, torch-fp16, torch-powersgd[:R], gradcomp codec specs "
+                   help="comma-separated: allreduce, torch-fp16, torch-powersgd[:R], gradcomp codec specs, "
+                        "diloco:..., fsdp and fsdp:<sharded method> (FSDP2 over the world: fsdp:int8+ag:int8) "
                         f"(default {','.join(DEFAULT_METHODS)}); allreduce, the baseline, is added if missing")
     p.add_argument("--world", type=int, default=4, help="ranks to spawn (ignored under torchrun); default 4")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, every method at each (default 0,1)")

@@ -18,6 +18,7 @@ NaN on every rank, never to finite values.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +124,12 @@ def _block_tables(plan: AGPlan, block: int, quant: list[Chunked], device: torch.
 
 class Pending:
     """A started gather: ``wait()`` waits for its collectives and decodes into the output
-    (once); the output is not to be read before."""
+    (once); the output is not to be read before. ``codec_seconds``: the wall time of its
+    encode and decode so far (CPU; 0 on CUDA, where timing would need a host sync)."""
 
-    def __init__(self, works: list, finish):
+    def __init__(self, works: list, finish, codec_seconds: float, timed: bool):
         self._works, self._finish = works, finish
+        self.codec_seconds, self._timed = codec_seconds, timed
 
     def wait(self) -> None:
         works, self._works = self._works, []
@@ -134,7 +137,10 @@ class Pending:
             work.wait()
         if self._finish is not None:
             finish, self._finish = self._finish, None
+            started = time.perf_counter()
             finish()
+            if self._timed:
+                self.codec_seconds += time.perf_counter() - started
 
 
 def start_all_gather(codec: codecs.Codec, plan: AGPlan, inp: torch.Tensor, out: torch.Tensor, group,
@@ -149,6 +155,7 @@ def start_all_gather(codec: codecs.Codec, plan: AGPlan, inp: torch.Tensor, out: 
             return all_gather_single(output, input_, group, async_op=True)
     works, steps, sent = [], [], 0
     world = plan.world
+    started = time.perf_counter()
     if plan.enc_table is not None:
         payload = ops.quant_encode(inp, plan.enc_table, 1, plan.slots, codec.block_size, bits=codec.bits,
                                    check_bounds=False)
@@ -174,7 +181,8 @@ def start_all_gather(codec: codecs.Codec, plan: AGPlan, inp: torch.Tensor, out: 
         for step in steps:
             step()
 
-    return Pending(works, finish), float(sent)
+    timed = inp.device.type == "cpu"
+    return Pending(works, finish, time.perf_counter() - started if timed else 0.0, timed), float(sent)
 
 
 def _place_exact(plan: AGPlan, received: torch.Tensor, out: torch.Tensor) -> None:
@@ -192,7 +200,8 @@ def exact_all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool
 
 
 def count(stats: dict, sent: float, uncompressed: float) -> None:
-    """Adds one gather to ``stats``: its bytes and the ratio over the reductions and gathers."""
+    """Adds one gather to ``stats``: its bytes and the ratio over the reductions and gathers
+    (its codec time is added once it is decoded)."""
     stats["all_gather_bytes_sent"] = stats.get("all_gather_bytes_sent", 0.0) + sent
     stats["all_gather_bytes_uncompressed"] = stats.get("all_gather_bytes_uncompressed", 0.0) + uncompressed
     update_total_ratio(stats)

@@ -122,12 +122,14 @@ def _world_problem(world: int, ranks_per_node: int | None) -> str | None:
 
 class _History(NamedTuple):
     """One run's training on this rank: the loss and seconds of every step, the test
-    accuracy after every epoch."""
+    accuracy after every epoch, and the bytes its evaluations sent (an FSDP model gathers its
+    weights to evaluate: not the method's traffic)."""
 
     losses: list
     step_seconds: list
     test_accuracy: list
     steps: int
+    evaluation_bytes: list
 
 
 def _train_one(method: str, args, rank: int, world: int, device, backend: str, data, progress) -> dict:
@@ -151,7 +153,7 @@ def _train_one(method: str, args, rank: int, world: int, device, backend: str, d
         "final_loss": _final_loss(model, data, device),
         "test_accuracy": history.test_accuracy[-1],
         "test_accuracy_per_epoch": history.test_accuracy,
-        "bytes_per_step": counts["bytes_sent"] / history.steps,
+        "bytes_per_step": (counts["bytes_sent"] - sum(history.evaluation_bytes)) / history.steps,
         **_step_times(history),
         "codec_ms_per_step": 1e3 * counts["codec_seconds"] / history.steps,
         "steps": history.steps,
@@ -169,7 +171,7 @@ def _train_epochs(setup, model, args, rank: int, world: int, device, data, progr
     x_train, y_train, x_test, y_test = data
     n_train = len(y_train)
     steps_per_epoch = n_train // (args.batch * world)
-    history = _History([], [], [], steps_per_epoch * args.epochs)
+    history = _History([], [], [], steps_per_epoch * args.epochs, [])
     for epoch in range(args.epochs):
         # one permutation on every rank, each rank takes its own interleaved shard
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -182,9 +184,12 @@ def _train_epochs(setup, model, args, rank: int, world: int, device, data, progr
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        done = steps_per_epoch * (epoch + 1)
+        before = setup.method.bytes_sent(done)
         with torch.no_grad():
             predicted = model(x_test.to(device)).argmax(1)
             history.test_accuracy.append(float((predicted == y_test.to(device)).float().mean()))
+        history.evaluation_bytes.append(setup.method.bytes_sent(done) - before)
     return history
 
 

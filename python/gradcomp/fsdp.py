@@ -34,7 +34,7 @@ from . import codecs
 from .engine import Call, GradcompError, Topology, agree
 from .engine import all_gather as gather
 from .engine.collectives import run_to_end
-from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_
+from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_, update_total_ratio
 from .state import State
 
 __all__ = ["register", "FSDPState"]
@@ -120,7 +120,7 @@ class FSDPState:
         gathers = f", all_gather={self.all_gather_codec!r}" if self.all_gather_codec is not None else ""
         return f"gradcomp.fsdp.FSDPState(mode={self.mode!r}{gathers}, {self.state!r})"
 
-    def say_once(self, what: str, message: str, *args) -> None:
+    def say_once(self, what, message: str, *args) -> None:
         """Logs ``message`` the first time ``what`` happens."""
         if what not in self._said:
             self._said.add(what)
@@ -167,8 +167,8 @@ class FSDPState:
             gathers = f", all-gather {self.all_gather_codec.name}" if self.all_gather_codec is not None else ""
             self.state.log_once(dist.get_world_size(group), label=label + gathers + ")")
         elif group is not self._group_seen:
-            raise GradcompError("gradcomp.fsdp: FSDP units reduce over different process groups; one gradcomp "
-                                "state serves units sharded on one mesh")
+            raise GradcompError("gradcomp.fsdp: FSDP units reduce or gather over different process groups; one "
+                                "gradcomp state serves units sharded on one mesh")
 
 
 def _fsdp_api():
@@ -338,7 +338,7 @@ class _DecodeOnWait(dist.Work):
         return True
 
     def is_completed(self) -> bool:
-        return False
+        return self._pending is None  # decoded by a wait
 
 
 class CompressedAllGather:
@@ -362,11 +362,14 @@ class CompressedAllGather:
         why_exact = self._exact_reason(group, input_tensor, world)
         if why_exact is not None:
             if why_exact:
-                front.say_once(why_exact, "gradcomp.fsdp: %s: %s; this unit's gathers stay exact", unit.what(),
-                               why_exact)
+                front.say_once((unit.index, why_exact), "gradcomp.fsdp: %s: %s; this unit's gathers stay exact",
+                               unit.what(), why_exact)
             gather.count(stats, gather.ring_bytes(nbytes, 1, world), gather.ring_bytes(nbytes, 1, world))
             return gather.exact_all_gather(output_tensor, input_tensor, group, async_op)
         plan = unit.gather_plan(front, world, rank, input_tensor.dtype, input_tensor.device)
+        if input_tensor.dtype not in front.all_gather_codec.dtypes:  # e.g. all_gather="bf16" of bf16 weights
+            front.say_once("dtype", "gradcomp.fsdp: all_gather=%s does not take %s weights: they are gathered exactly",
+                           front.all_gather_codec.name, str(input_tensor.dtype).replace("torch.", ""))
         pending, sent = gather.start_all_gather(front.all_gather_codec, plan, input_tensor, output_tensor, group)
         gather.count(stats, sent, gather.ring_bytes(nbytes, 1, world))
         if async_op:
@@ -428,6 +431,8 @@ class CompressedReplicaAllReduce:
             unit.topology = Topology.of(dist.get_world_size(group), dist.get_rank(group), 1)
         call = Call(group, unit.topology, step, f"{unit.what()} (step {step})", state.state.compressing(step))
         run_to_end(state.engine.exchange(reduce_output, ordinals, call))
+        if state.all_gather_codec is not None:  # the exchange counted its bytes: the total moves
+            update_total_ratio(state.stats)
 
 
 def register(model: torch.nn.Module, codec="int8", *, all_gather=None, replicate_group=None,
@@ -444,8 +449,9 @@ def register(model: torch.nn.Module, codec="int8", *, all_gather=None, replicate
             own exact reduce-scatter stays (with ``all_gather``: only the gather is compressed).
         all_gather: None (default): FSDP's exact parameter all-gather. A quantizer spec
             (``"int8"``, ``"int4"``, ``"int8:block=128"``; rounded to nearest, no error feedback)
-            or fp16/bf16: every unit's parameter all-gather is compressed; parameters below
-            min_numel are gathered exactly. Independent of ``codec``.
+            or fp16/bf16: every unit's parameter all-gather is compressed (with a quantizer,
+            parameters below min_numel are gathered exactly; a cast casts every float32
+            parameter). Independent of ``codec``.
         replicate_group: None: FSDP over the whole group, its reduce-scatter compressed.
             A ProcessGroup or a 2-D DeviceMesh ``(replicate, shard)``: HSDP on a model sharded
             with ``fully_shard`` over the shard (intra-node) mesh only; FSDP's reduce-scatter

@@ -192,10 +192,13 @@ def test_sharded_methods_take_a_gather_and_hpz():
     assert methods.parse_sharded("plain+ag:int8") == methods.Sharded(None, "int8", False)
     assert methods.parse_methods("allreduce,fsdp,fsdp:int8+ag:int8", methods.DEMO_KINDS)[2] == "fsdp:int8+ag:int8"
     for bad, why in (("int8+ag:topk:0.1", "the parameter all-gather takes a quantizer"),
-                     ("int8+ag:int4:stochastic", "drop ':stochastic'"),
+                     ("int8+ag:int4:stochastic", "drop ':stochastic'"), ("int8+ag:sign", "not the weight"),
                      ("int8+hpz+hpz", "neither ag:<spec> nor hpz"), ("int8+zz", "neither ag:<spec> nor hpz"),
                      ("topk:0.1+ag:int8", "takes no sparsifier")):
         with pytest.raises(ValueError, match=re.escape(why)):
             methods.parse_fsdp_methods(bad)
     with pytest.raises(ValueError, match="under --hsdp FSDP2 gathers inside the node"):
         methods.parse_fsdp_methods("int8+ag:int8", "hsdp")
+    assert converge.parse_args(["--methods", "fsdp:int8+ag:int8"]).methods == ["allreduce", "fsdp:int8+ag:int8"]
+    with pytest.raises(SystemExit):
+        converge.parse_args(["--methods", "fsdp:int8+ag:int8+hpz"])

@@ -93,13 +93,17 @@ class Spy:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
     def __call__(self, *a, **kw):
-        if self.kind == "ag":  # recorded once the gather is complete
+        if self.kind == "ag":  # recorded once the gather is complete: at once, or when FSDP waits
             before = kw["input_tensor"].clone()
             work = self.inner(*a, **kw)
-            if work is not None:
-                work.wait()
-            self.log.append((self.unit, kw["group"].size(), before, kw["output_tensor"].clone(), kw["async_op"]))
-            return work
+
+            def record():
+                self.log.append((self.unit, kw["group"].size(), before, kw["output_tensor"].clone(), kw["async_op"]))
+            if work is None:
+                record()
+                return None
+            assert isinstance(work, dist.Work), f"an asynchronous gather returned {type(work).__name__}"
+            return Recorded(work, record)
         if self.kind == "rs":
             inp = kw["input_tensor"].clone()
             r = self.inner(*a, **kw)
@@ -108,6 +112,19 @@ class Spy:
         before = a[0].clone()
         self.inner(*a, **kw)
         self.log.append((self.unit, before, a[0].clone()))
+
+
+class Recorded(dist.Work):
+    """An asynchronous gather's work, recording the output when FSDP waits for it."""
+
+    def __init__(self, inner, record):
+        super().__init__()
+        self.inner, self.record = inner, record
+
+    def wait(self, timeout=None):
+        self.inner.wait()
+        self.record()
+        return True
 
 
 class ReferenceGather:
@@ -310,6 +327,7 @@ def scenario_errors(rank, world, args):
     comm = units_of(other)[0]._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
     attempt("avg", lambda: comm(torch.zeros(world), torch.zeros(world * world), dist.group.WORLD, dist.ReduceOp.AVG))
     attempt("gather_topk", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", all_gather="topk:0.1"))
+    attempt("gather_sign", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8", all_gather="sign"))
     attempt("gather_stochastic", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), "int8",
                                                                 all_gather="int4:stochastic"))
     attempt("nothing", lambda: gradcomp.fsdp.register(shard(Net(), mesh, {}), None))

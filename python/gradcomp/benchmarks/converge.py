@@ -388,6 +388,10 @@ def parse_args(argv):
         args.methods = parse_methods(args.methods, DEMO_KINDS)
     except ValueError as e:
         p.error(str(e))
+    hpz = [m for m in args.methods if m.endswith("+hpz") or "+hpz+" in m]
+    if hpz:
+        p.error(f"{', '.join(hpz)}: bench converge runs a flat world of one-rank nodes; +hpz keeps backward's gather "
+                "inside a node, for gradcomp bench net --fsdp --ranks-per-node")
     node = [m for m in args.methods if is_node_method(m)]
     if node:
         p.error(f"{', '.join(node)}: bench converge runs a flat world; node:<spec> methods are for gradcomp demo "

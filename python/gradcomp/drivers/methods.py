@@ -638,7 +638,7 @@ def reduce_scatter_bytes(model: torch.nn.Module, shard_world: int) -> tuple[floa
     return sent, kept
 
 
-def _post_forward_size(units: list, shard_world: int) -> int:
+def _post_forward_size(units: list) -> int:
     """The group size the units' layers reshard to after forward (hpZ's node; the shard group
     by default); 1 where none reshards."""
     for unit in units:
@@ -683,7 +683,7 @@ class FSDPMethod(_NothingToDetach):
         # again in backward over the group the layers were resharded to (the whole shard group;
         # a node's ranks under hpZ, gathering chunks that many times larger); the models here
         # keep no parameters in their root
-        inner = _post_forward_size(self.units, shard_world)
+        inner = _post_forward_size(self.units)
         self.allgather_per_step = (shard_world - 1) * shard_bytes + (inner - 1) * shard_bytes * shard_world / inner
         self._replica_per_step = ring_allreduce_bytes(shard_bytes, self.replicas) if mode == "hsdp" else 0.0
         parts = parse_sharded(name)

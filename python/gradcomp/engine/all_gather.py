@@ -43,14 +43,15 @@ class AGPlan:
     exact_cols: torch.Tensor | None = None  # [E] int64 columns of the exact lane; None: none or all
     all_exact: bool = False
     wire: torch.dtype | None = None  # the exact lane's dtype; None: no exact lane
-    params_compressed: int = 0
-    params_fallback: int = 0
 
 
 def check_codec(spec) -> codecs.Codec:
-    """The all-gather's codec: a block quantizer (rounded to nearest, no error feedback) or a
-    cast codec. Refuses what cannot gather weights."""
+    """The all-gather's codec: a block quantizer of 8, 4 or 2 bits (rounded to nearest, no
+    error feedback) or a cast codec. Refuses what cannot gather weights."""
     codec = codecs.parse(spec)
+    if isinstance(codec, codecs.Sign):
+        raise ValueError(f"gradcomp.fsdp: all_gather={spec!r}: a scaled sign of every weight is not the weight (and "
+                         "weights get no error feedback); use int8, int4 or int2, or fp16/bf16")
     if isinstance(codec, codecs.BlockQuantizer):
         if codec.stochastic:
             raise ValueError(f"gradcomp.fsdp: all_gather={spec!r}: weights are rounded to nearest, so that forward "
@@ -60,7 +61,7 @@ def check_codec(spec) -> codecs.Codec:
     if isinstance(codec, codecs.Cast):
         return codec
     raise ValueError(f"gradcomp.fsdp: all_gather={spec!r}: the parameter all-gather takes a quantizer (int8, "
-                     "int4, int2, sign) or fp16/bf16; sparsifiers and powersgd drop weights")
+                     "int4, int2) or fp16/bf16; sparsifiers and powersgd drop weights")
 
 
 def compressible(codec: codecs.Codec, min_numel: int, piece: Chunked, dtype: torch.dtype) -> bool:
@@ -75,7 +76,6 @@ def plan_all_gather(codec: codecs.Codec, min_numel: int, pieces: list[Chunked], 
     plan = AGPlan(world, rank, shard)
     quant = [p for p in pieces if compressible(codec, min_numel, p, dtype)]
     exact = [p for p in pieces if p not in quant]
-    plan.params_compressed, plan.params_fallback = len(quant), len(exact)
     if quant:
         _block_tables(plan, codec.block_size, quant, device)
     if exact:
@@ -85,9 +85,7 @@ def plan_all_gather(codec: codecs.Codec, min_numel: int, pieces: list[Chunked], 
             cols = torch.cat([torch.arange(p.offset, p.offset + p.chunk, dtype=torch.int64) for p in exact])
             plan.exact_cols = to_device(cols, device)
         cast = isinstance(codec, codecs.Cast) and dtype in codec.dtypes
-        plan.wire = codec.wire_dtype if cast else dtype
-        if cast:  # a cast codec compresses every parameter, in the lane
-            plan.params_compressed, plan.params_fallback = len(exact), 0
+        plan.wire = codec.wire_dtype if cast else dtype  # a cast codec casts every parameter, in the lane
     return plan
 
 

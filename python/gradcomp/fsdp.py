@@ -483,19 +483,25 @@ def register(model: torch.nn.Module, codec="int8", *, all_gather=None, replicate
         unit = _Unit(state, index, module, param_group, names, first)
         state.units.append(unit)
         first += len(unit.params)
-        if gather_spec is not None:
-            module.set_custom_all_gather(CompressedAllGather(unit))
-        if spec is None:
-            continue
-        if hasattr(module, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
-            module.set_reduce_scatter_unused_params(True, recurse=False)
-        if hsdp:
-            module.set_all_reduce_hook(CompressedReplicaAllReduce(unit, group))
-        else:
-            module.set_custom_reduce_scatter(CompressedReduceScatter(unit))
-            module.set_force_sum_reduction_for_comms(True)
-            module.set_gradient_divide_factor(1.0)
+        _install(module, unit, gathers=gather_spec is not None, reduces=spec is not None,
+                 replicate_group=group if hsdp else None)
     return state
+
+
+def _install(module, unit: _Unit, *, gathers: bool, reduces: bool, replicate_group) -> None:
+    """Sets one FSDP unit's comms and hooks to gradcomp's."""
+    if gathers:
+        module.set_custom_all_gather(CompressedAllGather(unit))
+    if not reduces:
+        return
+    if hasattr(module, "set_reduce_scatter_unused_params"):  # the layout then stays fixed
+        module.set_reduce_scatter_unused_params(True, recurse=False)
+    if replicate_group is not None:
+        module.set_all_reduce_hook(CompressedReplicaAllReduce(unit, replicate_group))
+    else:
+        module.set_custom_reduce_scatter(CompressedReduceScatter(unit))
+        module.set_force_sum_reduction_for_comms(True)
+        module.set_gradient_divide_factor(1.0)
 
 
 def _check_options(codec, all_gather, replicate_group, options: dict) -> tuple:

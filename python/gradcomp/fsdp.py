@@ -33,7 +33,7 @@ import torch.distributed as dist
 from . import codecs
 from .engine import Call, GradcompError, Topology, agree
 from .engine import all_gather as gather
-from .engine.collectives import run_to_end
+from .engine.collectives import all_gather_single, run_to_end
 from .engine.reduce_scatter import Chunked, cached_plan, reduce_scatter_, update_total_ratio
 from .state import State
 
@@ -358,20 +358,20 @@ class CompressedAllGather:
             raise GradcompError(f"gradcomp.fsdp: {unit.what()}: an all-gather input of {input_tensor.numel()} and "
                                 f"output of {output_tensor.numel()} elements do not fit {world} ranks")
         front.agree_once(unit, input_tensor.device)
-        stats, nbytes = front.stats, input_tensor.numel() * input_tensor.element_size()
+        stats, plain = front.stats, gather.ring_bytes(input_tensor, world)
         why_exact = self._exact_reason(group, input_tensor, world)
         if why_exact is not None:
             if why_exact:
                 front.say_once((unit.index, why_exact), "gradcomp.fsdp: %s: %s; this unit's gathers stay exact",
                                unit.what(), why_exact)
-            gather.count(stats, gather.ring_bytes(nbytes, 1, world), gather.ring_bytes(nbytes, 1, world))
-            return gather.exact_all_gather(output_tensor, input_tensor, group, async_op)
+            gather.count(stats, plain, plain)
+            return all_gather_single(output_tensor, input_tensor, group, async_op=async_op)  # FSDP's own gather
         plan = unit.gather_plan(front, world, rank, input_tensor.dtype, input_tensor.device)
         if input_tensor.dtype not in front.all_gather_codec.dtypes:  # e.g. all_gather="bf16" of bf16 weights
             front.say_once("dtype", "gradcomp.fsdp: all_gather=%s does not take %s weights: they are gathered exactly",
                            front.all_gather_codec.name, str(input_tensor.dtype).replace("torch.", ""))
         pending, sent = gather.start_all_gather(front.all_gather_codec, plan, input_tensor, output_tensor, group)
-        gather.count(stats, sent, gather.ring_bytes(nbytes, 1, world))
+        gather.count(stats, sent, plain)
         if async_op:
             return _DecodeOnWait(pending, stats)
         pending.wait()

@@ -62,11 +62,13 @@ from ..drivers.launch import DEMO_PACKAGES, init_rank, missing_packages, run_ran
 from ..drivers.methods import (
     DEFAULT_METHODS,
     DEMO_KINDS,
+    FSDP_PREFIX,
     AttachOptions,
     attach,
     is_diloco_method,
     is_node_method,
     parse_methods,
+    parse_sharded,
 )
 
 TASKS = ("lm", "mlp")
@@ -388,7 +390,7 @@ def parse_args(argv):
         args.methods = parse_methods(args.methods, DEMO_KINDS)
     except ValueError as e:
         p.error(str(e))
-    hpz = [m for m in args.methods if m.endswith("+hpz") or "+hpz+" in m]
+    hpz = [m for m in args.methods if m.startswith(FSDP_PREFIX) and parse_sharded(m[len(FSDP_PREFIX):]).hpz]
     if hpz:
         p.error(f"{', '.join(hpz)}: bench converge runs a flat world of one-rank nodes; +hpz keeps backward's gather "
                 "inside a node, for gradcomp bench net --fsdp --ranks-per-node")

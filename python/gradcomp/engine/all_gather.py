@@ -26,7 +26,7 @@ import torch
 from .. import codecs, ops
 from .collectives import all_gather_single, to_device
 from .layout import ROW_WORDS, noise_words
-from .reduce_scatter import Chunked, update_total_ratio
+from .reduce_scatter import Chunked, exact_lane, quantizes, update_total_ratio
 
 
 @dataclass
@@ -64,28 +64,18 @@ def check_codec(spec) -> codecs.Codec:
                      "int4, int2) or fp16/bf16; sparsifiers and powersgd drop weights")
 
 
-def compressible(codec: codecs.Codec, min_numel: int, piece: Chunked, dtype: torch.dtype) -> bool:
-    return isinstance(codec, codecs.BlockQuantizer) and piece.numel >= min_numel and dtype in codec.dtypes
-
-
 def plan_all_gather(codec: codecs.Codec, min_numel: int, pieces: list[Chunked], world: int, rank: int,
                     dtype: torch.dtype, device: torch.device) -> AGPlan:
     """The tables of one layout. Rank j's payload lists the blocks of row j, parameter by
     parameter, block by block; every rank builds every rank's list, so it can decode them all."""
     shard = sum(p.chunk for p in pieces)
     plan = AGPlan(world, rank, shard)
-    quant = [p for p in pieces if compressible(codec, min_numel, p, dtype)]
+    quant = [p for p in pieces if quantizes(codec, min_numel, p, dtype)]
     exact = [p for p in pieces if p not in quant]
     if quant:
         _block_tables(plan, codec.block_size, quant, device)
-    if exact:
-        if len(exact) == len(pieces):
-            plan.all_exact = True
-        else:
-            cols = torch.cat([torch.arange(p.offset, p.offset + p.chunk, dtype=torch.int64) for p in exact])
-            plan.exact_cols = to_device(cols, device)
-        cast = isinstance(codec, codecs.Cast) and dtype in codec.dtypes
-        plan.wire = codec.wire_dtype if cast else dtype  # a cast codec casts every parameter, in the lane
+    if exact:  # a cast codec casts every parameter, in the lane
+        exact_lane(plan, pieces, exact, codec, dtype, device, cast_allowed=True)
     return plan
 
 
@@ -192,11 +182,6 @@ def _place_exact(plan: AGPlan, received: torch.Tensor, out: torch.Tensor) -> Non
         out.view(plan.world, plan.shard).index_copy_(1, plan.exact_cols, rows)
 
 
-def exact_all_gather(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
-    """The uncompressed gather (FSDP's own): its work handle with ``async_op``, else None."""
-    return all_gather_single(out, inp, group, async_op=async_op)
-
-
 def count(stats: dict, sent: float, uncompressed: float) -> None:
     """Adds one gather to ``stats``: its bytes and the ratio over the reductions and gathers
     (its codec time is added once it is decoded)."""
@@ -205,8 +190,8 @@ def count(stats: dict, sent: float, uncompressed: float) -> None:
     update_total_ratio(stats)
 
 
-def ring_bytes(numel: int, element_size: int, world: int) -> float:
-    """Bytes one rank sends in a ring all-gather of ``numel`` elements a rank."""
-    return float((world - 1) * numel * element_size)
+def ring_bytes(inp: torch.Tensor, world: int) -> float:
+    """Bytes one rank sends in a ring all-gather of ``inp`` from every rank."""
+    return float((world - 1) * inp.numel() * inp.element_size())
 
 

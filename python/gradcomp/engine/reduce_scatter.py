@@ -58,9 +58,30 @@ class RSPlan:
     residuals: list = field(default_factory=list)  # keeps the tensors the table's addresses point to
 
 
+def quantizes(codec: codecs.Codec, min_numel: int, piece: Chunked, dtype: torch.dtype) -> bool:
+    """Whether ``piece`` goes through the block quantizer (else the exact lane): the rule of
+    the reduce-scatter and the all-gather alike."""
+    return isinstance(codec, codecs.BlockQuantizer) and piece.numel >= min_numel and dtype in codec.dtypes
+
+
 def compressible(engine, piece: Chunked, dtype: torch.dtype) -> bool:
-    c = engine.codec
-    return isinstance(c, codecs.BlockQuantizer) and piece.numel >= engine.min_numel and dtype in c.dtypes
+    return quantizes(engine.codec, engine.min_numel, piece, dtype)
+
+
+def exact_lane(plan, pieces: list[Chunked], exact: list[Chunked], codec: codecs.Codec, dtype: torch.dtype,
+               device: torch.device, cast_allowed: bool) -> bool:
+    """Sets ``plan``'s exact lane for the ``exact`` pieces (a non-empty part of ``pieces``):
+    ``all_exact``, or their columns ``exact_cols``, and the lane's ``wire`` dtype (a cast
+    codec's, where ``cast_allowed`` and it takes ``dtype``, else ``dtype``). Returns whether the
+    lane is cast (a cast codec then compresses every piece)."""
+    if len(exact) == len(pieces):
+        plan.all_exact = True
+    else:
+        cols = torch.cat([torch.arange(p.offset, p.offset + p.chunk, dtype=torch.int64) for p in exact])
+        plan.exact_cols = to_device(cols, device)
+    cast = cast_allowed and isinstance(codec, codecs.Cast) and dtype in codec.dtypes
+    plan.wire = codec.wire_dtype if cast else dtype
+    return cast
 
 
 def cached_plan(engine, unit, pieces: list[Chunked], world: int, rank: int, dtype: torch.dtype,
@@ -117,16 +138,8 @@ def plan_reduce_scatter(engine, pieces: list[Chunked], world: int, rank: int, dt
         if pads:
             plan.pad_cols = to_device(torch.cat(pads), device)
         plan.enc_table, plan.dec_table = to_device(enc, device), to_device(dec, device)
-    if exact:
-        if len(exact) == len(pieces):
-            plan.all_exact = True
-        else:
-            cols = torch.cat([torch.arange(p.offset, p.offset + p.chunk, dtype=torch.int64) for p in exact])
-            plan.exact_cols = to_device(cols, device)
-        cast = compress and isinstance(c, codecs.Cast) and dtype in c.dtypes
-        plan.wire = c.wire_dtype if cast else dtype
-        if cast:  # a cast codec compresses every parameter, in the lane
-            plan.params_compressed, plan.params_fallback = len(exact), 0
+    if exact and exact_lane(plan, pieces, exact, c, dtype, device, cast_allowed=compress):
+        plan.params_compressed, plan.params_fallback = len(exact), 0  # a cast codec compresses every parameter
     return plan
 
 
